@@ -1,0 +1,350 @@
+"""One epoch of a Loader: fetch workers, the reorder window, batching and the ready buffer.
+
+Workers take *units* (a chunk of plan positions, or one sample of a stream), fetch their
+outcomes with the :class:`~asyncload._fetch.Fetcher`, and hand them to the assembler, which
+releases them in plan order (``ordered=True``) or as they complete, groups values into
+batches, and queues full batches for the sender. The sender collates and puts batches into
+a memory object stream of ``prefetch`` slots, which the consumer reads.
+
+Backpressure: at most ``window`` samples are held between being taken and leaving in a
+batch, so a slow consumer fills the ready buffer, then the window, then stalls the workers.
+Nothing here sleeps or polls: every wait is on an event.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from ._background import BackgroundTask
+from ._fetch import SKIPPED, Failure, Fetcher
+from .datasets import DROPPED, AsyncIterableDataset
+from .errors import SampleError
+from .sampling import Plan, Progress
+from .stats import LoaderStats
+
+__all__ = ["Epoch", "MapUnits", "StreamUnits"]
+
+# What the consumer receives: (collated batch, plan positions it covers, number of samples).
+Item = tuple[Any, list[int], int]
+
+
+class MapUnits:
+    """Hands out chunks of a map-style plan, skipping positions already delivered (resume)."""
+
+    def __init__(self, plan: Plan, chunk: int, progress: Progress | None) -> None:
+        self.plan = plan
+        self.chunk = chunk
+        self.done = progress.done if progress is not None else set()
+        self.next = progress.watermark if progress is not None else 0
+
+    def take(self) -> tuple[list[int], list[int]] | None:
+        """(positions, dataset indices) of the next chunk, or None at the end of the plan."""
+        start, end = self.next, len(self.plan)
+        if start >= end:
+            return None
+        stop = min(start + self.chunk, end)
+        self.next = stop
+        if not self.done:
+            return list(range(start, stop)), self.plan.indices(start, stop)
+        positions = [p for p in range(start, stop) if p not in self.done]
+        if not positions:
+            return self.take()
+        return positions, [self.plan[p] for p in positions]
+
+
+class StreamUnits:
+    """Positions of a stream: this share (rank x worker) takes every ``share``-th sample."""
+
+    def __init__(self, dataset: AsyncIterableDataset[Any], slot: int, shares: int, progress: Progress | None) -> None:
+        self.dataset = dataset
+        self.slot, self.shares = slot, shares
+        self.progress = progress
+
+
+class Epoch:
+    """One pass over a plan or a stream, running as a background task."""
+
+    def __init__(
+        self,
+        units: MapUnits | StreamUnits,
+        fetcher: Fetcher,
+        *,
+        stats: LoaderStats,
+        batch_size: int,
+        drop_last: bool,
+        ordered: bool,
+        collate: Callable[[list[Any]], Any],
+        concurrency: int,
+        prefetch: int,
+    ) -> None:
+        self.units = units
+        self.fetcher = fetcher
+        self.stats = stats
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.ordered = ordered
+        self.collate = collate
+        self.workers = concurrency // units.chunk if isinstance(units, MapUnits) else 1
+        # Room for every worker's unit plus a whole batch being assembled, so a batch can
+        # always complete; twice the concurrency leaves slack for out-of-order completions.
+        self.window = max(2 * concurrency, concurrency + batch_size)
+        self.failure: BaseException | None = None
+
+        self._send: MemoryObjectSendStream[Item]
+        self.receive: MemoryObjectReceiveStream[Item]
+        self._send, self.receive = anyio.create_memory_object_stream[Item](prefetch)
+        self._held = 0  # samples taken and not yet sent on (or dropped)
+        self._next_seq = 0  # ordered: sequence number of the next unit to release
+        self._taken_seq = 0
+        self._parked: dict[int, tuple[list[int], list[Any]]] = {}
+        self._values: list[Any] = []
+        self._positions: list[int] = []
+        self._ready: deque[tuple[list[Any], list[int]]] = deque()
+        self._fetch_done = False
+        self._space: anyio.Event | None = None  # set when _held drops
+        self._wake_sender: anyio.Event | None = None
+        self._workers_scope: anyio.CancelScope | None = None
+        self.task = BackgroundTask(self._run)
+
+    # -- the background task ---------------------------------------------------------------
+
+    async def _run(self) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._sender)
+                async with anyio.create_task_group() as workers:
+                    self._workers_scope = workers.cancel_scope
+                    if isinstance(self.units, MapUnits):
+                        for _ in range(self.workers):
+                            workers.start_soon(self._map_worker)
+                    else:
+                        workers.start_soon(self._stream_worker)
+                if self.failure is None and self._values and not self.drop_last:
+                    self._batch_ready()
+                self._fetch_done = True
+                self._notify_sender()
+        except Exception as exc:  # a bug of ours: report it rather than hang the consumer
+            self._fail(exc)
+        finally:
+            self._send.close()
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.failure is None:
+            self.failure = exc
+        self._fetch_done = True
+        if self._workers_scope is not None:
+            self._workers_scope.cancel()
+        self._notify_sender()
+
+    async def _map_worker(self) -> None:
+        units = self.units
+        assert isinstance(units, MapUnits)
+        fetcher = self.fetcher
+        batched = fetcher.batched
+        while True:
+            while self._held >= self.window:
+                await self._wait_space()
+            unit = units.take()
+            if unit is None:
+                return
+            positions, indices = unit
+            seq = self._taken_seq
+            self._taken_seq += 1
+            self._held += len(positions)
+            if batched:
+                outcomes = await fetcher.chunk(indices)
+            else:
+                outcomes = [await fetcher.one(indices[0])]
+            self._complete(seq, positions, outcomes)
+
+    async def _stream_worker(self) -> None:
+        units = self.units
+        assert isinstance(units, StreamUnits)
+        progress, slot, shares = units.progress, units.slot, units.shares
+        stats, fetcher = self.stats, self.fetcher
+        position = -1  # position in this share's part of the stream
+        stream = units.dataset._aiter_partial()
+        try:
+            count = 0
+            while True:
+                try:
+                    sample = await stream.__anext__()
+                except StopAsyncIteration:
+                    return
+                except Exception as exc:
+                    # A stream that raised cannot be resumed: the epoch fails here.
+                    error = SampleError(position + 1, None, f"stream failed after sample {position}: {exc!r}")
+                    error.__cause__ = exc
+                    self._fail(error)
+                    return
+                count += 1
+                if (count - 1) % shares != slot:
+                    continue
+                position += 1
+                if progress is not None and position in progress:
+                    continue
+                while self._held >= self.window:
+                    await self._wait_space()
+                self._held += 1
+                if sample is DROPPED:
+                    stats.filtered += 1
+                    outcome: Any = DROPPED
+                else:
+                    fetcher.policy.attempted += 1
+                    outcome = await fetcher.finish(position, sample)
+                self._complete(self._taken_seq, [position], [outcome])
+                self._taken_seq += 1
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                with anyio.CancelScope(shield=True):
+                    await aclose()
+
+    # -- assembly ----------------------------------------------------------------------------
+
+    def _complete(self, seq: int, positions: list[int], outcomes: list[Any]) -> None:
+        if not self.ordered:
+            self._release(positions, outcomes)
+            return
+        if seq != self._next_seq:
+            self._parked[seq] = (positions, outcomes)
+            return
+        self._release(positions, outcomes)
+        self._next_seq += 1
+        parked = self._parked
+        while parked:
+            unit = parked.pop(self._next_seq, None)
+            if unit is None:
+                break
+            self._release(*unit)
+            self._next_seq += 1
+
+    def _release(self, positions: list[int], outcomes: list[Any]) -> None:
+        values, batch_positions, batch_size = self._values, self._positions, self.batch_size
+        dropped = 0
+        for position, outcome in zip(positions, outcomes):
+            batch_positions.append(position)
+            if outcome is DROPPED or outcome is SKIPPED:
+                dropped += 1
+                continue
+            if type(outcome) is Failure:
+                self._fail(outcome.exc)
+                return
+            values.append(outcome)
+            if len(values) == batch_size:
+                self._batch_ready()
+                values, batch_positions = self._values, self._positions
+        if dropped:
+            self._held -= dropped
+            self._notify_space()
+
+    def _batch_ready(self) -> None:
+        self._ready.append((self._values, self._positions))
+        self._values, self._positions = [], []
+        self._notify_sender()
+
+    async def _sender(self) -> None:
+        ready, collate = self._ready, self.collate
+        while True:
+            if not ready:
+                if self._fetch_done:
+                    return
+                event = self._wake_sender = anyio.Event()
+                await event.wait()
+                continue
+            values, positions = ready.popleft()
+            try:
+                batch = collate(values)
+            except Exception as exc:
+                self._fail(exc)
+                return
+            await self._send.send((batch, positions, len(values)))
+            self._held -= len(values)
+            self._notify_space()
+
+    # -- events ------------------------------------------------------------------------------
+
+    async def _wait_space(self) -> None:
+        if self._space is None:
+            self._space = anyio.Event()
+        await self._space.wait()
+
+    def _notify_space(self) -> None:
+        if self._space is not None:
+            self._space.set()
+            self._space = None
+
+    def _notify_sender(self) -> None:
+        if self._wake_sender is not None:
+            self._wake_sender.set()
+            self._wake_sender = None
+
+    # -- the consumer's side -----------------------------------------------------------------
+
+    def cancel(self) -> None:
+        self.task.cancel()
+
+    async def aclose(self) -> None:
+        self.task.cancel()
+        await self.task.wait()
+        self.receive.close()
+
+
+class EpochIterator(AsyncIterator[Any]):
+    """What ``async for`` iterates: batches from an :class:`Epoch`, recorded in ``progress``.
+
+    Dropping it (``break``, an exception out of the loop body) cancels the epoch at once;
+    ``aclose()`` also waits for its end.
+    """
+
+    def __init__(
+        self,
+        epoch: Epoch,
+        progress: Progress,
+        *,
+        on_end: Callable[[], None],
+    ) -> None:
+        self._epoch = epoch
+        self._progress = progress
+        self._on_end = on_end
+        self._ended = False
+
+    def __aiter__(self) -> EpochIterator:
+        return self
+
+    async def __anext__(self) -> Any:
+        epoch = self._epoch
+        if self._ended:
+            raise StopAsyncIteration
+        try:
+            batch, positions, count = await epoch.receive.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            self._ended = True
+            await epoch.task.wait()
+            if epoch.failure is not None:
+                raise epoch.failure
+            self._on_end()
+            raise StopAsyncIteration from None
+        except BaseException:
+            epoch.cancel()  # the consumer was cancelled: stop fetching for it
+            raise
+        self._progress.mark(positions, contiguous=epoch.ordered)
+        stats = epoch.stats
+        stats.batches += 1
+        stats.samples += count
+        if stats.first_batch_seconds is None:
+            stats.first_batch_seconds = stats.elapsed()
+        return batch
+
+    async def aclose(self) -> None:
+        self._ended = True
+        await self._epoch.aclose()
+
+    def __del__(self) -> None:
+        self._epoch.cancel()
+

@@ -1,0 +1,43 @@
+"""Turn a list of samples into a batch."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["default_collate"]
+
+
+def default_collate(samples: Sequence[Any]) -> Any:
+    """Stack ``samples`` into one batch.
+
+    numpy arrays are stacked into a numpy array, numbers into a numpy array, torch tensors
+    with ``torch.stack``; dicts, tuples (named ones too) and lists are collated field by
+    field; bytes, strings and anything else are returned as a list. torch is imported only
+    when the samples are tensors.
+    """
+    first = samples[0]
+    kind = type(first)
+    if kind is np.ndarray:
+        return np.stack(samples)
+    if kind.__module__ == "torch" and kind.__name__ in {"Tensor", "Parameter"}:
+        import torch
+
+        return torch.stack(list(samples))
+    if isinstance(first, (str, bytes, bytearray, memoryview)):
+        return list(samples)
+    if isinstance(first, (numbers.Number, np.generic)):
+        return np.asarray(samples)
+    if isinstance(first, Mapping):
+        return {key: default_collate([s[key] for s in samples]) for key in first}
+    if isinstance(first, (tuple, list)) and any(len(s) != len(first) for s in samples):
+        raise ValueError("default_collate: the samples' tuples or lists differ in length")
+    if isinstance(first, tuple):
+        fields = [default_collate(list(column)) for column in zip(*samples)]
+        return kind(*fields) if hasattr(first, "_fields") else tuple(fields)
+    if isinstance(first, list):
+        return [default_collate(list(column)) for column in zip(*samples)]
+    return list(samples)

@@ -1,0 +1,448 @@
+"""The async dataset protocol and its views.
+
+A map-style :class:`AsyncDataset` answers ``await ds[i]``; a streaming
+:class:`AsyncIterableDataset` answers ``async for sample in ds``. Views (``map``, ``filter``,
+:class:`Subset`, :class:`ConcatDataset`) compose without copying data.
+
+The Loader reads datasets through two private hooks, so that a batch of cheap samples costs
+one call and dropped samples are counted rather than raised:
+
+- ``batched``: True when :meth:`AsyncDataset.getitems` is cheaper than one ``__getitem__``
+  per index (the Loader then fetches whole chunks per call, instead of one task per sample);
+- ``_getitems_partial`` / ``_aiter_partial``: like ``getitems`` / ``__aiter__``, but a
+  sample dropped by a filter comes back as :data:`DROPPED` instead of raising or vanishing.
+"""
+
+from __future__ import annotations
+
+import bisect
+import operator
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable, Hashable, Sequence
+from typing import Any, Final, Generic, TypeVar, final
+
+import anyio.to_thread
+
+from ._callables import PerLoop, call_maybe_async, is_async_callable
+from .errors import SampleFiltered
+
+__all__ = [
+    "DROPPED",
+    "AsyncDataset",
+    "AsyncIterableDataset",
+    "ConcatDataset",
+    "FilteredDataset",
+    "FilteredIterableDataset",
+    "MappedDataset",
+    "MappedIterableDataset",
+    "SequenceDataset",
+    "Subset",
+    "TorchDataset",
+    "from_sequence",
+    "from_torch",
+    "normalize_index",
+]
+
+T = TypeVar("T")
+U = TypeVar("U")
+
+
+@final
+class _Dropped:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "DROPPED"
+
+    def __reduce__(self) -> str:
+        return "DROPPED"
+
+
+DROPPED: Final = _Dropped()
+"""Marks a sample that a filter dropped, in ``_getitems_partial`` / ``_aiter_partial`` results."""
+
+
+def normalize_index(index: int, length: int) -> int:
+    """Map a Python-style index (negative counts from the end) into ``range(length)``.
+
+    Raises ``TypeError`` for a non-integer and ``IndexError`` when out of range.
+    """
+    try:
+        i = operator.index(index)
+    except TypeError:
+        raise TypeError(f"dataset index must be an integer, not {type(index).__name__}") from None
+    if i < 0:
+        i += length
+    if not 0 <= i < length:
+        raise IndexError(f"index {index} out of range for a dataset of length {length}")
+    return i
+
+
+class AsyncDataset(ABC, Generic[T]):
+    """Abstract map-style dataset: ``len(ds)`` samples, fetched with ``await ds[i]``."""
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    async def __getitem__(self, index: int) -> T:
+        """Fetch sample ``index``; negative indices count from the end; ``IndexError`` past it."""
+
+    async def getitems(self, indices: Sequence[int]) -> list[T]:
+        """Fetch several samples, returned in the order asked.
+
+        The default awaits ``__getitem__`` once per index. Override it where many samples
+        are cheaper to fetch at once (the Loader then calls it once per chunk).
+        """
+        return [await self[i] for i in indices]
+
+    def key_of(self, index: int) -> Hashable | None:
+        """The storage key of sample ``index`` (a path, a URL), or None for datasets without keys."""
+        return None
+
+    async def aclose(self) -> None:
+        """Release what this dataset holds in the running event loop (connections, sessions)."""
+
+    @property
+    def batched(self) -> bool:
+        """True when :meth:`getitems` is overridden, i.e. cheaper than per-index fetches."""
+        return type(self).getitems is not AsyncDataset.getitems
+
+    async def _getitems_partial(self, indices: Sequence[int]) -> list[T | _Dropped]:
+        return list(await self.getitems(indices))
+
+    def __add__(self, other: AsyncDataset[T]) -> ConcatDataset[T]:
+        if not isinstance(other, AsyncDataset):
+            return NotImplemented
+        return ConcatDataset([self, other])
+
+    def map(self, fn: Callable[[T], U]) -> MappedDataset[T, U]:
+        """A view with ``fn`` (sync, or async returning an awaitable) applied to each sample."""
+        return MappedDataset(self, fn)
+
+    def filter(self, pred: Callable[[T], Any]) -> FilteredDataset[T]:
+        """A view without the samples where ``pred`` (sync or async) is false.
+
+        Indices keep their meaning; awaiting a dropped index raises :class:`SampleFiltered`
+        (a ``LookupError``), and the Loader skips it and counts it as ``filtered``.
+        """
+        return FilteredDataset(self, pred)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} of {len(self)} samples>"
+
+
+class MappedDataset(AsyncDataset[U], Generic[T, U]):
+    """``dataset.map(fn)``: each sample passed through ``fn``."""
+
+    def __init__(self, dataset: AsyncDataset[T], fn: Callable[[T], Any]) -> None:
+        if not callable(fn):
+            raise TypeError(f"map: fn must be callable, got {type(fn).__name__}")
+        self.dataset = dataset
+        self.fn = fn
+        self._async = is_async_callable(fn)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    async def __getitem__(self, index: int) -> U:
+        sample = await self.dataset[index]
+        if self._async:
+            return await self.fn(sample)  # type: ignore[no-any-return]
+        return await call_maybe_async(self.fn, sample)  # type: ignore[no-any-return]
+
+    async def getitems(self, indices: Sequence[int]) -> list[U]:
+        return await self._apply(list(await self.dataset.getitems(indices)))  # type: ignore[return-value]
+
+    async def _getitems_partial(self, indices: Sequence[int]) -> list[U | _Dropped]:
+        return await self._apply(await self.dataset._getitems_partial(indices))
+
+    async def _apply(self, samples: list[T | _Dropped]) -> list[U | _Dropped]:
+        fn = self.fn
+        if not self._async:
+            out = [s if s is DROPPED else fn(s) for s in samples]  # type: ignore[arg-type]
+            if out and any(_is_awaitable(o) for o in out):
+                out = [await o if _is_awaitable(o) else o for o in out]  # type: ignore[misc]
+            return out
+        return [s if s is DROPPED else await fn(s) for s in samples]  # type: ignore[arg-type,misc]
+
+    @property
+    def batched(self) -> bool:
+        # An async fn may do I/O: fetch per sample so the Loader overlaps the calls.
+        return self.dataset.batched and not self._async
+
+    def key_of(self, index: int) -> Hashable | None:
+        return self.dataset.key_of(index)
+
+    async def aclose(self) -> None:
+        await self.dataset.aclose()
+
+
+class FilteredDataset(AsyncDataset[T]):
+    """``dataset.filter(pred)``: the samples where ``pred`` is false are dropped."""
+
+    def __init__(self, dataset: AsyncDataset[T], pred: Callable[[T], Any]) -> None:
+        if not callable(pred):
+            raise TypeError(f"filter: pred must be callable, got {type(pred).__name__}")
+        self.dataset = dataset
+        self.pred = pred
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    async def __getitem__(self, index: int) -> T:
+        sample = await self.dataset[index]
+        if not await call_maybe_async(self.pred, sample):
+            raise SampleFiltered(index)
+        return sample
+
+    async def getitems(self, indices: Sequence[int]) -> list[T]:
+        samples = await self._getitems_partial(indices)
+        for index, sample in zip(indices, samples):
+            if sample is DROPPED:
+                raise SampleFiltered(index)
+        return samples  # type: ignore[return-value]
+
+    async def _getitems_partial(self, indices: Sequence[int]) -> list[T | _Dropped]:
+        samples = await self.dataset._getitems_partial(indices)
+        return [
+            s if s is DROPPED or await call_maybe_async(self.pred, s) else DROPPED for s in samples
+        ]
+
+    @property
+    def batched(self) -> bool:
+        return self.dataset.batched
+
+    def key_of(self, index: int) -> Hashable | None:
+        return self.dataset.key_of(index)
+
+    async def aclose(self) -> None:
+        await self.dataset.aclose()
+
+
+class Subset(AsyncDataset[T]):
+    """A view on ``dataset`` at the given ``indices`` (in that order)."""
+
+    def __init__(self, dataset: AsyncDataset[T], indices: Sequence[int]) -> None:
+        n = len(dataset)
+        self.dataset = dataset
+        self.indices = [normalize_index(i, n) for i in indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    async def __getitem__(self, index: int) -> T:
+        return await self.dataset[self.indices[normalize_index(index, len(self.indices))]]
+
+    async def getitems(self, indices: Sequence[int]) -> list[T]:
+        return await self.dataset.getitems(self._map(indices))
+
+    async def _getitems_partial(self, indices: Sequence[int]) -> list[T | _Dropped]:
+        return await self.dataset._getitems_partial(self._map(indices))
+
+    def _map(self, indices: Sequence[int]) -> list[int]:
+        n = len(self.indices)
+        return [self.indices[normalize_index(i, n)] for i in indices]
+
+    @property
+    def batched(self) -> bool:
+        return self.dataset.batched
+
+    def key_of(self, index: int) -> Hashable | None:
+        return self.dataset.key_of(self.indices[normalize_index(index, len(self.indices))])
+
+    async def aclose(self) -> None:
+        await self.dataset.aclose()
+
+
+class ConcatDataset(AsyncDataset[T]):
+    """Several datasets end to end: a global index is mapped to (dataset, local index) by a
+    binary search over the cumulative lengths."""
+
+    def __init__(self, datasets: Sequence[AsyncDataset[T]]) -> None:
+        flat: list[AsyncDataset[T]] = []
+        for d in datasets:
+            if not isinstance(d, AsyncDataset):
+                raise TypeError(
+                    f"ConcatDataset: datasets must be AsyncDataset instances, got {type(d).__name__}"
+                )
+            # ds1 + ds2 + ds3 gives one flat concatenation, not a nested one.
+            flat.extend(d.datasets if type(d) is ConcatDataset else [d])
+        if not flat:
+            raise ValueError("ConcatDataset: datasets must not be empty")
+        self.datasets = flat
+        self.cumulative_sizes: list[int] = []
+        total = 0
+        for d in flat:
+            total += len(d)
+            self.cumulative_sizes.append(total)
+
+    def __len__(self) -> int:
+        return self.cumulative_sizes[-1]
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(dataset number, local index) of global ``index``."""
+        i = normalize_index(index, len(self))
+        d = bisect.bisect_right(self.cumulative_sizes, i)
+        return d, i - (self.cumulative_sizes[d - 1] if d else 0)
+
+    async def __getitem__(self, index: int) -> T:
+        d, local = self.locate(index)
+        return await self.datasets[d][local]
+
+    async def getitems(self, indices: Sequence[int]) -> list[T]:
+        return await self._gather(indices, partial=False)  # type: ignore[return-value]
+
+    async def _getitems_partial(self, indices: Sequence[int]) -> list[T | _Dropped]:
+        return await self._gather(indices, partial=True)
+
+    async def _gather(self, indices: Sequence[int], *, partial: bool) -> list[T | _Dropped]:
+        # One getitems call per member dataset, results put back in the order asked.
+        groups: dict[int, tuple[list[int], list[int]]] = {}
+        for pos, index in enumerate(indices):
+            d, local = self.locate(index)
+            positions, locals_ = groups.setdefault(d, ([], []))
+            positions.append(pos)
+            locals_.append(local)
+        out: list[Any] = [None] * len(indices)
+        for d, (positions, locals_) in groups.items():
+            ds = self.datasets[d]
+            got = await (ds._getitems_partial(locals_) if partial else ds.getitems(locals_))
+            for pos, sample in zip(positions, got):
+                out[pos] = sample
+        return out
+
+    @property
+    def batched(self) -> bool:
+        return all(d.batched for d in self.datasets)
+
+    def key_of(self, index: int) -> Hashable | None:
+        d, local = self.locate(index)
+        return self.datasets[d].key_of(local)
+
+    async def aclose(self) -> None:
+        for d in self.datasets:
+            await d.aclose()
+
+
+class SequenceDataset(AsyncDataset[T]):
+    """An in-memory sequence (list, numpy array, tensor) as an :class:`AsyncDataset`."""
+
+    def __init__(self, sequence: Sequence[T]) -> None:
+        if not hasattr(sequence, "__len__") or not hasattr(sequence, "__getitem__"):
+            raise TypeError(
+                f"from_sequence: seq must support len() and indexing, got {type(sequence).__name__}"
+            )
+        self.sequence = sequence
+
+    def __len__(self) -> int:
+        return len(self.sequence)
+
+    async def __getitem__(self, index: int) -> T:
+        return self.sequence[normalize_index(index, len(self.sequence))]
+
+    async def getitems(self, indices: Sequence[int]) -> list[T]:
+        seq, n = self.sequence, len(self.sequence)
+        return [seq[normalize_index(i, n)] for i in indices]
+
+
+def from_sequence(seq: Sequence[T]) -> SequenceDataset[T]:
+    """An :class:`AsyncDataset` over an in-memory sequence (list, numpy array, tensor)."""
+    return SequenceDataset(seq)
+
+
+class TorchDataset(AsyncDataset[Any]):
+    """A synchronous map-style ``torch.utils.data.Dataset`` whose ``__getitem__`` runs in
+    worker threads, at most ``max_threads`` at once per event loop."""
+
+    def __init__(self, dataset: Any, *, max_threads: int = 32) -> None:
+        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+            raise TypeError("from_torch: dataset must be a map-style dataset with __len__")
+        if isinstance(max_threads, bool) or not isinstance(max_threads, int) or max_threads < 1:
+            raise ValueError(f"from_torch: max_threads must be a positive int, got {max_threads!r}")
+        self.dataset = dataset
+        self.max_threads = max_threads
+        self._limiters: PerLoop[anyio.CapacityLimiter] = PerLoop(
+            lambda: anyio.CapacityLimiter(max_threads)
+        )
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    async def __getitem__(self, index: int) -> Any:
+        i = normalize_index(index, len(self.dataset))
+        return await anyio.to_thread.run_sync(
+            self.dataset.__getitem__, i, limiter=self._limiters.get()
+        )
+
+
+def from_torch(dataset: Any, *, max_threads: int = 32) -> TorchDataset:
+    """Wrap a synchronous map-style torch ``Dataset``; each ``__getitem__`` runs in a thread."""
+    return TorchDataset(dataset, max_threads=max_threads)
+
+
+class AsyncIterableDataset(ABC, Generic[T]):
+    """Abstract streaming dataset: ``async for sample in ds``."""
+
+    @abstractmethod
+    def __aiter__(self) -> AsyncIterator[T]: ...
+
+    def _aiter_partial(self) -> AsyncIterator[T | _Dropped]:
+        return self.__aiter__()
+
+    async def aclose(self) -> None:
+        """Release what this dataset holds in the running event loop."""
+
+    def map(self, fn: Callable[[T], U]) -> MappedIterableDataset[T, U]:
+        """A view with ``fn`` (sync or async) applied to each sample."""
+        return MappedIterableDataset(self, fn)
+
+    def filter(self, pred: Callable[[T], Any]) -> FilteredIterableDataset[T]:
+        """A view without the samples where ``pred`` (sync or async) is false."""
+        return FilteredIterableDataset(self, pred)
+
+
+class MappedIterableDataset(AsyncIterableDataset[U], Generic[T, U]):
+    def __init__(self, dataset: AsyncIterableDataset[T], fn: Callable[[T], Any]) -> None:
+        if not callable(fn):
+            raise TypeError(f"map: fn must be callable, got {type(fn).__name__}")
+        self.dataset = dataset
+        self.fn = fn
+
+    async def __aiter__(self) -> AsyncIterator[U]:
+        async for sample in self.dataset:
+            yield await call_maybe_async(self.fn, sample)
+
+    async def _aiter_partial(self) -> AsyncIterator[U | _Dropped]:
+        async for sample in self.dataset._aiter_partial():
+            yield sample if sample is DROPPED else await call_maybe_async(self.fn, sample)
+
+    async def aclose(self) -> None:
+        await self.dataset.aclose()
+
+
+class FilteredIterableDataset(AsyncIterableDataset[T]):
+    def __init__(self, dataset: AsyncIterableDataset[T], pred: Callable[[T], Any]) -> None:
+        if not callable(pred):
+            raise TypeError(f"filter: pred must be callable, got {type(pred).__name__}")
+        self.dataset = dataset
+        self.pred = pred
+
+    async def __aiter__(self) -> AsyncIterator[T]:
+        async for sample in self._aiter_partial():
+            if sample is not DROPPED:
+                yield sample  # type: ignore[misc]
+
+    async def _aiter_partial(self) -> AsyncIterator[T | _Dropped]:
+        async for sample in self.dataset._aiter_partial():
+            if sample is DROPPED or await call_maybe_async(self.pred, sample):
+                yield sample
+            else:
+                yield DROPPED
+
+    async def aclose(self) -> None:
+        await self.dataset.aclose()
+
+
+def _is_awaitable(obj: object) -> bool:
+    return hasattr(obj, "__await__")

@@ -1,0 +1,77 @@
+"""The exceptions asyncload raises to its users."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+
+__all__ = [
+    "AsyncloadError",
+    "CircuitOpenError",
+    "ErrorBudgetExceeded",
+    "HTTPStatusError",
+    "SampleError",
+    "SampleFiltered",
+    "TruncatedBodyError",
+    "ValidationError",
+]
+
+
+class AsyncloadError(Exception):
+    """Base class of every error that asyncload itself raises."""
+
+
+class SampleError(AsyncloadError):
+    """One sample could not be produced.
+
+    ``index`` is the dataset index, ``key`` the storage key where the dataset has keys
+    (else ``None``); the original exception is chained as ``__cause__``.
+    """
+
+    def __init__(self, index: int, key: Hashable | None, message: str) -> None:
+        super().__init__(message)
+        self.index = index
+        self.key = key
+
+
+class ValidationError(AsyncloadError):
+    """A sample failed the loader's ``validate`` check."""
+
+
+class ErrorBudgetExceeded(AsyncloadError):
+    """More samples failed in one epoch than ``max_errors`` allows."""
+
+    def __init__(self, message: str, errors: int, causes: list[BaseException]) -> None:
+        super().__init__(message)
+        self.errors = errors
+        self.causes = causes
+
+
+class CircuitOpenError(AsyncloadError):
+    """A circuit breaker is open: the call was refused without being made."""
+
+
+class HTTPStatusError(AsyncloadError):
+    """An HTTP request was answered with a non-2xx status (``status``)."""
+
+    def __init__(self, status: int, url: str, retry_after: float | None = None) -> None:
+        super().__init__(f"HTTP {status} for {url}")
+        self.status = status
+        self.url = url
+        # Seconds the server asked us to wait (Retry-After), when it said so.
+        self.retry_after = retry_after
+
+
+class TruncatedBodyError(AsyncloadError):
+    """A response body ended before its announced length: never served as a short sample."""
+
+
+class SampleFiltered(LookupError):
+    """The sample at this index was dropped by a ``filter`` predicate.
+
+    A ``LookupError`` so that ``await ds.filter(pred)[i]`` on a dropped index fails the way a
+    missing key does; the Loader counts it as ``filtered``, never as an error.
+    """
+
+    def __init__(self, index: int) -> None:
+        super().__init__(f"sample {index} was dropped by the dataset's filter")
+        self.index = index

@@ -1,0 +1,189 @@
+"""Which failures are worth another try: the default policy of `Retry` and `CircuitBreaker`.
+
+Classification is conservative: an error is transient only when it says the storage or the
+network failed for now (connection trouble, timeouts, throttling, 5xx, a cut-off body).
+Anything unknown, and every "your request is wrong" error, is permanent.
+"""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import math
+import re
+import socket
+import sys
+from collections.abc import Callable
+from typing import TypeAlias
+
+from asyncload.errors import CircuitOpenError, HTTPStatusError, TruncatedBodyError
+
+__all__ = ["ExceptionFilter", "as_predicate", "is_transient", "retry_after"]
+
+ExceptionFilter: TypeAlias = (
+    type[BaseException] | tuple[type[BaseException], ...] | Callable[[BaseException], bool]
+)
+"""What `Retry(retry_on=...)` and `CircuitBreaker(counts=...)` accept."""
+
+# Errors that say "the request is wrong", never "try again".
+_PERMANENT: tuple[type[BaseException], ...] = (
+    CircuitOpenError,
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+    LookupError,  # IndexError, KeyError, SampleFiltered
+    ValueError,  # also ssl certificate failures, which subclass it
+    TypeError,
+)
+
+# errno values of OSErrors that come from the network rather than the local file system.
+_NETWORK_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "ECONNRESET",
+        "ECONNREFUSED",
+        "ECONNABORTED",
+        "EPIPE",
+        "ETIMEDOUT",
+        "EHOSTUNREACH",
+        "EHOSTDOWN",
+        "ENETUNREACH",
+        "ENETDOWN",
+        "ENETRESET",
+        "ENOTCONN",
+        "ESHUTDOWN",
+    )
+    if hasattr(errno, name)
+)
+
+# Error codes that S3 and compatible stores use for "slow down / try again".
+_S3_TRANSIENT = re.compile(
+    r"(?<![A-Za-z])(SlowDown|InternalError|ServiceUnavailable|RequestTimeout|Throttling)"
+)
+
+
+def _is_retryable_status(status: int) -> bool:
+    return status in (408, 429) or status >= 500
+
+
+def _third_party_transient(exc: BaseException) -> bool:
+    # Looked up in sys.modules, never imported: an exception of a library that was never
+    # imported cannot exist, and importing aiohttp or botocore here would cost a second.
+    aiohttp = sys.modules.get("aiohttp")
+    if aiohttp is not None:
+        if isinstance(
+            exc,
+            (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, aiohttp.ServerTimeoutError),
+        ):
+            return True
+        if isinstance(exc, aiohttp.ClientResponseError):
+            return _is_retryable_status(exc.status)
+    botocore = sys.modules.get("botocore.exceptions")
+    if botocore is not None:
+        transport = tuple(
+            getattr(botocore, name)
+            for name in ("ConnectionError", "HTTPClientError", "ResponseStreamingError")
+            if hasattr(botocore, name)
+        )
+        if transport and isinstance(exc, transport):
+            return True
+    trio = sys.modules.get("trio")
+    return trio is not None and isinstance(exc, trio.TooSlowError)
+
+
+def _s3_code(exc: BaseException) -> str:
+    # botocore's ClientError carries the service's error code in ``response["Error"]["Code"]``.
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        error = response.get("Error")
+        if isinstance(error, dict):
+            return str(error.get("Code", ""))
+    return ""
+
+
+def _is_exception_group(exc: BaseException) -> bool:
+    group_type = getattr(builtins, "BaseExceptionGroup", None)
+    if group_type is None:  # Python 3.10: the backport, if anything imported it
+        group_type = getattr(sys.modules.get("exceptiongroup"), "BaseExceptionGroup", None)
+    return group_type is not None and isinstance(exc, group_type)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when ``exc`` is a failure that may go away if the same request is made again.
+
+    Transient: ``ConnectionError``, ``TimeoutError`` (what ``anyio.fail_after`` raises),
+    network ``OSError``s (by errno), `HTTPStatusError` with status 408, 429 or >= 500,
+    `TruncatedBodyError`, aiohttp connection/payload/timeout errors (and its
+    ``ClientResponseError`` with a retryable status), botocore transport errors, and
+    S3-style errors whose class name, error code or message says ``SlowDown``,
+    ``InternalError``, ``ServiceUnavailable``, ``RequestTimeout`` or ``Throttling``. An
+    exception group is transient when every exception in it is.
+
+    Permanent: cancellation and every other ``BaseException`` that is not an ``Exception``,
+    ``FileNotFoundError``, ``PermissionError``, ``IsADirectoryError``,
+    ``NotADirectoryError``, ``LookupError`` (``IndexError``, ``KeyError``), ``ValueError``,
+    ``TypeError``, `CircuitOpenError` (retrying into an open breaker only spins), other 4xx
+    statuses, and anything not listed above.
+    """
+    if _is_exception_group(exc):
+        inner: tuple[BaseException, ...] = getattr(exc, "exceptions", ())
+        return bool(inner) and all(is_transient(e) for e in inner)
+    if not isinstance(exc, Exception) or isinstance(exc, _PERMANENT):
+        return False
+    if isinstance(exc, HTTPStatusError):
+        return _is_retryable_status(exc.status)
+    if isinstance(exc, (TruncatedBodyError, ConnectionError, TimeoutError)):
+        return True
+    if _third_party_transient(exc):
+        return True
+    if isinstance(exc, socket.gaierror):
+        # DNS: only "temporary failure in name resolution" is worth another try.
+        return exc.errno == socket.EAI_AGAIN
+    if isinstance(exc, OSError) and exc.errno in _NETWORK_ERRNOS:
+        return True
+    if sys.version_info < (3, 11):
+        asyncio = sys.modules.get("asyncio")
+        # Before 3.11, asyncio.TimeoutError is not the builtin TimeoutError.
+        if asyncio is not None and isinstance(exc, asyncio.TimeoutError):
+            return True
+    text = f"{type(exc).__name__} {_s3_code(exc)} {exc}"
+    return _S3_TRANSIENT.search(text) is not None
+
+
+def retry_after(exc: BaseException) -> float | None:
+    """The delay in seconds the server asked for before the next try, or ``None``.
+
+    Read from `HTTPStatusError.retry_after` (an HTTP ``Retry-After`` header), or from a
+    numeric ``retry_after`` attribute on any other exception. Negative, NaN or infinite
+    values are ignored.
+    """
+    value = getattr(exc, "retry_after", None)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    seconds = float(value)
+    if not math.isfinite(seconds) or seconds < 0:
+        return None
+    return seconds
+
+
+def as_predicate(spec: ExceptionFilter, *, name: str) -> Callable[[BaseException], bool]:
+    """Turn an exception type, a tuple of them, or a predicate into a predicate.
+
+    Raises ``TypeError`` naming the argument ``name`` for anything else.
+    """
+    if isinstance(spec, type):
+        if not issubclass(spec, BaseException):
+            raise TypeError(f"{name} must be an exception type, a tuple of them or a predicate")
+        exc_type = spec
+        return lambda exc: isinstance(exc, exc_type)
+    if isinstance(spec, tuple):
+        if not all(isinstance(t, type) and issubclass(t, BaseException) for t in spec):
+            raise TypeError(f"{name}: every item of the tuple must be an exception type")
+        exc_types = spec
+        return lambda exc: isinstance(exc, exc_types)
+    if callable(spec):
+        return spec
+    raise TypeError(
+        f"{name} must be an exception type, a tuple of them or a predicate, not {type(spec).__name__}"
+    )

@@ -1,0 +1,139 @@
+"""Which indices an epoch visits, in which order, on which rank and worker: plain arithmetic,
+no I/O, identical on every rank and in every process.
+
+An epoch's *plan* is this rank's (and, under ``to_torch()``, this worker's) list of dataset
+indices, addressed by *position*. Progress through a plan is a set of finished positions,
+which is what ``Loader.state_dict()`` saves.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Plan", "Progress", "epoch_order", "rank_share"]
+
+
+def epoch_order(
+    n: int, *, shuffle: bool, seed: int, epoch: int, sampler: Iterable[int] | None = None
+) -> Sequence[int]:
+    """The dataset indices of one epoch, before sharding.
+
+    A seeded shuffle is a pure function of ``(seed, epoch)``: every rank computes the same
+    permutation. A user ``sampler`` is asked for its indices (after ``set_epoch(epoch)``
+    where it has one); it must give the same order on every rank.
+    """
+    if sampler is not None:
+        set_epoch = getattr(sampler, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(epoch)
+        order = [int(i) for i in sampler]
+        for i in order:
+            if not 0 <= i < n:
+                raise IndexError(f"sampler gave index {i}, out of range for {n} samples")
+        return order
+    if shuffle:
+        return np.random.default_rng([seed, epoch]).permutation(n)  # type: ignore[no-any-return]
+    return range(n)
+
+
+def rank_share(n: int, world_size: int, drop_last: bool) -> int:
+    """Samples each rank gets out of ``n``: equal on every rank, padded by wrapping around
+    (as torch's DistributedSampler) or trimmed with ``drop_last``."""
+    return n // world_size if drop_last else math.ceil(n / world_size)
+
+
+class Plan(Sequence[int]):
+    """This rank's, and this worker's, share of an epoch order.
+
+    Rank ``r`` of ``w`` takes positions ``r, r + w, r + 2w, ...`` of the (padded) order.
+    Under DataLoader workers the rank's share is split by whole batches: worker ``k`` of
+    ``K`` takes batches ``k, k + K, ...``, so together the workers yield exactly the rank's
+    batches.
+    """
+
+    def __init__(
+        self,
+        order: Sequence[int],
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+        batch_size: int = 1,
+        worker: int = 0,
+        num_workers: int = 1,
+    ) -> None:
+        self.order = order
+        self.rank, self.world_size = rank, world_size
+        self.batch_size, self.worker, self.num_workers = batch_size, worker, num_workers
+        self.rank_length = rank_share(len(order), world_size, drop_last) if len(order) else 0
+        bs, k = batch_size, num_workers
+        full, tail = divmod(self.rank_length, bs)
+        # Batches c with c % k == worker; the rank's last batch may be partial.
+        mine = len(range(worker, full, k)) * bs
+        if tail and full % k == worker:
+            mine += tail
+        self._length = mine
+
+    def __len__(self) -> int:
+        return self._length
+
+    def _rank_position(self, p: int) -> int:
+        if self.num_workers == 1:
+            return p
+        chunk, offset = divmod(p, self.batch_size)
+        return (chunk * self.num_workers + self.worker) * self.batch_size + offset
+
+    def __getitem__(self, p: Any) -> Any:
+        if isinstance(p, slice):
+            return self.indices(*p.indices(self._length)[:2])
+        if not 0 <= p < self._length:
+            raise IndexError(p)
+        q = self._rank_position(p) * self.world_size + self.rank
+        return int(self.order[q % len(self.order)])
+
+    def indices(self, start: int, stop: int) -> list[int]:
+        """Dataset indices at positions ``[start, stop)``."""
+        order, n, w, r = self.order, len(self.order), self.world_size, self.rank
+        rp = self._rank_position
+        return [int(order[(rp(p) * w + r) % n]) for p in range(start, stop)]
+
+
+class Progress:
+    """Which positions of a plan have been delivered: a watermark below which all are done,
+    plus the (few) done positions above it. Unordered loading finishes positions out of order;
+    the set above the watermark stays within the loader's in-flight window."""
+
+    def __init__(self, watermark: int = 0, done: Iterable[int] = ()) -> None:
+        self.watermark = watermark
+        self.done: set[int] = set(done)
+
+    def mark(self, positions: Sequence[int], *, contiguous: bool = False) -> None:
+        """Record ``positions`` as delivered. ``contiguous`` promises they are increasing (the
+        ordered case), which makes the common case O(1)."""
+        if (
+            contiguous
+            and positions
+            and positions[0] == self.watermark
+            and positions[-1] - positions[0] + 1 == len(positions)
+            and not self.done
+        ):
+            self.watermark = positions[-1] + 1
+            return
+        self.done.update(positions)
+        while self.watermark in self.done:
+            self.done.remove(self.watermark)
+            self.watermark += 1
+
+    def __contains__(self, position: int) -> bool:
+        return position < self.watermark or position in self.done
+
+    def state(self) -> dict[str, Any]:
+        return {"watermark": self.watermark, "done": sorted(self.done)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Progress:
+        return cls(int(state["watermark"]), (int(p) for p in state["done"]))

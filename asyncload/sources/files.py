@@ -1,0 +1,81 @@
+"""Local files as an :class:`~asyncload.AsyncDataset` of bytes."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from collections.abc import Hashable, Iterable, Sequence
+
+import anyio.to_thread
+
+from ..datasets import AsyncDataset, normalize_index
+
+__all__ = ["FileSource"]
+
+StrPath = str | os.PathLike[str]
+
+
+class FileSource(AsyncDataset[bytes]):
+    """The bytes of each file in ``paths``.
+
+    With ``root``, each path is taken relative to it, and a key that resolves outside
+    ``root`` (``..``, an absolute path elsewhere, a symlink pointing out) is refused with
+    ``ValueError``: lexically at construction, and again after resolving symlinks at read
+    time. A batch of files is read in one thread call (a thread hop costs 100-250 us, so
+    reading 64 small files per hop is ~20x faster than one hop per file).
+    """
+
+    def __init__(self, paths: Iterable[StrPath], *, root: StrPath | None = None) -> None:
+        if isinstance(paths, (str, bytes, os.PathLike)):
+            raise TypeError("FileSource: paths must be a list of paths, not a single path")
+        self.keys = [os.fspath(p) for p in paths]
+        self.root = os.path.realpath(root) if root is not None else None
+        if self.root is not None:
+            if not os.path.isdir(self.root):
+                raise ValueError(f"FileSource: root {os.fspath(root)!r} is not a directory")  # type: ignore[arg-type]
+            for key in self.keys:
+                self._check_inside(key, os.path.normpath(os.path.join(self.root, key)))
+
+    @classmethod
+    def from_directory(cls, root: StrPath, pattern: str = "**/*") -> FileSource:
+        """Every file under ``root`` matching the glob ``pattern``, sorted, keys relative to root."""
+        base = pathlib.Path(root)
+        paths = sorted(p.relative_to(base) for p in base.glob(pattern) if p.is_file())
+        return cls(paths, root=root)
+
+    def _check_inside(self, key: str, path: str) -> None:
+        assert self.root is not None
+        if os.path.commonpath([self.root, path]) != self.root:
+            raise ValueError(f"FileSource: key {key!r} resolves outside root {self.root!r}")
+
+    def _path(self, key: str) -> str:
+        if self.root is None:
+            return key
+        path = os.path.realpath(os.path.join(self.root, key))
+        self._check_inside(key, path)
+        return path
+
+    def _read(self, key: str) -> bytes:
+        with open(self._path(key), "rb") as f:
+            return f.read()
+
+    def _read_many(self, keys: Sequence[str]) -> list[bytes]:
+        return [self._read(key) for key in keys]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    async def __getitem__(self, index: int) -> bytes:
+        key = self.keys[normalize_index(index, len(self.keys))]
+        return await anyio.to_thread.run_sync(self._read, key)
+
+    async def getitems(self, indices: Sequence[int]) -> list[bytes]:
+        n = len(self.keys)
+        keys = [self.keys[normalize_index(i, n)] for i in indices]
+        return await anyio.to_thread.run_sync(self._read_many, keys)
+
+    def key_of(self, index: int) -> Hashable:
+        return self.keys[normalize_index(index, len(self.keys))]
+
+    def __repr__(self) -> str:
+        return f"<FileSource of {len(self.keys)} files" + (f" under {self.root!r}>" if self.root else ">")

@@ -1,0 +1,267 @@
+"""A small HTTP server of deterministic samples with injected latency, for benchmarks.
+
+``GET /sample/{i}`` answers ``size`` bytes whose content is a pure function of ``i``
+(see :func:`sample_bytes`), after ``asyncio.sleep(latency)``; ``?latency_ms=X`` overrides
+the latency for one request. ``GET /health`` answers ``ok`` at once. The server binds
+127.0.0.1 only, runs on uvloop when installed, and listens with a deep backlog so that
+hundreds of clients can connect at once.
+
+Command line (prints the URL it bound on the first line of stdout)::
+
+    python benchmarks/server.py --port 0 --latency-ms 20 --size 16384 --count 100000
+
+From Python::
+
+    from benchmarks.server import start_server, stop_server
+    base_url, proc = start_server(latency_ms=20, size=16384, count=4096)
+    try:
+        ...  # GET f"{base_url}/sample/{i}"
+    finally:
+        stop_server(proc)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+HOST = "127.0.0.1"
+HEADER_BYTES = 8
+
+
+def sample_bytes(index: int, size: int) -> bytes:
+    """The body of ``/sample/{index}``: the index as 8 little-endian bytes, then the byte
+    ``index % 251`` repeated up to ``size`` bytes."""
+    head = index.to_bytes(HEADER_BYTES, "little")
+    if size <= HEADER_BYTES:
+        return head[:size]
+    return head + bytes((index % 251,)) * (size - HEADER_BYTES)
+
+
+def check_sample(data: object, size: int, index: int | None = None) -> int:
+    """Check that ``data`` is a sample served by this server (length, header, fill bytes)
+    and, when ``index`` is given, that it is sample ``index``. Returns the embedded index;
+    raises ``ValueError`` on any mismatch. Costs well under a microsecond."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise ValueError(f"sample is {type(data).__name__}, expected bytes")
+    if len(data) != size:
+        raise ValueError(f"sample has {len(data)} bytes, expected {size}")
+    if size < HEADER_BYTES + 1:
+        return -1 if index is None else index
+    got = int.from_bytes(data[:HEADER_BYTES], "little")
+    fill = got % 251
+    if data[HEADER_BYTES] != fill or data[size // 2] != fill or data[-1] != fill:
+        raise ValueError(f"sample {got}: fill bytes differ from {fill}")
+    if index is not None and got != index:
+        raise ValueError(f"got sample {got}, expected sample {index}")
+    return got
+
+
+def _make_app(latency_s: float, size: int, count: int) -> web.Application:
+    async def sample(request: web.Request) -> web.Response:
+        try:
+            index = int(request.match_info["index"])
+        except ValueError:
+            raise web.HTTPBadRequest(text="index must be an integer") from None
+        if not 0 <= index < count:
+            raise web.HTTPNotFound(text=f"no sample {index}")
+        delay = latency_s
+        override = request.query.get("latency_ms")
+        if override is not None:
+            delay = float(override) / 1000.0
+        if delay > 0:
+            await asyncio.sleep(delay)
+        # A bytes body: aiohttp sets Content-Length.
+        return web.Response(body=sample_bytes(index, size), content_type="application/octet-stream")
+
+    async def health(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/sample/{index}", sample)
+    app.router.add_get("/health", health)
+    return app
+
+
+async def serve(
+    *,
+    port: int = 0,
+    latency_ms: float = 20.0,
+    size: int = 16384,
+    count: int = 100_000,
+    backlog: int = 4096,
+    exit_on_stdin_eof: bool = False,
+) -> None:
+    """Serve until SIGTERM/SIGINT (or stdin EOF when asked); print the bound URL first."""
+    app = _make_app(latency_ms / 1000.0, size, count)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, HOST, port, backlog=backlog, reuse_address=True)
+        await site.start()
+        bound = runner.addresses[0][1]
+        print(f"http://{HOST}:{bound}", flush=True)
+
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        if exit_on_stdin_eof:
+            # The parent holds our stdin open; when it dies the pipe closes and we leave.
+            # Raw os.read: a daemon thread must not hold the buffered stdin's lock at exit.
+            def watch_stdin() -> None:
+                with contextlib.suppress(OSError):
+                    while os.read(0, 4096):
+                        pass
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(stop.set)
+
+            threading.Thread(target=watch_stdin, daemon=True).start()
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def run_event_loop(main: Coroutine[Any, Any, Any]) -> Any:
+    """Run a coroutine on uvloop when installed, else on the default asyncio loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
+def start_server(
+    *,
+    latency_ms: float = 20.0,
+    size: int = 16384,
+    count: int = 100_000,
+    backlog: int = 4096,
+    ready_timeout: float = 15.0,
+) -> tuple[str, subprocess.Popen[bytes]]:
+    """Start the server in a subprocess on an ephemeral port; return ``(base_url, process)``
+    once ``/health`` answers. The server exits by itself if this process dies."""
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--port",
+        "0",
+        "--latency-ms",
+        str(latency_ms),
+        "--size",
+        str(size),
+        "--count",
+        str(count),
+        "--backlog",
+        str(backlog),
+        "--exit-on-stdin-eof",
+    ]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+    try:
+        base_url = _read_url(proc, ready_timeout)
+        _wait_healthy(base_url, proc, ready_timeout)
+    except BaseException:
+        stop_server(proc)
+        raise
+    return base_url, proc
+
+
+def _read_url(proc: subprocess.Popen[bytes], timeout: float) -> str:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    buf = b""
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        while b"\n" not in buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"server did not print its URL within {timeout} s")
+            if not sel.select(left):
+                continue
+            chunk = proc.stdout.read(4096)  # unbuffered: one os.read
+            if not chunk:
+                raise RuntimeError(f"server exited early (status {proc.wait(timeout=5)})")
+            buf += chunk
+    return buf.split(b"\n", 1)[0].decode().strip()
+
+
+def _wait_healthy(base_url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited early (status {proc.returncode})")
+        try:
+            with urllib.request.urlopen(f"{base_url}/health", timeout=1.0) as resp:
+                if resp.status == 200:
+                    return
+        except OSError as exc:
+            last = exc
+        time.sleep(0.05)
+    raise TimeoutError(f"server at {base_url} not healthy within {timeout} s: {last!r}")
+
+
+def stop_server(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
+    """Stop the server process by its PID (SIGTERM, then SIGKILL) and reap it."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout)
+    for stream in (proc.stdin, proc.stdout):
+        if stream is not None:
+            with contextlib.suppress(OSError):
+                stream.close()
+
+
+@contextlib.contextmanager
+def running_server(
+    *, latency_ms: float = 20.0, size: int = 16384, count: int = 100_000
+) -> Iterator[str]:
+    """``with running_server(...) as base_url:``: start, yield the base URL, always stop."""
+    base_url, proc = start_server(latency_ms=latency_ms, size=size, count=count)
+    try:
+        yield base_url
+    finally:
+        stop_server(proc)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--port", type=int, default=0, help="0: an ephemeral port")
+    parser.add_argument("--latency-ms", type=float, default=20.0)
+    parser.add_argument("--size", type=int, default=16384, help="bytes per sample")
+    parser.add_argument("--count", type=int, default=100_000, help="number of samples")
+    parser.add_argument("--backlog", type=int, default=4096)
+    parser.add_argument("--exit-on-stdin-eof", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    run_event_loop(
+        serve(
+            port=args.port,
+            latency_ms=args.latency_ms,
+            size=args.size,
+            count=args.count,
+            backlog=args.backlog,
+            exit_on_stdin_eof=args.exit_on_stdin_eof,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
