@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import weakref
@@ -33,14 +34,14 @@ async def call_maybe_async(fn: Callable[..., Any], *args: Any) -> Any:
 
 def current_loop() -> object:
     """The running event loop (asyncio) or run (trio), usable as a weak dictionary key."""
-    library = sniffio.current_async_library()
-    if library == "trio":
+    loop = asyncio._get_running_loop()  # a C call, cheap enough for every request
+    if loop is not None:
+        return loop
+    if sniffio.current_async_library() == "trio":
         import trio
 
         return trio.lowlevel.current_trio_token()
-    import asyncio
-
-    return asyncio.get_running_loop()
+    raise RuntimeError("no running event loop")
 
 
 class PerLoop(Generic[T]):
@@ -53,17 +54,23 @@ class PerLoop(Generic[T]):
     def __init__(self, factory: Callable[[], T]) -> None:
         self._factory = factory
         self._values: weakref.WeakKeyDictionary[object, T] = weakref.WeakKeyDictionary()
+        # The last loop asked about, by weak reference: one identity check per call.
+        self._last: tuple[weakref.ref[object], T] | None = None
 
     def get(self) -> T:
         loop = current_loop()
-        try:
-            return self._values[loop]
-        except KeyError:
+        last = self._last
+        if last is not None and last[0]() is loop:
+            return last[1]
+        value = self._values.get(loop)
+        if value is None:
             value = self._values[loop] = self._factory()
-            return value
+        self._last = (weakref.ref(loop), value)
+        return value
 
     def pop(self) -> T | None:
         """Forget (and return) the current loop's value, if it has one."""
+        self._last = None
         return self._values.pop(current_loop(), None)
 
     def __getstate__(self) -> dict[str, Any]:

@@ -191,7 +191,7 @@ class Fetcher:
             stats.filtered += sum(1 for s in samples if s is DROPPED)
             return samples
         out = []
-        for index, sample in zip(indices, samples):
+        for index, sample in zip(indices, samples, strict=True):
             if sample is DROPPED:
                 stats.filtered += 1
                 out.append(sample)
@@ -221,7 +221,9 @@ class Fetcher:
             return None
 
 
-def _with_timeout(get: Callable[[int], Awaitable[Any]], seconds: float) -> Callable[[int], Awaitable[Any]]:
+def _with_timeout(
+    get: Callable[[int], Awaitable[Any]], seconds: float
+) -> Callable[[int], Awaitable[Any]]:
     async def get_within(index: int) -> Any:
         with anyio.fail_after(seconds):
             return await get(index)
@@ -229,7 +231,9 @@ def _with_timeout(get: Callable[[int], Awaitable[Any]], seconds: float) -> Calla
     return get_within
 
 
-def _through_breaker(get: Callable[[int], Awaitable[Any]], breaker: Any) -> Callable[[int], Awaitable[Any]]:
+def _through_breaker(
+    get: Callable[[int], Awaitable[Any]], breaker: Any
+) -> Callable[[int], Awaitable[Any]]:
     async def get_guarded(index: int) -> Any:
         return await breaker.run(lambda: get(index))
 

@@ -60,7 +60,9 @@ class MapUnits:
 class StreamUnits:
     """Positions of a stream: this share (rank x worker) takes every ``share``-th sample."""
 
-    def __init__(self, dataset: AsyncIterableDataset[Any], slot: int, shares: int, progress: Progress | None) -> None:
+    def __init__(
+        self, dataset: AsyncIterableDataset[Any], slot: int, shares: int, progress: Progress | None
+    ) -> None:
         self.dataset = dataset
         self.slot, self.shares = slot, shares
         self.progress = progress
@@ -89,7 +91,8 @@ class Epoch:
         self.drop_last = drop_last
         self.ordered = ordered
         self.collate = collate
-        self.workers = concurrency // units.chunk if isinstance(units, MapUnits) else 1
+        self._unit = units.chunk if isinstance(units, MapUnits) else 1
+        self.workers = concurrency // self._unit
         # Room for every worker's unit plus a whole batch being assembled, so a batch can
         # always complete; twice the concurrency leaves slack for out-of-order completions.
         self.window = max(2 * concurrency, concurrency + batch_size)
@@ -106,7 +109,7 @@ class Epoch:
         self._positions: list[int] = []
         self._ready: deque[tuple[list[Any], list[int]]] = deque()
         self._fetch_done = False
-        self._space: anyio.Event | None = None  # set when _held drops
+        self._space_waiters: deque[anyio.Event] = deque()  # workers waiting for room
         self._wake_sender: anyio.Event | None = None
         self._workers_scope: anyio.CancelScope | None = None
         self.task = BackgroundTask(self._run)
@@ -178,7 +181,9 @@ class Epoch:
                     return
                 except Exception as exc:
                     # A stream that raised cannot be resumed: the epoch fails here.
-                    error = SampleError(position + 1, None, f"stream failed after sample {position}: {exc!r}")
+                    error = SampleError(
+                        position + 1, None, f"stream failed after sample {position}: {exc!r}"
+                    )
                     error.__cause__ = exc
                     self._fail(error)
                     return
@@ -227,7 +232,7 @@ class Epoch:
     def _release(self, positions: list[int], outcomes: list[Any]) -> None:
         values, batch_positions, batch_size = self._values, self._positions, self.batch_size
         dropped = 0
-        for position, outcome in zip(positions, outcomes):
+        for position, outcome in zip(positions, outcomes, strict=True):
             batch_positions.append(position)
             if outcome is DROPPED or outcome is SKIPPED:
                 dropped += 1
@@ -270,14 +275,18 @@ class Epoch:
     # -- events ------------------------------------------------------------------------------
 
     async def _wait_space(self) -> None:
-        if self._space is None:
-            self._space = anyio.Event()
-        await self._space.wait()
+        event = anyio.Event()
+        self._space_waiters.append(event)
+        await event.wait()
 
     def _notify_space(self) -> None:
-        if self._space is not None:
-            self._space.set()
-            self._space = None
+        # Wake only as many workers as there is room for: waking all of them on every
+        # batch costs several useless wake-ups per sample at high concurrency.
+        waiters = self._space_waiters
+        room = self.window - self._held
+        while waiters and room > 0:
+            waiters.popleft().set()
+            room -= self._unit
 
     def _notify_sender(self) -> None:
         if self._wake_sender is not None:
@@ -325,14 +334,15 @@ class EpochIterator(AsyncIterator[Any]):
             batch, positions, count = await epoch.receive.receive()
         except (anyio.EndOfStream, anyio.ClosedResourceError):
             self._ended = True
+        except BaseException:
+            epoch.cancel()  # the consumer was cancelled: stop fetching for it
+            raise
+        if self._ended:
             await epoch.task.wait()
             if epoch.failure is not None:
                 raise epoch.failure
             self._on_end()
-            raise StopAsyncIteration from None
-        except BaseException:
-            epoch.cancel()  # the consumer was cancelled: stop fetching for it
-            raise
+            raise StopAsyncIteration
         self._progress.mark(positions, contiguous=epoch.ordered)
         stats = epoch.stats
         stats.batches += 1
@@ -347,4 +357,3 @@ class EpochIterator(AsyncIterator[Any]):
 
     def __del__(self) -> None:
         self._epoch.cancel()
-

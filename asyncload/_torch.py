@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from .loader import Loader
 
 
-class LoaderIterableDataset(torch.utils.data.IterableDataset):  # type: ignore[misc]
+class LoaderIterableDataset(torch.utils.data.IterableDataset[Any]):
     """Each DataLoader worker iterates its own share of the loader's batches (batches
     ``worker, worker + num_workers, ...`` of this rank) in its own event loop.
 

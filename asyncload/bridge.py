@@ -2,22 +2,32 @@
 
 There is one async implementation; this module only drives it from another thread. Each
 synchronous iteration runs the epoch in a background thread with its own event loop
-(uvloop when installed), through an anyio blocking portal, one hand-off per batch.
+(uvloop when installed). A pump task in that loop hands batches to the consuming thread
+through a queue; the consumer grants it one batch of credit at a time, so the hand-off
+costs one blocking ``get`` and one non-blocking wake-up per batch, and the pump holds at
+most one batch beyond the loader's ``prefetch``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import queue
 import threading
 from collections.abc import Iterator
+from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
+import anyio
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 if TYPE_CHECKING:
     from .loader import Loader
 
 __all__ = ["SyncIterator"]
+
+_END = object()
 
 
 def _backend_options() -> dict[str, Any]:
@@ -26,6 +36,48 @@ def _backend_options() -> dict[str, Any]:
     except ImportError:
         return {}
     return {"use_uvloop": True}
+
+
+class _Raised:
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+class _Pump:
+    """The loop-side half: moves batches from the epoch iterator into the queue, one per
+    credit. It must not reference the :class:`SyncIterator`, so that dropping that stops it."""
+
+    def __init__(self, loader: Loader) -> None:
+        self.loader = loader
+        self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.iterator = loader.__aiter__()
+        self.loop = asyncio.get_running_loop()
+        self.thread = threading.get_ident()
+        self.credit = anyio.Semaphore(1)
+
+    async def run(self) -> None:
+        credit, put = self.credit, self.queue.put
+        try:
+            while True:
+                await credit.acquire()
+                try:
+                    batch = await self.iterator.__anext__()
+                except StopAsyncIteration:
+                    put(_END)
+                    return
+                put(batch)
+        except Exception as exc:
+            put(_Raised(exc))
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.iterator.aclose()
+                await self.loader.dataset.aclose()
+
+    def grant(self) -> None:
+        """Let the pump fetch the next batch (called from the consuming thread)."""
+        self.loop.call_soon_threadsafe(self.credit.release)
 
 
 class SyncIterator(Iterator[Any]):
@@ -37,18 +89,17 @@ class SyncIterator(Iterator[Any]):
     """
 
     def __init__(self, loader: Loader) -> None:
-        self._loader = loader
         self._closed = False
         self._cm: AbstractContextManager[BlockingPortal] = start_blocking_portal(
             "asyncio", _backend_options()
         )
-        self._portal = self._cm.__enter__()
+        portal = self._cm.__enter__()
         try:
-            self._iterator = self._portal.call(loader.__aiter__)
+            self._pump: _Pump = portal.call(_Pump, loader)
+            self._task: Future[None] = portal.start_task_soon(self._pump.run)
         except BaseException:
             self._cm.__exit__(None, None, None)
             raise
-        self._thread = self._portal.call(threading.get_ident)
 
     @property
     def closed(self) -> bool:
@@ -60,39 +111,30 @@ class SyncIterator(Iterator[Any]):
     def __next__(self) -> Any:
         if self._closed:
             raise StopIteration
-        try:
-            more, batch = self._portal.call(self._next)
-        except BaseException:
-            self.close()
-            raise
-        if not more:
+        item = self._pump.queue.get()
+        if item is _END:
             self.close()
             raise StopIteration
-        return batch
-
-    async def _next(self) -> tuple[bool, Any]:
-        # StopAsyncIteration must not escape a coroutine run by the portal.
-        try:
-            return True, await self._iterator.__anext__()
-        except StopAsyncIteration:
-            return False, None
-
-    async def _shutdown(self) -> None:
-        await self._iterator.aclose()
-        await self._loader.dataset.aclose()
+        if type(item) is _Raised:
+            self.close()
+            raise item.exc
+        self._pump.grant()
+        return item
 
     def close(self) -> None:
         """Cancel the epoch, release the dataset's resources, and join the thread."""
         if self._closed:
             return
         self._closed = True
-        if threading.get_ident() == self._thread:
+        if threading.get_ident() == self._pump.thread:
             return  # dropped inside its own loop (a GC cycle): that loop is ending anyway
         try:
-            self._portal.call(self._shutdown)
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                self._task.result()  # cancelled, or already reported through the queue
         finally:
             self._cm.__exit__(None, None, None)
 
     def __del__(self) -> None:
-        self.close()
-
+        if hasattr(self, "_task"):
+            self.close()

@@ -36,8 +36,8 @@ def default_collate(samples: Sequence[Any]) -> Any:
     if isinstance(first, (tuple, list)) and any(len(s) != len(first) for s in samples):
         raise ValueError("default_collate: the samples' tuples or lists differ in length")
     if isinstance(first, tuple):
-        fields = [default_collate(list(column)) for column in zip(*samples)]
+        fields = [default_collate(list(column)) for column in zip(*samples, strict=True)]
         return kind(*fields) if hasattr(first, "_fields") else tuple(fields)
     if isinstance(first, list):
-        return [default_collate(list(column)) for column in zip(*samples)]
+        return [default_collate(list(column)) for column in zip(*samples, strict=True)]
     return list(samples)

@@ -164,7 +164,7 @@ class MappedDataset(AsyncDataset[U], Generic[T, U]):
             if out and any(_is_awaitable(o) for o in out):
                 out = [await o if _is_awaitable(o) else o for o in out]  # type: ignore[misc]
             return out
-        return [s if s is DROPPED else await fn(s) for s in samples]  # type: ignore[arg-type,misc]
+        return [s if s is DROPPED else await fn(s) for s in samples]  # type: ignore[arg-type]
 
     @property
     def batched(self) -> bool:
@@ -198,7 +198,7 @@ class FilteredDataset(AsyncDataset[T]):
 
     async def getitems(self, indices: Sequence[int]) -> list[T]:
         samples = await self._getitems_partial(indices)
-        for index, sample in zip(indices, samples):
+        for index, sample in zip(indices, samples, strict=True):
             if sample is DROPPED:
                 raise SampleFiltered(index)
         return samples  # type: ignore[return-value]
@@ -270,7 +270,7 @@ class ConcatDataset(AsyncDataset[T]):
             flat.extend(d.datasets if type(d) is ConcatDataset else [d])
         if not flat:
             raise ValueError("ConcatDataset: datasets must not be empty")
-        self.datasets = flat
+        self.datasets: list[AsyncDataset[T]] = flat
         self.cumulative_sizes: list[int] = []
         total = 0
         for d in flat:
@@ -308,7 +308,7 @@ class ConcatDataset(AsyncDataset[T]):
         for d, (positions, locals_) in groups.items():
             ds = self.datasets[d]
             got = await (ds._getitems_partial(locals_) if partial else ds.getitems(locals_))
-            for pos, sample in zip(positions, got):
+            for pos, sample in zip(positions, got, strict=True):
                 out[pos] = sample
         return out
 

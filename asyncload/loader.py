@@ -70,10 +70,16 @@ class Loader:
         _check_int("concurrency", concurrency, minimum=1)
         _check_int("prefetch", prefetch, minimum=0)
         _check_int("seed", seed, minimum=None)
-        for name, fn in (("transform", transform), ("collate_fn", collate_fn), ("validate", validate)):
+        for name, fn in (
+            ("transform", transform),
+            ("collate_fn", collate_fn),
+            ("validate", validate),
+        ):
             if fn is not None and not callable(fn):
                 raise TypeError(f"{name} must be callable or None, got {type(fn).__name__}")
-        if not (on_error in ("raise", "skip") or (callable(on_error) and not isinstance(on_error, str))):
+        if not (
+            on_error in ("raise", "skip") or (callable(on_error) and not isinstance(on_error, str))
+        ):
             raise ValueError(
                 f'on_error must be "raise", "skip" or a callable(index, exc), got {on_error!r}'
             )
@@ -89,21 +95,33 @@ class Loader:
                 raise TypeError(f"timeout must be a number of seconds or None, got {timeout!r}")
             if timeout <= 0:
                 raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
-        for name, obj, method in (("retry", retry, "run"), ("breaker", breaker, "run"), ("cache", cache, "get_or_load")):
+        for name, obj, method in (
+            ("retry", retry, "run"),
+            ("breaker", breaker, "run"),
+            ("cache", cache, "get_or_load"),
+        ):
             if obj is not None and not callable(getattr(obj, method, None)):
-                raise TypeError(f"{name} must be an asyncload {name} object, got {type(obj).__name__}")
+                raise TypeError(
+                    f"{name} must be an asyncload {name} object, got {type(obj).__name__}"
+                )
         if sampler is not None:
             if shuffle:
-                raise ValueError("sampler and shuffle=True are exclusive: shuffle inside the sampler")
+                raise ValueError(
+                    "sampler and shuffle=True are exclusive: shuffle inside the sampler"
+                )
             if not isinstance(sampler, Iterable):
-                raise TypeError(f"sampler must be an iterable of indices, got {type(sampler).__name__}")
+                raise TypeError(
+                    f"sampler must be an iterable of indices, got {type(sampler).__name__}"
+                )
             if iter(sampler) is sampler:
                 raise TypeError(
                     "sampler must be re-iterable (a list, a range or a torch Sampler), not a "
                     "one-shot iterator: every epoch iterates it again"
                 )
         if isinstance(dataset, AsyncIterableDataset) and sampler is not None:
-            raise ValueError("sampler is for map-style datasets; a streaming dataset has no indices")
+            raise ValueError(
+                "sampler is for map-style datasets; a streaming dataset has no indices"
+            )
         self.rank, self.world_size = _resolve_ranks(rank, world_size)
 
         self.dataset = dataset
@@ -159,7 +177,11 @@ class Loader:
         if not isinstance(self.dataset, AsyncDataset):
             raise TypeError("a streaming dataset has no index plan")
         order = epoch_order(
-            len(self.dataset), shuffle=self.shuffle, seed=self.seed, epoch=self._epoch, sampler=self.sampler
+            len(self.dataset),
+            shuffle=self.shuffle,
+            seed=self.seed,
+            epoch=self._epoch,
+            sampler=self.sampler,
         )
         return Plan(
             order,
@@ -276,7 +298,9 @@ class Loader:
         """Resume from :meth:`state_dict`: the next iteration yields the rest of that epoch
         (or, if it had ended, that epoch again in full)."""
         if not isinstance(state, dict):
-            raise TypeError(f"state must be a dict from Loader.state_dict(), got {type(state).__name__}")
+            raise TypeError(
+                f"state must be a dict from Loader.state_dict(), got {type(state).__name__}"
+            )
         missing = {"version", "kind", "epoch", "seed", "finished", "progress"} - state.keys()
         if missing:
             raise ValueError(f"state is missing keys {sorted(missing)}")
@@ -286,7 +310,9 @@ class Loader:
         if state["kind"] != kind:
             raise ValueError(f"state is for a {state['kind']} loader, this one is {kind}")
         if state["seed"] != self.seed:
-            raise ValueError(f"state was saved with seed={state['seed']}, this loader has seed={self.seed}")
+            raise ValueError(
+                f"state was saved with seed={state['seed']}, this loader has seed={self.seed}"
+            )
         self._epoch = int(state["epoch"])
         self._finished = False
         self._resume = None if state["finished"] else Progress.from_state(state["progress"])

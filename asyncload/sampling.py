@@ -36,7 +36,8 @@ def epoch_order(
                 raise IndexError(f"sampler gave index {i}, out of range for {n} samples")
         return order
     if shuffle:
-        return np.random.default_rng([seed, epoch]).permutation(n)  # type: ignore[no-any-return]
+        permutation: Sequence[int] = np.random.default_rng([seed, epoch]).permutation(n)  # type: ignore[assignment]
+        return permutation
     return range(n)
 
 

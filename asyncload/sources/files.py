@@ -34,7 +34,10 @@ class FileSource(AsyncDataset[bytes]):
             if not os.path.isdir(self.root):
                 raise ValueError(f"FileSource: root {os.fspath(root)!r} is not a directory")  # type: ignore[arg-type]
             for key in self.keys:
-                self._check_inside(key, os.path.normpath(os.path.join(self.root, key)))
+                # Only keys that can escape lexically need the (slower) check here; symlinks
+                # are checked at read time.
+                if os.path.isabs(key) or ".." in key:
+                    self._check_inside(key, os.path.normpath(os.path.join(self.root, key)))
 
     @classmethod
     def from_directory(cls, root: StrPath, pattern: str = "**/*") -> FileSource:
@@ -78,4 +81,6 @@ class FileSource(AsyncDataset[bytes]):
         return self.keys[normalize_index(index, len(self.keys))]
 
     def __repr__(self) -> str:
-        return f"<FileSource of {len(self.keys)} files" + (f" under {self.root!r}>" if self.root else ">")
+        return f"<FileSource of {len(self.keys)} files" + (
+            f" under {self.root!r}>" if self.root else ">"
+        )
