@@ -97,6 +97,7 @@ class Epoch:
         # always complete; twice the concurrency leaves slack for out-of-order completions.
         self.window = max(2 * concurrency, concurrency + batch_size)
         self.failure: BaseException | None = None
+        self.completed = False  # ran to the end of its plan or stream (not cancelled)
 
         self._send: MemoryObjectSendStream[Item]
         self.receive: MemoryObjectReceiveStream[Item]
@@ -131,6 +132,7 @@ class Epoch:
                     self._batch_ready()
                 self._fetch_done = True
                 self._notify_sender()
+            self.completed = True
         except Exception as exc:  # a bug of ours: report it rather than hang the consumer
             self._fail(exc)
         finally:
@@ -341,7 +343,8 @@ class EpochIterator(AsyncIterator[Any]):
             await epoch.task.wait()
             if epoch.failure is not None:
                 raise epoch.failure
-            self._on_end()
+            if epoch.completed:
+                self._on_end()
             raise StopAsyncIteration
         self._progress.mark(positions, contiguous=epoch.ordered)
         stats = epoch.stats

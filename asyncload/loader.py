@@ -248,8 +248,6 @@ class Loader:
             concurrency=self.concurrency,
             prefetch=self.prefetch,
         )
-        if self._current is not None:
-            self._current.cancel()
         self._current = epoch
         return EpochIterator(epoch, progress, on_end=self._on_end)
 
