@@ -59,11 +59,10 @@ class BackgroundTask:
         """Request cancellation; safe from any thread, and after the loop has closed."""
         if self._done.is_set():
             return
-        if threading.get_ident() == self._thread:
-            self._scope.cancel()
-            return
         try:
-            if self._library == "trio":
+            if threading.get_ident() == self._thread:
+                self._scope.cancel()
+            elif self._library == "trio":
                 self._token.run_sync_soon(self._scope.cancel)
             else:
                 self._loop.call_soon_threadsafe(self._scope.cancel)

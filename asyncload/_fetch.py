@@ -16,7 +16,8 @@ from typing import Any, Final, final
 import anyio
 
 from ._callables import call_maybe_async
-from .datasets import DROPPED, AsyncDataset
+from ._redact import redact_key
+from .datasets import DROPPED, AsyncDataset, AsyncIterableDataset
 from .errors import ErrorBudgetExceeded, SampleError, SampleFiltered, ValidationError
 from .stats import LoaderStats
 
@@ -101,7 +102,7 @@ class ErrorPolicy:
 
 
 def _sample_error(index: int, key: Hashable | None, exc: BaseException) -> SampleError:
-    where = f"sample {index}" + (f" (key {key!r})" if key is not None else "")
+    where = f"sample {index}" + (f" (key {redact_key(key)!r})" if key is not None else "")
     error = SampleError(index, key, f"{where} failed: {type(exc).__name__}: {exc}")
     error.__cause__ = exc
     return error
@@ -113,7 +114,7 @@ class Fetcher:
 
     def __init__(
         self,
-        dataset: AsyncDataset[Any],
+        dataset: AsyncDataset[Any] | AsyncIterableDataset[Any],
         *,
         stats: LoaderStats,
         policy: ErrorPolicy,
@@ -133,9 +134,16 @@ class Fetcher:
         self._get = self._build_get(retry, breaker, cache)
         # A chunk is one attempt; a failing chunk falls back to per-sample fetches, which
         # isolate the bad sample and retry. The breaker and the cache work per sample.
-        self.batched = dataset.batched and breaker is None and cache is None
+        self.batched = (
+            isinstance(dataset, AsyncDataset)
+            and dataset.batched
+            and breaker is None
+            and cache is None
+        )
 
     def _build_get(self, retry: Any, breaker: Any, cache: Any) -> Callable[[int], Awaitable[Any]]:
+        if not isinstance(self.dataset, AsyncDataset):
+            return _no_index  # a stream: samples arrive from its iterator, not by index
         get: Callable[[int], Awaitable[Any]] = self.dataset.__getitem__
         if self.timeout is not None:
             get = _with_timeout(get, self.timeout)
@@ -169,15 +177,16 @@ class Fetcher:
 
     async def chunk(self, indices: Sequence[int]) -> list[Any]:
         """The outcomes of ``indices``, fetched with one ``getitems`` call when it succeeds."""
-        stats = self.stats
+        stats, dataset = self.stats, self.dataset
+        assert isinstance(dataset, AsyncDataset)
         stats.in_flight += len(indices)
         started = time.perf_counter()
         try:
             if self.timeout is None:
-                samples = await self.dataset._getitems_partial(indices)
+                samples = await dataset._getitems_partial(indices)
             else:
                 with anyio.fail_after(self.timeout):
-                    samples = await self.dataset._getitems_partial(indices)
+                    samples = await dataset._getitems_partial(indices)
         except Exception:
             samples = None
         finally:
@@ -215,10 +224,15 @@ class Fetcher:
         return sample
 
     def _key(self, index: int) -> Hashable | None:
+        key_of = getattr(self.dataset, "key_of", None)
         try:
-            return self.dataset.key_of(index)
+            return key_of(index) if key_of is not None else None
         except Exception:
             return None
+
+
+async def _no_index(index: int) -> Any:
+    raise TypeError("a streaming dataset has no indices")
 
 
 def _with_timeout(

@@ -232,6 +232,8 @@ class Epoch:
             self._next_seq += 1
 
     def _release(self, positions: list[int], outcomes: list[Any]) -> None:
+        if self.failure is not None:
+            return  # nothing after a failure may reach the consumer
         values, batch_positions, batch_size = self._values, self._positions, self.batch_size
         dropped = 0
         for position, outcome in zip(positions, outcomes, strict=True):
@@ -329,30 +331,48 @@ class EpochIterator(AsyncIterator[Any]):
         return self
 
     async def __anext__(self) -> Any:
+        try:
+            item = await self.next_item()
+        except StopAsyncIteration:
+            self.end()
+            raise
+        self.commit(item)
+        return item[0]
+
+    async def next_item(self) -> Item:
+        """The next (batch, positions, count), not yet counted as delivered: the sync
+        bridge hands it to another thread and commits it when that thread takes it."""
         epoch = self._epoch
         if self._ended:
             raise StopAsyncIteration
         try:
-            batch, positions, count = await epoch.receive.receive()
+            return await epoch.receive.receive()
         except (anyio.EndOfStream, anyio.ClosedResourceError):
             self._ended = True
         except BaseException:
             epoch.cancel()  # the consumer was cancelled: stop fetching for it
             raise
-        if self._ended:
-            await epoch.task.wait()
-            if epoch.failure is not None:
-                raise epoch.failure
-            if epoch.completed:
-                self._on_end()
-            raise StopAsyncIteration
+        epoch.receive.close()
+        await epoch.task.wait()
+        if epoch.failure is not None:
+            raise epoch.failure
+        raise StopAsyncIteration
+
+    def end(self) -> None:
+        """The consumer has seen the end of the epoch: record it, if the epoch completed."""
+        if self._epoch.completed and self._epoch.failure is None:
+            self._on_end()
+
+    def commit(self, item: Item) -> None:
+        """Count ``item`` as delivered to the consumer (progress and statistics)."""
+        _, positions, count = item
+        epoch = self._epoch
         self._progress.mark(positions, contiguous=epoch.ordered)
         stats = epoch.stats
         stats.batches += 1
         stats.samples += count
         if stats.first_batch_seconds is None:
             stats.first_batch_seconds = stats.elapsed()
-        return batch
 
     async def aclose(self) -> None:
         self._ended = True
@@ -360,3 +380,4 @@ class EpochIterator(AsyncIterator[Any]):
 
     def __del__(self) -> None:
         self._epoch.cancel()
+        self._epoch.receive.close()

@@ -3,9 +3,8 @@
 There is one async implementation; this module only drives it from another thread. Each
 synchronous iteration runs the epoch in a background thread with its own event loop
 (uvloop when installed). A pump task in that loop hands batches to the consuming thread
-through a queue; the consumer grants it one batch of credit at a time, so the hand-off
-costs one blocking ``get`` and one non-blocking wake-up per batch, and the pump holds at
-most one batch beyond the loader's ``prefetch``.
+through a queue of at most ``prefetch`` batches (credits the consumer returns as it takes
+them), so a hand-off costs one ``get`` and one non-blocking wake-up per batch.
 """
 
 from __future__ import annotations
@@ -52,10 +51,13 @@ class _Pump:
     def __init__(self, loader: Loader) -> None:
         self.loader = loader
         self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self.iterator = loader.__aiter__()
+        # The ready batches wait in the queue, not in the epoch's stream: the consumer then
+        # takes every batch that is there in one go, without waiting for the loop thread
+        # to hand over the GIL for each one.
+        self.iterator = loader._start_epoch(prefetch=0)
         self.loop = asyncio.get_running_loop()
         self.thread = threading.get_ident()
-        self.credit = anyio.Semaphore(1)
+        self.credit = anyio.Semaphore(max(1, loader.prefetch))
 
     async def run(self) -> None:
         credit, put = self.credit, self.queue.put
@@ -63,11 +65,11 @@ class _Pump:
             while True:
                 await credit.acquire()
                 try:
-                    batch = await self.iterator.__anext__()
+                    item = await self.iterator.next_item()
                 except StopAsyncIteration:
                     put(_END)
                     return
-                put(batch)
+                put(item)
         except Exception as exc:
             put(_Raised(exc))
         finally:
@@ -113,13 +115,17 @@ class SyncIterator(Iterator[Any]):
             raise StopIteration
         item = self._pump.queue.get()
         if item is _END:
+            self._pump.iterator.end()
             self.close()
             raise StopIteration
         if type(item) is _Raised:
             self.close()
             raise item.exc
+        # Delivered now, not when the pump queued it: state_dict() after a break must
+        # not count the batches still waiting in the queue.
+        self._pump.iterator.commit(item)
         self._pump.grant()
-        return item
+        return item[0]
 
     def close(self) -> None:
         """Cancel the epoch, release the dataset's resources, and join the thread."""

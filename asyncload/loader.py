@@ -211,6 +211,10 @@ class Loader:
 
     def __aiter__(self) -> EpochIterator:
         """One epoch in the running event loop (asyncio, uvloop or trio)."""
+        return self._start_epoch(self.prefetch)
+
+    def _start_epoch(self, prefetch: int) -> EpochIterator:
+        # The sync bridge buffers ready batches on its side of the thread hand-off instead.
         resume = self._resume
         self._resume = None
         progress = Progress() if resume is None else Progress(resume.watermark, resume.done)
@@ -218,7 +222,7 @@ class Loader:
         self._stats = stats = LoaderStats()
         stats.start()
         fetcher = Fetcher(
-            self.dataset,  # type: ignore[arg-type]
+            self.dataset,
             stats=stats,
             policy=ErrorPolicy(self.on_error, self.max_errors, stats),
             transform=self.transform,
@@ -246,7 +250,7 @@ class Loader:
             ordered=self.ordered,
             collate=_first if self.batch_size is None else (self.collate_fn or default_collate),
             concurrency=self.concurrency,
-            prefetch=self.prefetch,
+            prefetch=prefetch,
         )
         self._current = epoch
         return EpochIterator(epoch, progress, on_end=self._on_end)

@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from ._redact import redact_key
+
 __all__ = ["LatencyWindow", "LoaderStats"]
 
 
@@ -66,7 +68,7 @@ class LoaderStats:
     def log_error(self, index: int, key: object, exc: BaseException, action: str) -> None:
         if len(self.error_log) < self.MAX_ERROR_LOG:
             self.error_log.append(
-                {"index": index, "key": key, "error": repr(exc), "action": action}
+                {"index": index, "key": redact_key(key), "error": repr(exc), "action": action}
             )
 
     def snapshot(self, buffered: int) -> dict[str, Any]:

@@ -5,29 +5,16 @@ from __future__ import annotations
 import email.utils
 import time
 from collections.abc import Hashable, Iterable, Mapping
-from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import sniffio
 
 from .._callables import PerLoop
+from .._redact import redact_url
 from ..datasets import AsyncDataset, normalize_index
 from ..errors import HTTPStatusError, TruncatedBodyError
 
-__all__ = ["HTTPSource", "redact_url"]
-
-
-def redact_url(url: str) -> str:
-    """``url`` without credentials or query string (signed URLs carry secrets there)."""
-    parts = urlsplit(url)
-    netloc = parts.hostname or ""
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit(
-        (parts.scheme, netloc, parts.path, "...", "")
-        if parts.query
-        else (parts.scheme, netloc, parts.path, "", "")
-    )
+__all__ = ["HTTPSource"]
 
 
 def _retry_after(value: str | None) -> float | None:
