@@ -98,12 +98,14 @@ class ErrorPolicy:
         else:
             what = f"{errors} samples failed this epoch, more than max_errors={limit}"
         causes = "; ".join(repr(c) for c in self._causes)
-        return ErrorBudgetExceeded(f"{what}; first causes: {causes}", errors, list(self._causes))
+        return ErrorBudgetExceeded(
+            f"{what}; first causes: {causes}", errors=errors, causes=list(self._causes)
+        )
 
 
 def _sample_error(index: int, key: Hashable | None, exc: BaseException) -> SampleError:
     where = f"sample {index}" + (f" (key {redact_key(key)!r})" if key is not None else "")
-    error = SampleError(index, key, f"{where} failed: {type(exc).__name__}: {exc}")
+    error = SampleError(f"{where} failed: {type(exc).__name__}: {exc}", index=index, key=key)
     error.__cause__ = exc
     return error
 

@@ -184,7 +184,7 @@ class Epoch:
                 except Exception as exc:
                     # A stream that raised cannot be resumed: the epoch fails here.
                     error = SampleError(
-                        position + 1, None, f"stream failed after sample {position}: {exc!r}"
+                        f"stream failed after sample {position}: {exc!r}", index=position + 1
                     )
                     error.__cause__ = exc
                     self._fail(error)

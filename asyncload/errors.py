@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Hashable
+from typing import Any
 
 __all__ = [
     "AsyncloadError",
@@ -24,13 +25,21 @@ class SampleError(AsyncloadError):
     """One sample could not be produced.
 
     ``index`` is the dataset index, ``key`` the storage key where the dataset has keys
-    (else ``None``); the original exception is chained as ``__cause__``.
+    (else ``None``); the original exception is chained as ``__cause__``. Raised in a
+    ``torch.utils.data.DataLoader`` worker, it reaches the main process as a
+    ``SampleError`` whose message carries the worker's traceback (torch rebuilds
+    exceptions from their message alone, so ``index`` and ``key`` are ``None`` there).
     """
 
-    def __init__(self, index: int, key: Hashable | None, message: str) -> None:
+    def __init__(
+        self, message: str, *, index: int | None = None, key: Hashable | None = None
+    ) -> None:
         super().__init__(message)
         self.index = index
         self.key = key
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.args, self.__dict__))
 
 
 class ValidationError(AsyncloadError):
@@ -40,10 +49,15 @@ class ValidationError(AsyncloadError):
 class ErrorBudgetExceeded(AsyncloadError):
     """More samples failed in one epoch than ``max_errors`` allows."""
 
-    def __init__(self, message: str, errors: int, causes: list[BaseException]) -> None:
+    def __init__(
+        self, message: str, *, errors: int = 0, causes: list[BaseException] | None = None
+    ) -> None:
         super().__init__(message)
         self.errors = errors
-        self.causes = causes
+        self.causes = causes if causes is not None else []
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.args, self.__dict__))
 
 
 class CircuitOpenError(AsyncloadError):
@@ -60,6 +74,9 @@ class HTTPStatusError(AsyncloadError):
         # Seconds the server asked us to wait (Retry-After), when it said so.
         self.retry_after = retry_after
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.status, self.url, self.retry_after))
+
 
 class TruncatedBodyError(AsyncloadError):
     """A response body ended before its announced length: never served as a short sample."""
@@ -75,3 +92,14 @@ class SampleFiltered(LookupError):
     def __init__(self, index: int) -> None:
         super().__init__(f"sample {index} was dropped by the dataset's filter")
         self.index = index
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.index,))
+
+
+def _rebuild(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any]) -> Any:
+    # Exceptions pickle as ``cls(*args)``; ours keep keyword-only fields in ``__dict__``,
+    # so they travel to other processes (multiprocessing, DataLoader workers) whole.
+    error = cls(*args)
+    error.__dict__.update(state)
+    return error

@@ -53,7 +53,7 @@ class Plan(Sequence[int]):
     Rank ``r`` of ``w`` takes positions ``r, r + w, r + 2w, ...`` of the (padded) order.
     Under DataLoader workers the rank's share is split by whole batches: worker ``k`` of
     ``K`` takes batches ``k, k + K, ...``, so together the workers yield exactly the rank's
-    batches.
+    batches. With ``drop_last`` the rank's last partial batch is not part of the plan.
     """
 
     def __init__(
@@ -73,6 +73,10 @@ class Plan(Sequence[int]):
         self.rank_length = rank_share(len(order), world_size, drop_last) if len(order) else 0
         bs, k = batch_size, num_workers
         full, tail = divmod(self.rank_length, bs)
+        if drop_last:
+            # As torch's BatchSampler: the sampler's tail is never fetched, whatever order
+            # samples would finish in.
+            tail = 0
         # Batches c with c % k == worker; the rank's last batch may be partial.
         mine = len(range(worker, full, k)) * bs
         if tail and full % k == worker:

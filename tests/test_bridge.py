@@ -1,0 +1,275 @@
+"""The synchronous bridge: ``for batch in loader`` through a background event loop thread."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import pickle
+import threading
+from typing import Any
+
+import anyio
+import numpy as np
+import pytest
+
+import asyncload as al
+
+
+class Indexed(al.AsyncDataset[int]):
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.loops: set[str] = set()
+        self.threads: set[int] = set()
+
+    def __len__(self) -> int:
+        return self.n
+
+    async def __getitem__(self, index: int) -> int:
+        loop = asyncio.get_running_loop()
+        self.loops.add(type(loop).__module__)
+        self.threads.add(threading.get_ident())
+        for _ in range(index % 3):
+            await asyncio.sleep(0)  # a checkpoint: fetches finish out of order
+        return index
+
+
+class Hanging(al.AsyncDataset[int]):
+    """Indices below ``free`` answer at once; the others wait until cancelled."""
+
+    def __init__(self, n: int, free: int) -> None:
+        self.n = n
+        self.free = free
+        self.hung = 0
+        self.cancelled = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    async def __getitem__(self, index: int) -> int:
+        if index < self.free:
+            return index
+        self.hung += 1
+        try:
+            await anyio.Event().wait()
+        except anyio.get_cancelled_exc_class():
+            self.cancelled += 1
+            raise
+        raise AssertionError("unreachable")
+
+
+def as_lists(batches: list[Any]) -> list[list[int]]:
+    return [[int(x) for x in batch] for batch in batches]
+
+
+async def async_epoch(loader: al.Loader) -> list[Any]:
+    async with loader:
+        return [batch async for batch in loader]
+
+
+@pytest.fixture
+def baseline_threads() -> int:
+    gc.collect()
+    return threading.active_count()
+
+
+def test_same_batches_as_async_for() -> None:
+    loader = al.Loader(Indexed(23), batch_size=4, shuffle=True, seed=3)
+    expected = as_lists(anyio.run(async_epoch, loader))
+    assert as_lists(list(loader)) == expected
+    loader.set_epoch(1)
+    other = as_lists(list(loader))
+    assert other != expected
+    assert sorted(i for b in other for i in b) == list(range(23))
+
+
+def test_numpy_batches() -> None:
+    samples = [np.full(2, i, dtype=np.int16) for i in range(5)]
+    batches = list(al.Loader(al.from_sequence(samples), batch_size=2))
+    assert [b.shape for b in batches] == [(2, 2), (2, 2), (1, 2)]
+    assert all(isinstance(b, np.ndarray) and b.dtype == np.int16 for b in batches)
+
+
+def test_runs_in_a_background_uvloop_thread() -> None:
+    ds = Indexed(8)
+    assert len(list(al.Loader(ds, batch_size=4))) == 2
+    assert threading.get_ident() not in ds.threads
+    assert ds.loops == {"uvloop"}  # uvloop is installed here
+
+
+def test_thread_stops_at_the_end(baseline_threads: int) -> None:
+    loader = al.Loader(Indexed(10), batch_size=3)
+    iterator = iter(loader)
+    next(iterator)
+    assert threading.active_count() > baseline_threads
+    assert len(list(iterator)) == 3
+    assert threading.active_count() == baseline_threads
+
+
+def test_break_stops_the_thread(baseline_threads: int) -> None:
+    ds = Hanging(100, free=4)
+    loader = al.Loader(ds, batch_size=2, concurrency=4)
+    for batch in loader:
+        assert as_lists([batch]) == [[0, 1]]
+        assert threading.active_count() > baseline_threads
+        break
+    # Leaving the loop drops the iterator, which stops its thread at once.
+    assert threading.active_count() == baseline_threads
+    assert ds.hung > 0
+    assert ds.cancelled == ds.hung
+
+
+def test_exception_in_loop_body_stops_the_thread(baseline_threads: int) -> None:
+    ds = Hanging(100, free=4)
+    loader = al.Loader(ds, batch_size=2, concurrency=4)
+    with pytest.raises(ZeroDivisionError):
+        for _batch in loader:
+            assert threading.active_count() > baseline_threads
+            1 / 0  # noqa: B018
+    assert threading.active_count() == baseline_threads
+    assert ds.cancelled == ds.hung
+
+
+def test_close_stops_a_held_iterator(baseline_threads: int) -> None:
+    ds = Hanging(100, free=4)
+    loader = al.Loader(ds, batch_size=2, concurrency=4)
+    iterator = iter(loader)
+    assert as_lists([next(iterator)]) == [[0, 1]]
+    assert threading.active_count() > baseline_threads
+    loader.close()
+    assert threading.active_count() == baseline_threads
+    assert ds.cancelled == ds.hung
+    with pytest.raises(StopIteration):
+        next(iterator)
+
+
+def test_with_block_closes(baseline_threads: int) -> None:
+    ds = Hanging(100, free=4)
+    with al.Loader(ds, batch_size=2, concurrency=4) as loader:
+        iterator = iter(loader)
+        next(iterator)
+        assert threading.active_count() > baseline_threads
+    assert threading.active_count() == baseline_threads
+    del iterator
+
+
+def test_two_iterators_in_turn(baseline_threads: int) -> None:
+    loader = al.Loader(Indexed(9), batch_size=3)
+    assert as_lists(list(loader)) == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    assert as_lists(list(loader)) == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    assert threading.active_count() == baseline_threads
+
+
+def test_sample_error_in_for_loop(baseline_threads: int) -> None:
+    class Broken(al.AsyncDataset[int]):
+        def __len__(self) -> int:
+            return 6
+
+        async def __getitem__(self, index: int) -> int:
+            if index == 4:
+                raise OSError("disk on fire")
+            return index
+
+    got = []
+    with pytest.raises(al.SampleError) as info:
+        for batch in al.Loader(Broken(), batch_size=2):
+            got.append(batch)
+    assert info.value.index == 4
+    assert isinstance(info.value.__cause__, OSError)
+    assert as_lists(got) == [[0, 1], [2, 3]]
+    assert threading.active_count() == baseline_threads
+
+
+def test_len_and_statistics() -> None:
+    loader = al.Loader(al.from_sequence(list(range(10))), batch_size=4)
+    assert len(loader) == 3
+    assert len(list(loader)) == 3
+    stats = loader.statistics()
+    assert stats["samples"] == 10
+    assert stats["batches"] == 3
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_resume_after_break(ordered: bool) -> None:
+    def build() -> al.Loader:
+        return al.Loader(Indexed(30), batch_size=4, shuffle=True, seed=2, ordered=ordered)
+
+    full = as_lists(list(build()))
+    loader = build()
+    first = []
+    for batch in loader:
+        first.append(batch)
+        if len(first) == 3:
+            break
+    state = pickle.loads(pickle.dumps(loader.state_dict()))
+    resumed = build()
+    resumed.load_state_dict(state)
+    rest = as_lists(list(resumed))
+    if ordered:
+        assert as_lists(first) + rest == full
+    else:
+        got = [i for b in as_lists(first) + rest for i in b]
+        assert sorted(got) == list(range(30))
+
+
+class Probe(al.AsyncDataset[int]):
+    """Sample ``i`` is ``i``. The fetch of the last sample is a probe inside the background
+    loop: once the test sets ``go``, it waits until every other task of that loop is
+    blocked (whatever the bridge fetches ahead, it has done so), then sets ``idle``."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.go = threading.Event()
+        self.idle = threading.Event()
+
+    def __len__(self) -> int:
+        return self.n
+
+    async def __getitem__(self, index: int) -> int:
+        if index == self.n - 1:
+            # Safety bounds against a hang, never reached in a passing run.
+            assert await anyio.to_thread.run_sync(self.go.wait, 30)
+            await anyio.wait_all_tasks_blocked()
+            self.idle.set()
+        return index
+
+
+@pytest.mark.parametrize("keep_going", [False, True], ids=["then-stop", "then-finish"])
+def test_state_dict_mid_loop(keep_going: bool) -> None:
+    """``state_dict()`` taken inside a running ``for`` loop covers exactly the batches the
+    loop body has received, however far the background thread has fetched ahead."""
+
+    def build(ds: al.AsyncDataset[int]) -> al.Loader:
+        return al.Loader(ds, batch_size=2, prefetch=3, concurrency=16)
+
+    reference = Probe(12)
+    reference.go.set()
+    full = as_lists(list(build(reference)))
+    ds = Probe(12)
+    loader = build(ds)
+    seen = []
+    state = None
+    for i, batch in enumerate(loader):
+        seen.append(batch)
+        if i == 1:
+            ds.go.set()
+            assert ds.idle.wait(30)  # the background loop has done all it can
+            state = pickle.loads(pickle.dumps(loader.state_dict()))
+            if not keep_going:
+                break
+    assert state is not None
+    assert as_lists(seen) == (full if keep_going else full[:2])
+    resumed_ds = Probe(12)
+    resumed_ds.go.set()
+    resumed = build(resumed_ds)
+    resumed.load_state_dict(state)
+    assert as_lists(seen[:2]) + as_lists(list(resumed)) == full
+
+
+def test_async_iteration_inside_a_running_loop_is_unaffected() -> None:
+    """A sync loop may run inside a thread while another event loop runs elsewhere."""
+
+    async def main() -> list[list[int]]:
+        loader = al.Loader(Indexed(6), batch_size=3)
+        return await anyio.to_thread.run_sync(lambda: as_lists(list(loader)))
+
+    assert anyio.run(main) == [[0, 1, 2], [3, 4, 5]]

@@ -1,0 +1,122 @@
+"""The default collate_fn: numpy stacking, numbers, dicts/tuples/lists recursively, bytes
+and strings into lists, torch tensors with torch; no torch needed for the rest."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import NamedTuple
+
+import numpy as np
+import pytest
+import torch
+
+import asyncload as al
+
+collate = al.default_collate
+
+
+class Pair(NamedTuple):
+    image: np.ndarray
+    label: int
+
+
+def test_numpy_arrays_are_stacked() -> None:
+    samples = [np.full((2, 3), i, dtype=np.uint8) for i in range(4)]
+    batch = collate(samples)
+    assert isinstance(batch, np.ndarray)
+    assert batch.shape == (4, 2, 3)
+    assert batch.dtype == np.uint8
+    np.testing.assert_array_equal(batch[:, 0, 0], [0, 1, 2, 3])
+
+
+def test_numbers_become_numpy_arrays() -> None:
+    ints = collate([1, 2, 3])
+    assert isinstance(ints, np.ndarray)
+    np.testing.assert_array_equal(ints, [1, 2, 3])
+    floats = collate([0.5, 1.5])
+    assert isinstance(floats, np.ndarray) and floats.dtype.kind == "f"
+    scalars = collate([np.float32(1), np.float32(2)])
+    assert isinstance(scalars, np.ndarray) and scalars.dtype == np.float32
+    assert collate([True, False]).tolist() == [True, False]
+
+
+def test_bytes_and_strings_become_lists() -> None:
+    assert collate([b"a", b"bc"]) == [b"a", b"bc"]
+    assert collate(["x", "yz"]) == ["x", "yz"]
+
+
+def test_dicts_are_collated_per_key() -> None:
+    samples = [{"x": np.zeros(2) + i, "y": i, "name": f"n{i}", "raw": b"r"} for i in range(3)]
+    batch = collate(samples)
+    assert set(batch) == {"x", "y", "name", "raw"}
+    assert batch["x"].shape == (3, 2)
+    np.testing.assert_array_equal(batch["y"], [0, 1, 2])
+    assert batch["name"] == ["n0", "n1", "n2"]
+    assert batch["raw"] == [b"r"] * 3
+
+
+def test_tuples_and_named_tuples() -> None:
+    batch = collate([(np.ones(2), 1, "a"), (np.zeros(2), 2, "b")])
+    assert isinstance(batch, tuple) and len(batch) == 3
+    assert batch[0].shape == (2, 2)
+    np.testing.assert_array_equal(batch[1], [1, 2])
+    assert batch[2] == ["a", "b"]
+    pairs = collate([Pair(np.ones(3), 0), Pair(np.ones(3), 1)])
+    assert isinstance(pairs, Pair)
+    assert pairs.image.shape == (2, 3)
+    np.testing.assert_array_equal(pairs.label, [0, 1])
+
+
+def test_lists_are_collated_column_wise() -> None:
+    # As torch's default_collate: a batch of lists is a list of per-position batches.
+    batch = collate([[1, b"a"], [2, b"b"], [3, b"c"]])
+    assert isinstance(batch, list) and len(batch) == 2
+    np.testing.assert_array_equal(batch[0], [1, 2, 3])
+    assert batch[1] == [b"a", b"b", b"c"]
+
+
+def test_nested() -> None:
+    samples = [{"pair": (np.full(2, i), {"id": i})} for i in range(3)]
+    batch = collate(samples)
+    arrays, meta = batch["pair"]
+    assert arrays.shape == (3, 2)
+    np.testing.assert_array_equal(meta["id"], [0, 1, 2])
+
+
+def test_uneven_tuples_are_an_error() -> None:
+    with pytest.raises((ValueError, TypeError)):
+        collate([(1, 2), (1, 2, 3)])
+
+
+def test_torch_tensors_are_stacked_with_torch() -> None:
+    batch = collate([torch.ones(2, 2) * i for i in range(3)])
+    assert isinstance(batch, torch.Tensor)
+    assert batch.shape == (3, 2, 2)
+    assert batch[2, 0, 0].item() == 2
+    mixed = collate([{"t": torch.zeros(1), "a": np.zeros(1)}] * 2)
+    assert isinstance(mixed["t"], torch.Tensor) and isinstance(mixed["a"], np.ndarray)
+
+
+def test_matches_torch_default_collate_shapes() -> None:
+    """What a PyTorch user expects: the same structure as torch's default_collate."""
+    from torch.utils.data import default_collate as torch_collate
+
+    samples = [{"x": np.full(3, i, dtype=np.float32), "y": (i, f"s{i}")} for i in range(4)]
+    ours, theirs = collate(samples), torch_collate(samples)
+    assert set(ours) == set(theirs)
+    assert tuple(ours["x"].shape) == tuple(theirs["x"].shape)
+    np.testing.assert_array_equal(ours["x"], theirs["x"].numpy())
+    np.testing.assert_array_equal(ours["y"][0], theirs["y"][0].numpy())
+    assert list(ours["y"][1]) == list(theirs["y"][1])
+
+
+def test_collate_needs_no_torch() -> None:
+    code = (
+        "import sys, numpy as np, asyncload as al\n"
+        "batch = al.default_collate([{'x': np.zeros(2), 'y': 1, 'b': b'z'}] * 3)\n"
+        "assert batch['x'].shape == (3, 2)\n"
+        "assert 'torch' not in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -1,0 +1,920 @@
+"""The Loader: batching and collation, lengths, shuffling, ordering, concurrency and
+backpressure, leaving early, statistics, state_dict round trips, argument checks, streams.
+
+Ordering is forced with events (never sleeps): datasets whose fetches wait on per-index
+events that the test sets in a chosen order.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import anyio
+import numpy as np
+import pytest
+import torch.utils.data
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import asyncload as al
+
+pytestmark = pytest.mark.anyio
+
+
+# -- datasets -----------------------------------------------------------------------------
+
+
+class Indexed(al.AsyncDataset[int]):
+    """Sample ``i`` is ``i``. Fetches finish out of index order (a fixed number of
+    checkpoints per index); ``calls`` counts them."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.calls = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    async def __getitem__(self, index: int) -> int:
+        self.calls += 1
+        for _ in range((index * 7) % 5):
+            await anyio.lowlevel.checkpoint()
+        return index
+
+
+class Gated(al.AsyncDataset[int]):
+    """Fetch ``i`` waits until the test calls ``release(i)``. Events are made lazily, in the
+    running loop; ``started`` fires once ``expect`` fetches are waiting."""
+
+    def __init__(self, n: int, expect: int) -> None:
+        self.n = n
+        self.expect = expect
+        self._gates: dict[int, anyio.Event] = {}
+        self._done: dict[int, anyio.Event] = {}
+        self._started: anyio.Event | None = None
+        self.waiting = 0
+        self.completed: list[int] = []
+
+    def _event(self, table: dict[int, anyio.Event], index: int) -> anyio.Event:
+        if index not in table:
+            table[index] = anyio.Event()
+        return table[index]
+
+    @property
+    def started(self) -> anyio.Event:
+        if self._started is None:
+            self._started = anyio.Event()
+        return self._started
+
+    def __len__(self) -> int:
+        return self.n
+
+    async def __getitem__(self, index: int) -> int:
+        self.waiting += 1
+        if self.waiting == self.expect:
+            self.started.set()
+        await self._event(self._gates, index).wait()
+        self.completed.append(index)
+        self._event(self._done, index).set()
+        return index
+
+    def open(self, index: int) -> None:
+        """Let fetch ``index`` finish (whether or not it has started)."""
+        self._event(self._gates, index).set()
+
+    async def release(self, index: int) -> None:
+        """Let fetch ``index`` finish, and wait until it has."""
+        self._event(self._gates, index).set()
+        await self._event(self._done, index).wait()
+
+
+class Counting(al.AsyncDataset[int]):
+    """Counts started fetches and the most ever in flight. Until ``gate`` is set, fetches
+    wait on it. ``batched=True`` overrides ``getitems`` (the Loader then fetches chunks)."""
+
+    def __init__(self, n: int, *, gated: bool = False) -> None:
+        self.n = n
+        self.gated = gated
+        self.started = 0
+        self.active = 0
+        self.max_active = 0
+        self._gate: anyio.Event | None = None
+
+    @property
+    def gate(self) -> anyio.Event:
+        if self._gate is None:
+            self._gate = anyio.Event()
+        return self._gate
+
+    def __len__(self) -> int:
+        return self.n
+
+    async def _fetch(self, indices: list[int]) -> list[int]:
+        self.started += len(indices)
+        self.active += len(indices)
+        self.max_active = max(self.max_active, self.active)
+        try:
+            if self.gated:
+                await self.gate.wait()
+            for _ in range(3):
+                await anyio.lowlevel.checkpoint()
+            return indices
+        finally:
+            self.active -= len(indices)
+
+    async def __getitem__(self, index: int) -> int:
+        return (await self._fetch([index]))[0]
+
+
+class CountingBatched(Counting):
+    async def getitems(self, indices: Any) -> list[int]:
+        return await self._fetch(list(indices))
+
+
+class Hanging(al.AsyncDataset[int]):
+    """Indices below ``free`` answer at once; the others wait forever (until cancelled),
+    counted in ``hung`` and ``cancelled``."""
+
+    def __init__(self, n: int, free: int) -> None:
+        self.n = n
+        self.free = free
+        self.hung = 0
+        self.cancelled = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    async def __getitem__(self, index: int) -> int:
+        if index < self.free:
+            await anyio.lowlevel.checkpoint()
+            return index
+        self.hung += 1
+        try:
+            await anyio.Event().wait()
+        except anyio.get_cancelled_exc_class():
+            self.cancelled += 1
+            raise
+        raise AssertionError("unreachable")
+
+
+class Numbers(al.AsyncIterableDataset[int]):
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    async def __aiter__(self) -> AsyncIterator[int]:
+        for i in range(self.n):
+            await anyio.lowlevel.checkpoint()
+            yield i
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def flat(batches: list[Any]) -> list[int]:
+    return [int(x) for batch in batches for x in batch]
+
+
+def as_lists(batches: list[Any]) -> list[list[int]]:
+    return [[int(x) for x in batch] for batch in batches]
+
+
+async def collect(loader: al.Loader) -> list[Any]:
+    """One epoch, then ``aclose()`` so that nothing waits for garbage collection."""
+    batches = [batch async for batch in loader]
+    await loader.aclose()
+    return batches
+
+
+async def take(iterator: Any, k: int) -> list[Any]:
+    return [await iterator.__anext__() for _ in range(k)]
+
+
+async def settle(live: Callable[[], set[object]], baseline: set[object], rounds: int = 50) -> None:
+    """A few checkpoints, until the tasks alive are back to ``baseline``."""
+    for _ in range(rounds):
+        if live() <= baseline:
+            return
+        await anyio.lowlevel.checkpoint()
+
+
+# -- batching and collation ---------------------------------------------------------------
+
+
+async def test_numpy_samples_are_stacked() -> None:
+    samples = [np.arange(3, dtype=np.float32) + i for i in range(10)]
+    batches = await collect(al.Loader(al.from_sequence(samples), batch_size=4))
+    assert [b.shape for b in batches] == [(4, 3), (4, 3), (2, 3)]
+    assert all(isinstance(b, np.ndarray) and b.dtype == np.float32 for b in batches)
+    np.testing.assert_array_equal(np.concatenate(batches), np.stack(samples))
+
+
+async def test_nested_samples_are_collated_recursively() -> None:
+    samples = [
+        {"x": np.full(2, i), "meta": (i, f"name{i}".encode()), "label": f"l{i}", "f": i / 2}
+        for i in range(5)
+    ]
+    batches = await collect(al.Loader(al.from_sequence(samples), batch_size=3))
+    assert len(batches) == 2
+    first = batches[0]
+    assert set(first) == {"x", "meta", "label", "f"}
+    np.testing.assert_array_equal(first["x"], [[0, 0], [1, 1], [2, 2]])
+    ids, names = first["meta"]
+    assert isinstance(first["meta"], tuple)
+    np.testing.assert_array_equal(ids, [0, 1, 2])
+    assert names == [b"name0", b"name1", b"name2"]
+    assert first["label"] == ["l0", "l1", "l2"]
+    np.testing.assert_allclose(first["f"], [0.0, 0.5, 1.0])
+    assert batches[1]["label"] == ["l3", "l4"]
+
+
+async def test_custom_collate_fn_and_transform() -> None:
+    async def transform(x: int) -> int:
+        await anyio.lowlevel.checkpoint()
+        return x * 10
+
+    loader = al.Loader(
+        al.from_sequence(list(range(7))), batch_size=3, transform=transform, collate_fn=tuple
+    )
+    assert await collect(loader) == [(0, 10, 20), (30, 40, 50), (60,)]
+    loader = al.Loader(al.from_sequence([1, 2]), batch_size=2, transform=str, collate_fn=list)
+    assert await collect(loader) == [["1", "2"]]
+
+
+async def test_batch_size_none_yields_single_samples() -> None:
+    samples = [np.arange(3) + i for i in range(5)]
+    loader = al.Loader(al.from_sequence(samples), batch_size=None)
+    got = await collect(loader)
+    assert len(got) == len(loader) == 5
+    for sample, expected in zip(got, samples, strict=True):
+        assert isinstance(sample, np.ndarray) and sample.shape == (3,)
+        np.testing.assert_array_equal(sample, expected)
+    loader = al.Loader(al.from_sequence([b"a", b"b"]), batch_size=None)
+    assert await collect(loader) == [b"a", b"b"]
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+async def test_drop_last(drop_last: bool) -> None:
+    loader = al.Loader(al.from_sequence(list(range(10))), batch_size=4, drop_last=drop_last)
+    batches = as_lists(await collect(loader))
+    expected = [[0, 1, 2, 3], [4, 5, 6, 7]] + ([] if drop_last else [[8, 9]])
+    assert batches == expected
+    assert len(loader) == len(expected)
+
+
+@pytest.mark.parametrize(
+    ("n", "batch_size", "world_size", "drop_last"),
+    [
+        (10, 3, 1, False),
+        (10, 3, 1, True),
+        (10, 3, 3, False),
+        (10, 3, 3, True),
+        (11, 2, 4, False),
+        (11, 2, 4, True),
+        (3, 5, 4, False),
+        (3, 5, 4, True),
+        (0, 2, 1, False),
+        (16, 4, 2, False),
+        (7, None, 2, False),
+        (7, None, 2, True),
+    ],
+)
+async def test_len_equals_batches_produced(
+    n: int, batch_size: int | None, world_size: int, drop_last: bool
+) -> None:
+    all_samples = []
+    for rank in range(world_size):
+        loader = al.Loader(
+            al.from_sequence(list(range(n))),
+            batch_size=batch_size,
+            drop_last=drop_last,
+            rank=rank,
+            world_size=world_size,
+        )
+        batches = await collect(loader)
+        assert len(batches) == len(loader)
+        all_samples.append([int(x) for x in batches] if batch_size is None else flat(batches))
+    counts = {len(s) for s in all_samples}
+    assert len(counts) == 1, "every rank gets the same number of samples"
+    if not drop_last:
+        assert {i for s in all_samples for i in s} == set(range(n))
+
+
+# -- order: shuffle, sampler, ordered ------------------------------------------------------
+
+
+async def test_shuffle_is_reproducible_per_epoch() -> None:
+    def build() -> al.Loader:
+        return al.Loader(Indexed(50), batch_size=8, shuffle=True, seed=7)
+
+    a, b = build(), build()
+    epoch0 = flat(await collect(a))
+    assert sorted(epoch0) == list(range(50))
+    assert epoch0 != list(range(50))
+    assert flat(await collect(b)) == epoch0
+    assert flat(await collect(a)) == epoch0  # no set_epoch: the same epoch again
+    a.set_epoch(1)
+    b.set_epoch(1)
+    epoch1 = flat(await collect(a))
+    assert epoch1 != epoch0 and sorted(epoch1) == list(range(50))
+    assert flat(await collect(b)) == epoch1
+    a.set_epoch(0)
+    assert flat(await collect(a)) == epoch0
+    other_seed = al.Loader(Indexed(50), batch_size=8, shuffle=True, seed=8)
+    assert flat(await collect(other_seed)) != epoch0
+
+
+async def test_user_sampler() -> None:
+    sampler = [5, 3, 3, 0, 9]
+    loader = al.Loader(Indexed(10), sampler=sampler, batch_size=2)
+    assert as_lists(await collect(loader)) == [[5, 3], [3, 0], [9]]
+    assert len(loader) == 3
+    # A torch sampler with set_epoch: the loader's epoch reaches it.
+    torch_sampler = torch.utils.data.DistributedSampler(
+        range(20), num_replicas=1, rank=0, shuffle=True, seed=3
+    )
+    loader = al.Loader(Indexed(20), sampler=torch_sampler, batch_size=4)
+    loader.set_epoch(2)
+    got = flat(await collect(loader))
+    reference = torch.utils.data.DistributedSampler(
+        range(20), num_replicas=1, rank=0, shuffle=True, seed=3
+    )
+    reference.set_epoch(2)
+    assert got == list(reference)
+
+
+async def test_ordered_output_follows_sampler_not_completion() -> None:
+    n = 6
+    ds = Gated(n, expect=n)
+    loader = al.Loader(ds, batch_size=2, concurrency=n, ordered=True)
+    got: list[list[int]] = []
+
+    async def consume() -> None:
+        async for batch in loader:
+            got.append([int(x) for x in batch])
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(consume)
+        await ds.started.wait()
+        for i in reversed(range(n)):
+            await ds.release(i)
+    await loader.aclose()
+    assert ds.completed == list(reversed(range(n)))
+    assert got == [[0, 1], [2, 3], [4, 5]]
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+async def test_unordered_output_follows_completion(batch_size: int) -> None:
+    n = 6
+    release_order = [3, 0, 5, 1, 4, 2]
+    ds = Gated(n, expect=n)
+    loader = al.Loader(ds, batch_size=batch_size, concurrency=n, ordered=False, prefetch=n)
+    got: list[list[int]] = []
+
+    async def consume() -> None:
+        async for batch in loader:
+            got.append([int(x) for x in batch])
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(consume)
+        await ds.started.wait()
+        for i in release_order:
+            await ds.release(i)
+    await loader.aclose()
+    assert ds.completed == release_order
+    expected = [release_order[i : i + batch_size] for i in range(0, n, batch_size)]
+    assert got == expected
+
+
+async def test_unordered_drop_last_drops_the_sampler_tail() -> None:
+    """ordered=False changes the order, not which samples an epoch holds: with drop_last,
+    the samples dropped are the tail of the sampler order (as torch's DataLoader with
+    in_order=False), even when the tail completes first."""
+    n, batch_size = 7, 3
+    ds = Gated(n, expect=n - 1)
+    loader = al.Loader(ds, batch_size=batch_size, drop_last=True, concurrency=n, ordered=False)
+    got: list[list[int]] = []
+
+    async def consume() -> None:
+        async for batch in loader:
+            got.append([int(x) for x in batch])
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(consume)
+        await ds.started.wait()
+        for i in reversed(range(n)):
+            ds.open(i)
+            await anyio.wait_all_tasks_blocked()
+    await loader.aclose()
+    assert len(got) == len(loader) == 2
+    assert sorted(flat(got)) == list(range(6))
+
+
+# -- concurrency and backpressure -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["per-sample", "getitems"])
+@pytest.mark.parametrize(("concurrency", "batch_size"), [(1, 1), (4, 1), (4, 3), (5, 8), (8, 2)])
+async def test_concurrency_bound(concurrency: int, batch_size: int, batched: bool) -> None:
+    n = 60
+    ds = (CountingBatched if batched else Counting)(n, gated=True)
+    loader = al.Loader(ds, batch_size=batch_size, concurrency=concurrency, prefetch=100)
+    got: list[int] = []
+
+    async def consume() -> None:
+        async for batch in loader:
+            got.extend(int(x) for x in batch)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(consume)
+        await anyio.wait_all_tasks_blocked()
+        # Everything is waiting on the gate: the loader has filled its concurrency.
+        assert 0 < ds.active <= concurrency
+        if not batched:
+            assert ds.active == concurrency
+        assert loader.statistics()["in_flight"] == ds.active
+        ds.gate.set()
+    await loader.aclose()
+    assert got == list(range(n))
+    assert ds.max_active <= concurrency
+    assert ds.started == n
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["per-sample", "getitems"])
+@pytest.mark.parametrize(
+    ("batch_size", "concurrency", "prefetch"), [(4, 4, 2), (1, 8, 0), (16, 4, 1), (8, 16, 3)]
+)
+async def test_backpressure_bounds_fetches(
+    batch_size: int, concurrency: int, prefetch: int, batched: bool
+) -> None:
+    n = 2000
+    ds = (CountingBatched if batched else Counting)(n)
+    loader = al.Loader(ds, batch_size=batch_size, concurrency=concurrency, prefetch=prefetch)
+    iterator = loader.__aiter__()
+    consumed = 0
+    bound_extra = prefetch * batch_size + 2 * concurrency + batch_size
+    for k in (1, 3):
+        while consumed < k:
+            await iterator.__anext__()
+            consumed += 1
+        # The consumer stops here: the loader fills its buffers, then waits.
+        await anyio.wait_all_tasks_blocked()
+        assert ds.started <= consumed * batch_size + bound_extra
+        assert ds.started < n
+        stats = loader.statistics()
+        assert stats["buffered"] <= prefetch
+        assert stats["batches"] == consumed
+    await iterator.aclose()
+    await loader.aclose()
+
+
+# -- leaving early ---------------------------------------------------------------------------
+
+
+async def test_break_leaves_no_task_behind(live_tasks: Callable[[], set[object]]) -> None:
+    ds = Hanging(100, free=2)
+    loader = al.Loader(ds, batch_size=2, concurrency=4)
+    baseline = live_tasks()
+    async for batch in loader:
+        assert [int(x) for x in batch] == [0, 1]
+        await anyio.wait_all_tasks_blocked()
+        assert ds.hung > 0  # fetches are in flight when we leave
+        assert live_tasks() > baseline  # and the check below is not vacuous
+        break
+    await settle(live_tasks, baseline)
+    assert live_tasks() == baseline
+    assert ds.cancelled == ds.hung
+    await loader.aclose()
+    assert live_tasks() == baseline
+
+
+async def test_exception_in_loop_body_leaves_no_task_behind(
+    live_tasks: Callable[[], set[object]],
+) -> None:
+    ds = Hanging(100, free=4)
+    loader = al.Loader(ds, batch_size=2, concurrency=4)
+    baseline = live_tasks()
+    with pytest.raises(KeyError):
+        async for _batch in loader:
+            await anyio.wait_all_tasks_blocked()
+            assert live_tasks() > baseline
+            raise KeyError("in the loop body")
+    await loader.aclose()
+    assert live_tasks() == baseline
+    assert ds.hung > 0
+    assert ds.cancelled == ds.hung
+
+
+async def test_cancelling_the_consumer_leaves_no_task_behind(
+    live_tasks: Callable[[], set[object]],
+) -> None:
+    ds = Hanging(100, free=2)
+    loader = al.Loader(ds, batch_size=2, concurrency=4)
+    baseline = live_tasks()
+    got: list[Any] = []
+    first = anyio.Event()
+
+    async def consume() -> None:
+        async for batch in loader:
+            got.append(batch)
+            first.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(consume)
+        await first.wait()
+        await anyio.wait_all_tasks_blocked()
+        assert len(live_tasks() - baseline) >= 2  # the consumer and the loader's
+        tg.cancel_scope.cancel()
+    await settle(live_tasks, baseline)
+    assert live_tasks() == baseline
+    assert len(got) == 1
+    assert ds.hung > 0
+    assert ds.cancelled == ds.hung
+    await loader.aclose()
+    assert live_tasks() == baseline
+
+
+async def test_aclose_mid_epoch(live_tasks: Callable[[], set[object]]) -> None:
+    ds = Hanging(100, free=2)
+    baseline = live_tasks()
+    async with al.Loader(ds, batch_size=2, concurrency=4) as loader:
+        iterator = loader.__aiter__()
+        assert [int(x) for x in await iterator.__anext__()] == [0, 1]
+        await anyio.wait_all_tasks_blocked()
+    assert live_tasks() == baseline
+    assert ds.cancelled == ds.hung > 0
+
+
+LEAK_CHECK = """
+import gc, json, sys, warnings
+import anyio
+import asyncload as al
+
+scenario, backend, options = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+
+async def main():
+    loader = al.Loader(al.from_sequence(list(range(10))), batch_size=3)
+    if scenario == "whole":
+        for _ in range(2):
+            count = 0
+            async for _batch in loader:
+                count += 1
+            assert count == 4
+    else:
+        async for _batch in loader:
+            break
+    for _ in range(20):
+        await anyio.sleep(0)
+    del loader
+    gc.collect()
+
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    anyio.run(main, backend=backend, backend_options=options)
+    gc.collect()
+print(json.dumps([str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]))
+"""
+
+
+@pytest.mark.parametrize("scenario", ["whole", "break"])
+@pytest.mark.parametrize(
+    ("backend", "options"),
+    [("asyncio", {}), ("asyncio", {"use_uvloop": True}), ("trio", {})],
+    ids=["asyncio", "uvloop", "trio"],
+)
+def test_plain_async_for_leaves_nothing_unclosed(
+    scenario: str, backend: str, options: dict[str, Any]
+) -> None:
+    """Plain ``async for`` loops without ``aclose()`` (two whole epochs, or one left by
+    ``break``): once the loader is dropped, nothing is reported unclosed (no
+    ResourceWarning). Run in a subprocess so that a leak cannot surface in another test."""
+    result = subprocess.run(
+        [sys.executable, "-c", LEAK_CHECK, scenario, backend, json.dumps(options)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+
+
+# -- statistics --------------------------------------------------------------------------------
+
+CONTRACT_KEYS = {
+    "samples",
+    "batches",
+    "in_flight",
+    "buffered",
+    "errors",
+    "skipped",
+    "filtered",
+    "retries",
+    "cache_hits",
+    "cache_misses",
+    "samples_per_second",
+}
+
+
+async def test_statistics() -> None:
+    ds = al.from_sequence(list(range(20))).filter(lambda x: x % 4 != 0)
+    loader = al.Loader(ds, batch_size=4)
+    before = loader.statistics()
+    assert set(before) >= CONTRACT_KEYS
+    got = flat(await collect(loader))
+    assert got == [x for x in range(20) if x % 4 != 0]
+    stats = loader.statistics()
+    assert set(stats) >= CONTRACT_KEYS
+    assert any("latency" in key or "p50" in key for key in stats), sorted(stats)
+    assert stats["samples"] == 15
+    assert stats["batches"] == 4
+    assert stats["filtered"] == 5
+    assert stats["errors"] == stats["skipped"] == stats["retries"] == 0
+    assert stats["in_flight"] == 0
+    assert stats["buffered"] == 0
+    assert stats["samples_per_second"] >= 0
+    # Each epoch counts afresh.
+    await collect(loader)
+    assert loader.statistics()["samples"] == 15
+
+
+async def test_filtered_samples_are_not_errors() -> None:
+    async def keep(x: int) -> bool:
+        return x >= 3
+
+    loader = al.Loader(Indexed(8).filter(keep), batch_size=2, on_error="raise")
+    assert as_lists(await collect(loader)) == [[3, 4], [5, 6], [7]]
+    stats = loader.statistics()
+    assert stats["filtered"] == 3
+    assert stats["errors"] == 0
+
+
+# -- state_dict / load_state_dict --------------------------------------------------------------
+
+
+async def resume_run(
+    build: Callable[[], al.Loader], k: int
+) -> tuple[list[Any], list[Any], list[Any]]:
+    """(uninterrupted epoch, first k batches, batches after resuming from a saved state)."""
+    full = as_lists(await collect(build()))
+    first_loader = build()
+    iterator = first_loader.__aiter__()
+    first = as_lists(await take(iterator, k))
+    state = first_loader.state_dict()
+    assert isinstance(state, dict)
+    state = pickle.loads(pickle.dumps(state))
+    await iterator.aclose()
+    await first_loader.aclose()
+    second = build()
+    second.load_state_dict(state)
+    rest = as_lists(await collect(second))
+    return full, first, rest
+
+
+@pytest.mark.parametrize("ordered", [True, False], ids=["ordered", "unordered"])
+@pytest.mark.parametrize("shuffle", [False, True], ids=["seq", "shuffled"])
+@pytest.mark.parametrize("k", [0, 1, 2, 3])
+async def test_resume_mid_epoch(ordered: bool, shuffle: bool, k: int) -> None:
+    def build() -> al.Loader:
+        loader = al.Loader(
+            Indexed(23),
+            batch_size=4,
+            shuffle=shuffle,
+            seed=11,
+            ordered=ordered,
+            concurrency=5,
+            rank=1,
+            world_size=2,
+        )
+        loader.set_epoch(2)
+        return loader
+
+    full, first, rest = await resume_run(build, k)
+    assert len(full) == 3
+    if ordered:
+        assert first + rest == full
+    else:
+        # The same samples, none twice, none lost.
+        assert sorted(flat(first + rest)) == sorted(flat(full))
+
+
+async def test_resume_without_set_epoch_on_the_new_loader() -> None:
+    """The state carries the epoch: the new loader resumes epoch 3's order."""
+    original = al.Loader(Indexed(30), batch_size=5, shuffle=True, seed=1)
+    original.set_epoch(3)
+    full = as_lists(await collect(original))
+    iterator = original.__aiter__()
+    first = as_lists(await take(iterator, 2))
+    state = original.state_dict()
+    await iterator.aclose()
+    fresh = al.Loader(Indexed(30), batch_size=5, shuffle=True, seed=1)
+    fresh.load_state_dict(state)
+    assert first + as_lists(await collect(fresh)) == full
+
+
+async def test_state_after_the_end_resumes_a_full_pass() -> None:
+    def build() -> al.Loader:
+        return al.Loader(Indexed(10), batch_size=3, shuffle=True, seed=4)
+
+    loader = build()
+    full = as_lists(await collect(loader))
+    state = pickle.loads(pickle.dumps(loader.state_dict()))
+    again = build()
+    again.load_state_dict(state)
+    assert as_lists(await collect(again)) == full
+    # And a state saved before any iteration is a full pass too.
+    fresh = build()
+    fresh.load_state_dict(build().state_dict())
+    assert as_lists(await collect(fresh)) == full
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 40),
+    batch_size=st.integers(1, 6),
+    concurrency=st.integers(1, 8),
+    ordered=st.booleans(),
+    shuffle=st.booleans(),
+    drop_last=st.booleans(),
+    data=st.data(),
+)
+def test_resume_property(
+    n: int,
+    batch_size: int,
+    concurrency: int,
+    ordered: bool,
+    shuffle: bool,
+    drop_last: bool,
+    data: Any,
+) -> None:
+    def build() -> al.Loader:
+        return al.Loader(
+            Indexed(n),
+            batch_size=batch_size,
+            concurrency=concurrency,
+            ordered=ordered,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            seed=9,
+        )
+
+    total = len(build())
+    k = data.draw(st.integers(0, total))
+    full, first, rest = anyio.run(resume_run, build, k)
+    if ordered:
+        assert first + rest == full
+    else:
+        got = flat(first + rest)
+        assert len(got) == len(set(got))
+        if drop_last:
+            # Which samples fill the dropped partial batch depends on completion order
+            # (see test_unordered_drop_last_drops_the_sampler_tail): compare counts.
+            assert len(got) == len(flat(full))
+            assert set(got) <= set(range(n))
+        else:
+            assert sorted(got) == sorted(flat(full))
+
+
+# -- arguments --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"batch_size": 0}, "batch_size"),
+        ({"batch_size": -2}, "batch_size"),
+        ({"batch_size": 2.5}, "batch_size"),
+        ({"concurrency": 0}, "concurrency"),
+        ({"prefetch": -1}, "prefetch"),
+        ({"on_error": "bogus"}, "on_error"),
+        ({"on_error": 3}, "on_error"),
+        ({"max_errors": -1, "on_error": "skip"}, "max_errors"),
+        ({"max_errors": 1.5, "on_error": "skip"}, "max_errors"),
+        ({"timeout": 0}, "timeout"),
+        ({"timeout": -1.0}, "timeout"),
+        ({"sampler": [0, 1], "shuffle": True}, "s"),
+        ({"rank": 2, "world_size": 2}, "rank"),
+        ({"world_size": 0, "rank": 0}, "world_size"),
+        ({"transform": 5}, "transform"),
+        ({"collate_fn": "x"}, "collate_fn"),
+        ({"validate": 1}, "validate"),
+        ({"retry": object()}, "retry"),
+        ({"cache": object()}, "cache"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs: dict[str, Any], name: str) -> None:
+    with pytest.raises((ValueError, TypeError)) as info:
+        al.Loader(al.from_sequence([1, 2, 3]), **kwargs)
+    message = str(info.value)
+    if name == "s":  # sampler with shuffle: either name will do
+        assert "sampler" in message or "shuffle" in message
+    else:
+        assert name in message
+
+
+def test_dataset_must_be_a_dataset() -> None:
+    with pytest.raises(TypeError, match="dataset"):
+        al.Loader([1, 2, 3])  # type: ignore[arg-type]
+
+
+# -- streaming datasets -----------------------------------------------------------------------
+
+
+async def test_stream_batches() -> None:
+    loader = al.Loader(Numbers(10), batch_size=4)
+    assert as_lists(await collect(loader)) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    loader = al.Loader(Numbers(10), batch_size=4, drop_last=True)
+    assert as_lists(await collect(loader)) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    loader = al.Loader(Numbers(3), batch_size=None)
+    assert [int(x) for x in await collect(loader)] == [0, 1, 2]
+
+
+async def test_stream_map_and_filter() -> None:
+    async def double(x: int) -> int:
+        return 2 * x
+
+    stream = Numbers(12).filter(lambda x: x % 3 != 0).map(double)
+    loader = al.Loader(stream, batch_size=3, transform=lambda x: x + 1)
+    batches = as_lists(await collect(loader))
+    assert flat(batches) == [2 * x + 1 for x in range(12) if x % 3 != 0]
+    stats = loader.statistics()
+    assert stats["filtered"] == 4
+    assert stats["errors"] == 0
+    assert stats["samples"] == 8
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 3])
+async def test_stream_resume(k: int) -> None:
+    def build() -> al.Loader:
+        return al.Loader(Numbers(11).filter(lambda x: x != 4), batch_size=3)
+
+    full, first, rest = await resume_run(build, k)
+    assert first + rest == full
+
+
+async def test_stream_ranks_cover_the_stream() -> None:
+    shares = [
+        flat(await collect(al.Loader(Numbers(12), batch_size=2, rank=r, world_size=3)))
+        for r in range(3)
+    ]
+    assert sorted(i for share in shares for i in share) == list(range(12))
+    assert all(len(share) == 4 for share in shares)
+
+
+class BrokenStream(al.AsyncIterableDataset[int]):
+    """Yields ``0 .. fail_at - 1``, then its iterator raises."""
+
+    def __init__(self, fail_at: int) -> None:
+        self.fail_at = fail_at
+
+    async def __aiter__(self) -> AsyncIterator[int]:
+        for i in range(self.fail_at):
+            await anyio.lowlevel.checkpoint()
+            yield i
+        raise OSError("stream broke")
+
+
+async def test_stream_failure_is_a_sample_error() -> None:
+    loader = al.Loader(BrokenStream(5), batch_size=2)
+    got: list[Any] = []
+    with pytest.raises(al.SampleError) as info:
+        try:
+            async for batch in loader:
+                got.append(batch)
+        finally:
+            await loader.aclose()
+    assert isinstance(info.value.__cause__, OSError)
+    assert as_lists(got) == [[0, 1], [2, 3]][: len(got)]
+
+
+async def test_stream_sample_errors_follow_on_error() -> None:
+    def transform(x: int) -> int:
+        if x % 4 == 1:
+            raise ValueError(f"bad {x}")
+        return x
+
+    loader = al.Loader(Numbers(10), batch_size=3, transform=transform, on_error="skip")
+    assert flat(await collect(loader)) == [0, 2, 3, 4, 6, 7, 8]
+    stats = loader.statistics()
+    assert stats["skipped"] == stats["errors"] == 3
+    loader = al.Loader(Numbers(10), batch_size=3, transform=transform)
+    with pytest.raises(al.SampleError) as info:
+        await collect(loader)
+    assert isinstance(info.value.__cause__, ValueError)
+    await loader.aclose()
+
+
+async def test_stream_and_sampler_are_exclusive() -> None:
+    with pytest.raises(ValueError, match="sampler"):
+        al.Loader(Numbers(3), sampler=[0, 1])
+
+
+# -- misc -------------------------------------------------------------------------------------
+
+
+async def test_len_matches_math() -> None:
+    loader = al.Loader(al.from_sequence(list(range(101))), batch_size=10, world_size=4, rank=3)
+    assert len(loader) == math.ceil(math.ceil(101 / 4) / 10)
