@@ -21,13 +21,14 @@ from .errors import (
     CircuitOpenError,
     ErrorBudgetExceeded,
     HTTPStatusError,
+    ObjectTooLargeError,
     SampleError,
     SampleFiltered,
     TruncatedBodyError,
     ValidationError,
 )
 from .loader import Loader
-from .resilience import CircuitBreaker, Retry
+from .resilience import CircuitBreaker, Retry, Throttle
 
 __version__ = "0.1.0"
 
@@ -42,10 +43,12 @@ __all__ = [
     "HTTPStatusError",
     "LRUCache",
     "Loader",
+    "ObjectTooLargeError",
     "Retry",
     "SampleError",
     "SampleFiltered",
     "Subset",
+    "Throttle",
     "TruncatedBodyError",
     "ValidationError",
     "default_collate",

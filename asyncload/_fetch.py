@@ -3,8 +3,9 @@
 Each sample ends as an *outcome*: its value, :data:`DROPPED` (a filter said no),
 :data:`SKIPPED` (it failed and ``on_error="skip"``), or a :class:`Failure` to raise to the
 consumer at the sample's place in the stream. The order per sample is the contract's:
-cache lookup, then each attempt through the breaker under the per-attempt timeout, retried
-by the retry policy; then transform; then validate.
+cache lookup, then each attempt (admitted by the throttle's concurrency gate) through the
+breaker under the per-attempt timeout, retried by the retry policy; then transform; then
+validate.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ._callables import call_maybe_async
 from ._redact import redact_key
 from .datasets import DROPPED, AsyncDataset, AsyncIterableDataset
 from .errors import ErrorBudgetExceeded, SampleError, SampleFiltered, ValidationError
+from .resilience.throttle import ConcurrencyGate
 from .stats import LoaderStats
 
 __all__ = ["SKIPPED", "ErrorPolicy", "Failure", "Fetcher"]
@@ -126,6 +128,7 @@ class Fetcher:
         retry: Any = None,
         breaker: Any = None,
         cache: Any = None,
+        gate: ConcurrencyGate | None = None,
     ) -> None:
         self.dataset = dataset
         self.stats = stats
@@ -133,7 +136,7 @@ class Fetcher:
         self.transform = transform
         self.validate = validate
         self.timeout = timeout
-        self._get = self._build_get(retry, breaker, cache)
+        self._get = self._build_get(retry, breaker, cache, gate)
         # A chunk is one attempt; a failing chunk falls back to per-sample fetches, which
         # isolate the bad sample and retry. The breaker and the cache work per sample.
         self.batched = (
@@ -143,7 +146,9 @@ class Fetcher:
             and cache is None
         )
 
-    def _build_get(self, retry: Any, breaker: Any, cache: Any) -> Callable[[int], Awaitable[Any]]:
+    def _build_get(
+        self, retry: Any, breaker: Any, cache: Any, gate: ConcurrencyGate | None
+    ) -> Callable[[int], Awaitable[Any]]:
         if not isinstance(self.dataset, AsyncDataset):
             return _no_index  # a stream: samples arrive from its iterator, not by index
         get: Callable[[int], Awaitable[Any]] = self.dataset.__getitem__
@@ -151,6 +156,8 @@ class Fetcher:
             get = _with_timeout(get, self.timeout)
         if breaker is not None:
             get = _through_breaker(get, breaker)
+        if gate is not None:
+            get = _through_gate(get, gate)
         if retry is not None:
             get = _with_retry(get, retry, self.stats)
         if cache is not None:
@@ -254,6 +261,15 @@ def _through_breaker(
         return await breaker.run(lambda: get(index))
 
     return get_guarded
+
+
+def _through_gate(
+    get: Callable[[int], Awaitable[Any]], gate: ConcurrencyGate
+) -> Callable[[int], Awaitable[Any]]:
+    async def get_admitted(index: int) -> Any:
+        return await gate.run(lambda: get(index))
+
+    return get_admitted
 
 
 def _with_retry(

@@ -10,6 +10,7 @@ __all__ = [
     "CircuitOpenError",
     "ErrorBudgetExceeded",
     "HTTPStatusError",
+    "ObjectTooLargeError",
     "SampleError",
     "SampleFiltered",
     "TruncatedBodyError",
@@ -67,19 +68,28 @@ class CircuitOpenError(AsyncloadError):
 class HTTPStatusError(AsyncloadError):
     """An HTTP request was answered with a non-2xx status (``status``)."""
 
-    def __init__(self, status: int, url: str, retry_after: float | None = None) -> None:
-        super().__init__(f"HTTP {status} for {url}")
+    def __init__(
+        self, status: int, url: str, retry_after: float | None = None, detail: str = ""
+    ) -> None:
+        super().__init__(f"HTTP {status} for {url}" + (f": {detail}" if detail else ""))
         self.status = status
         self.url = url
         # Seconds the server asked us to wait (Retry-After), when it said so.
         self.retry_after = retry_after
+        self.detail = detail
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.status, self.url, self.retry_after))
+        return (type(self), (self.status, self.url, self.retry_after, self.detail))
 
 
 class TruncatedBodyError(AsyncloadError):
     """A response body ended before its announced length: never served as a short sample."""
+
+
+class ObjectTooLargeError(AsyncloadError, ValueError):
+    """An object is larger than the source's size limit (``max_bytes``): refused before or
+    while reading it, so one broken or hostile server cannot exhaust memory. A
+    ``ValueError`` too: retrying does not make it smaller."""
 
 
 class SampleFiltered(LookupError):

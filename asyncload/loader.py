@@ -18,6 +18,7 @@ from ._fetch import ErrorPolicy, Fetcher
 from ._pipeline import Epoch, EpochIterator, MapUnits, StreamUnits
 from .collate import default_collate
 from .datasets import AsyncDataset, AsyncIterableDataset
+from .resilience.throttle import ConcurrencyGate, Throttle
 from .sampling import Plan, Progress, epoch_order, rank_share
 from .stats import LoaderStats
 
@@ -58,6 +59,7 @@ class Loader:
         max_errors: int | float | None = None,
         rank: int | None = None,
         world_size: int | None = None,
+        throttle: bool | Throttle | None = True,
     ) -> None:
         if not isinstance(dataset, (AsyncDataset, AsyncIterableDataset)):
             raise TypeError(
@@ -104,6 +106,10 @@ class Loader:
                 raise TypeError(
                     f"{name} must be an asyncload {name} object, got {type(obj).__name__}"
                 )
+        if not (throttle is None or isinstance(throttle, (bool, Throttle))):
+            raise TypeError(
+                f"throttle must be True, False or an al.Throttle, got {type(throttle).__name__}"
+            )
         if sampler is not None:
             if shuffle:
                 raise ValueError(
@@ -142,6 +148,10 @@ class Loader:
         self.validate = validate
         self.on_error = on_error
         self.max_errors = max_errors
+        # Shared by this loader's epochs: a store that throttled last epoch still does.
+        self.throttle = Throttle() if throttle is True else (throttle or None)
+        if self.throttle is not None:
+            self.throttle.bind(concurrency)
         # Under to_torch(): this copy's DataLoader worker and the number of workers.
         self.worker, self.num_workers = 0, 1
 
@@ -231,6 +241,7 @@ class Loader:
             retry=self.retry,
             breaker=self.breaker,
             cache=self.cache,
+            gate=ConcurrencyGate(self.throttle) if self.throttle is not None else None,
         )
         batch_size = self.batch_size or 1
         units: MapUnits | StreamUnits
@@ -322,11 +333,23 @@ class Loader:
 
     def statistics(self) -> dict[str, Any]:
         """Counters of the current (or last) epoch: samples, batches, in_flight, buffered,
-        errors, skipped, filtered, retries, cache hits and misses, samples_per_second,
-        fetch latency percentiles (seconds), and a bounded log of failed samples."""
+        errors, skipped, substituted, filtered, retries, cache hits and misses,
+        samples_per_second, fetch latency percentiles (seconds), a bounded log of failed
+        samples (index, key, error, action); the throttle's ``concurrency_limit``,
+        ``throttled`` and ``throttle_decreases`` (totals over the loader's life); and with a
+        breaker, its ``breaker_state`` and ``breaker_opened`` count."""
         current = self._current
         buffered = current.receive.statistics().current_buffer_used if current is not None else 0
-        return self._stats.snapshot(buffered)
+        snapshot = self._stats.snapshot(buffered)
+        if self.throttle is not None:
+            snapshot.update(self.throttle.statistics())
+        else:
+            snapshot.update(concurrency_limit=self.concurrency, throttled=0, throttle_decreases=0)
+        statistics = getattr(self.breaker, "statistics", None)
+        if callable(statistics):
+            breaker = statistics()
+            snapshot.update(breaker_state=breaker["state"], breaker_opened=breaker["opened"])
+        return snapshot
 
     # -- closing --------------------------------------------------------------------------
 
