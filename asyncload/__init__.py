@@ -5,7 +5,8 @@ fetches in flight with backpressure, for ``async for``, a plain ``for`` or torch
 torch is never imported by ``import asyncload``.
 """
 
-from . import sources
+from . import drift, sources, validation
+from .batching import PadCollate
 from .cache import LRUCache
 from .collate import default_collate
 from .datasets import (
@@ -16,6 +17,8 @@ from .datasets import (
     from_sequence,
     from_torch,
 )
+from .disk_cache import DiskCache
+from .drift import DriftError, DriftMonitor, DriftWarning, RunningStats
 from .errors import (
     AsyncloadError,
     CircuitOpenError,
@@ -27,32 +30,54 @@ from .errors import (
     TruncatedBodyError,
     ValidationError,
 )
+from .folders import ImageFolder, decode_image
 from .loader import Loader
 from .resilience import CircuitBreaker, Retry, Throttle
+from .tiered import TieredCache
+from .validation import Array, Bytes, Float, Int, Schema, SchemaError, Str, Value
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Array",
     "AsyncDataset",
     "AsyncIterableDataset",
     "AsyncloadError",
+    "Bytes",
     "CircuitBreaker",
     "CircuitOpenError",
     "ConcatDataset",
+    "DiskCache",
+    "DriftError",
+    "DriftMonitor",
+    "DriftWarning",
     "ErrorBudgetExceeded",
+    "Float",
     "HTTPStatusError",
+    "ImageFolder",
+    "Int",
     "LRUCache",
     "Loader",
     "ObjectTooLargeError",
+    "PadCollate",
     "Retry",
+    "RunningStats",
     "SampleError",
     "SampleFiltered",
+    "Schema",
+    "SchemaError",
+    "Str",
     "Subset",
     "Throttle",
+    "TieredCache",
     "TruncatedBodyError",
     "ValidationError",
+    "Value",
+    "decode_image",
     "default_collate",
+    "drift",
     "from_sequence",
     "from_torch",
     "sources",
+    "validation",
 ]

@@ -19,7 +19,13 @@ import anyio
 from ._callables import call_maybe_async
 from ._redact import redact_key
 from .datasets import DROPPED, AsyncDataset, AsyncIterableDataset
-from .errors import ErrorBudgetExceeded, SampleError, SampleFiltered, ValidationError
+from .errors import (
+    CircuitOpenError,
+    ErrorBudgetExceeded,
+    SampleError,
+    SampleFiltered,
+    ValidationError,
+)
 from .resilience.throttle import ConcurrencyGate
 from .stats import LoaderStats
 
@@ -58,10 +64,14 @@ class ErrorPolicy:
         self.max_errors = max_errors
         self.stats = stats
         self.attempted = 0
+        self._checked = False  # the fraction was checked after the first 100 attempts
         self._causes: list[BaseException] = []
 
     async def failed(self, index: int, key: Hashable | None, exc: Exception) -> Any:
         """The outcome for sample ``index`` that failed with ``exc``."""
+        # A failure can come without suspending (an open breaker refuses at once): yield
+        # here, or a worker could refuse the rest of the epoch in one step of the loop.
+        await anyio.lowlevel.checkpoint()
         stats = self.stats
         stats.errors += 1
         error = _sample_error(index, key, exc)
@@ -86,6 +96,25 @@ class ErrorPolicy:
         stats.substituted += 1
         stats.log_error(index, key, exc, "substituted")
         return substitute
+
+    def count(self, n: int) -> Failure | None:
+        """Count ``n`` more samples as attempted; a `Failure` when the epoch is past its
+        budget. A fraction is checked at each failure once 100 samples were attempted,
+        and once as the next sample starts after the first 100, so that failures from
+        before then count too (:meth:`settle` checks an epoch that ends right there)."""
+        before = self.attempted
+        self.attempted = before + n
+        if before >= 100 and not self._checked:
+            return self.settle()
+        return None
+
+    def settle(self) -> Failure | None:
+        """Check the budget once 100 samples were attempted, if no failure has since."""
+        if self._checked or self.attempted < 100 or not isinstance(self.max_errors, float):
+            return None
+        self._checked = True
+        budget = self._over_budget() if self.on_error != "raise" else None
+        return None if budget is None else Failure(budget)
 
     def _over_budget(self) -> ErrorBudgetExceeded | None:
         limit, errors = self.max_errors, self.stats.errors
@@ -129,6 +158,7 @@ class Fetcher:
         breaker: Any = None,
         cache: Any = None,
         gate: ConcurrencyGate | None = None,
+        drift: Any = None,
     ) -> None:
         self.dataset = dataset
         self.stats = stats
@@ -136,6 +166,9 @@ class Fetcher:
         self.transform = transform
         self.validate = validate
         self.timeout = timeout
+        self.drift = drift
+        # Nothing to do after the fetch: the sample is the outcome.
+        self._plain = transform is None and validate is None and drift is None
         self._get = self._build_get(retry, breaker, cache, gate)
         # A chunk is one attempt; a failing chunk falls back to per-sample fetches, which
         # isolate the bad sample and retry. The breaker and the cache work per sample.
@@ -167,7 +200,9 @@ class Fetcher:
     async def one(self, index: int) -> Any:
         """The outcome of sample ``index``; never raises but for cancellation."""
         stats = self.stats
-        self.policy.attempted += 1
+        over = self.policy.count(1)
+        if over is not None:
+            return over
         stats.in_flight += 1
         started = time.perf_counter()
         try:
@@ -180,7 +215,7 @@ class Fetcher:
         finally:
             stats.in_flight -= 1
             stats.latency.add(time.perf_counter() - started)
-        if self.transform is None and self.validate is None:
+        if self._plain:
             return sample
         return await self.finish(index, sample)
 
@@ -203,8 +238,10 @@ class Fetcher:
             stats.latency.add(time.perf_counter() - started)
         if samples is None:
             return [await self.one(i) for i in indices]
-        self.policy.attempted += len(indices)
-        if self.transform is None and self.validate is None:
+        over = self.policy.count(len(indices))
+        if over is not None:
+            return [over] * len(indices)
+        if self._plain:
             # Identity, not ==: samples may be numpy arrays.
             stats.filtered += sum(1 for s in samples if s is DROPPED)
             return samples
@@ -225,6 +262,8 @@ class Fetcher:
                 verdict = await call_maybe_async(self.validate, sample)
                 if verdict is False:
                     raise ValidationError(f"validate rejected sample {index}")
+            if self.drift is not None:
+                self.drift.observe(sample)
         except SampleFiltered:
             self.stats.filtered += 1
             return DROPPED
@@ -248,8 +287,13 @@ def _with_timeout(
     get: Callable[[int], Awaitable[Any]], seconds: float
 ) -> Callable[[int], Awaitable[Any]]:
     async def get_within(index: int) -> Any:
-        with anyio.fail_after(seconds):
-            return await get(index)
+        try:
+            with anyio.fail_after(seconds):
+                return await get(index)
+        except TimeoutError as exc:
+            if exc.args:
+                raise
+            raise TimeoutError(f"no answer within timeout={seconds} s") from None
 
     return get_within
 
@@ -257,8 +301,33 @@ def _with_timeout(
 def _through_breaker(
     get: Callable[[int], Awaitable[Any]], breaker: Any
 ) -> Callable[[int], Awaitable[Any]]:
+    """Each attempt through ``breaker``. An open breaker fails the attempt at once (into the
+    error policy: no spinning against a store that is down); but while a half-open probe
+    of this epoch is in flight, the other fetches wait for its outcome instead of being
+    refused, so a store that has recovered loses no samples to its recovery."""
+    in_flight = 0
+    settled = anyio.Event()
+
+    async def guarded(index: int) -> Any:
+        nonlocal in_flight, settled
+        in_flight += 1
+        try:
+            return await get(index)
+        finally:
+            in_flight -= 1
+            settled.set()
+            settled = anyio.Event()
+
     async def get_guarded(index: int) -> Any:
-        return await breaker.run(lambda: get(index))
+        while True:
+            try:
+                return await breaker.run(lambda: guarded(index))
+            except CircuitOpenError:
+                # A probe from elsewhere (another loop sharing the breaker) is not ours to
+                # wait for; an open breaker is not worth waiting for.
+                if in_flight == 0 or breaker.state != "half_open":
+                    raise
+                await settled.wait()
 
     return get_guarded
 
@@ -275,11 +344,8 @@ def _through_gate(
 def _with_retry(
     get: Callable[[int], Awaitable[Any]], retry: Any, stats: LoaderStats
 ) -> Callable[[int], Awaitable[Any]]:
-    def count(attempt: int, exc: BaseException, delay: float) -> None:
-        stats.retries += 1
-
     async def get_retried(index: int) -> Any:
-        return await retry.run(lambda: get(index), on_retry=count)
+        return await retry.run(lambda: get(index), on_retry=stats.count_retry)
 
     return get_retried
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -22,10 +23,12 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ._background import BackgroundTask
 from ._fetch import SKIPPED, Failure, Fetcher
+from .batching import BudgetBatcher, CountBatcher
 from .datasets import DROPPED, AsyncIterableDataset
 from .errors import SampleError
 from .sampling import Plan, Progress
 from .stats import LoaderStats
+from .streaming import StreamEpoch, StreamError
 
 __all__ = ["Epoch", "MapUnits", "StreamUnits"]
 
@@ -58,13 +61,14 @@ class MapUnits:
 
 
 class StreamUnits:
-    """Positions of a stream: this share (rank x worker) takes every ``share``-th sample."""
+    """Positions of this share's stream (see :class:`~asyncload.streaming.StreamEpoch`),
+    skipping those already delivered (resume)."""
 
     def __init__(
-        self, dataset: AsyncIterableDataset[Any], slot: int, shares: int, progress: Progress | None
+        self, dataset: AsyncIterableDataset[Any], spec: StreamEpoch, progress: Progress | None
     ) -> None:
         self.dataset = dataset
-        self.slot, self.shares = slot, shares
+        self.spec = spec
         self.progress = progress
 
 
@@ -77,7 +81,7 @@ class Epoch:
         fetcher: Fetcher,
         *,
         stats: LoaderStats,
-        batch_size: int,
+        batcher: CountBatcher | BudgetBatcher,
         drop_last: bool,
         ordered: bool,
         collate: Callable[[list[Any]], Any],
@@ -87,15 +91,20 @@ class Epoch:
         self.units = units
         self.fetcher = fetcher
         self.stats = stats
-        self.batch_size = batch_size
+        self.batcher = batcher
         self.drop_last = drop_last
         self.ordered = ordered
         self.collate = collate
         self._unit = units.chunk if isinstance(units, MapUnits) else 1
         self.workers = concurrency // self._unit
-        # Room for every worker's unit plus a whole batch being assembled, so a batch can
-        # always complete; twice the concurrency leaves slack for out-of-order completions.
-        self.window = max(2 * concurrency, concurrency + batch_size)
+        # Room for every worker's unit plus what the batcher may hold back (a whole batch, or
+        # a bucket), so a batch can always complete; twice the concurrency leaves slack for
+        # out-of-order completions.
+        if isinstance(batcher, CountBatcher):
+            holds = batcher.size
+        else:
+            holds = batcher.max_count + (batcher.bucket or 0)
+        self.window = max(2 * concurrency, concurrency + holds)
         self.failure: BaseException | None = None
         self.completed = False  # ran to the end of its plan or stream (not cancelled)
 
@@ -106,8 +115,6 @@ class Epoch:
         self._next_seq = 0  # ordered: sequence number of the next unit to release
         self._taken_seq = 0
         self._parked: dict[int, tuple[list[int], list[Any]]] = {}
-        self._values: list[Any] = []
-        self._positions: list[int] = []
         self._ready: deque[tuple[list[Any], list[int]]] = deque()
         self._fetch_done = False
         self._space_waiters: deque[anyio.Event] = deque()  # workers waiting for room
@@ -127,9 +134,14 @@ class Epoch:
                         for _ in range(self.workers):
                             workers.start_soon(self._map_worker)
                     else:
-                        workers.start_soon(self._stream_worker)
-                if self.failure is None and self._values and not self.drop_last:
-                    self._batch_ready()
+                        workers.start_soon(self._stream_worker, workers.start_soon)
+                settled = self.fetcher.policy.settle()
+                if settled is not None:
+                    self._fail(settled.exc)
+                if self.failure is None and not (
+                    self.drop_last and isinstance(self.batcher, CountBatcher)
+                ):
+                    self._ready.extend(self.batcher.flush())
                 self._fetch_done = True
                 self._notify_sender()
             self.completed = True
@@ -160,6 +172,11 @@ class Epoch:
             positions, indices = unit
             seq = self._taken_seq
             self._taken_seq += 1
+            if not seq & 63:
+                # Units that finish without suspending (in-memory samples, fetches refused
+                # by an open breaker, filtered or skipped samples that free their room at
+                # once) must not hold the event loop for a whole epoch.
+                await anyio.lowlevel.checkpoint()
             self._held += len(positions)
             if batched:
                 outcomes = await fetcher.chunk(indices)
@@ -167,15 +184,14 @@ class Epoch:
                 outcomes = [await fetcher.one(indices[0])]
             self._complete(seq, positions, outcomes)
 
-    async def _stream_worker(self) -> None:
+    async def _stream_worker(self, start_soon: Callable[..., Any]) -> None:
         units = self.units
         assert isinstance(units, StreamUnits)
-        progress, slot, shares = units.progress, units.slot, units.shares
+        progress = units.progress
         stats, fetcher = self.stats, self.fetcher
-        position = -1  # position in this share's part of the stream
-        stream = units.dataset._aiter_partial()
+        position = -1  # position in this share's stream
+        stream = units.dataset.epoch_stream(replace(units.spec, start_soon=start_soon))
         try:
-            count = 0
             while True:
                 try:
                     sample = await stream.__anext__()
@@ -189,9 +205,6 @@ class Epoch:
                     error.__cause__ = exc
                     self._fail(error)
                     return
-                count += 1
-                if (count - 1) % shares != slot:
-                    continue
                 position += 1
                 if progress is not None and position in progress:
                     continue
@@ -202,8 +215,13 @@ class Epoch:
                     stats.filtered += 1
                     outcome: Any = DROPPED
                 else:
-                    fetcher.policy.attempted += 1
-                    outcome = await fetcher.finish(position, sample)
+                    over = fetcher.policy.count(1)
+                    if over is not None:
+                        outcome = over  # past the error budget: the epoch fails here
+                    elif type(sample) is StreamError:
+                        outcome = await fetcher.policy.failed(position, sample.key, sample.exc)
+                    else:
+                        outcome = await fetcher.finish(position, sample)
                 self._complete(self._taken_seq, [position], [outcome])
                 self._taken_seq += 1
         finally:
@@ -234,28 +252,26 @@ class Epoch:
     def _release(self, positions: list[int], outcomes: list[Any]) -> None:
         if self.failure is not None:
             return  # nothing after a failure may reach the consumer
-        values, batch_positions, batch_size = self._values, self._positions, self.batch_size
+        batcher, ready = self.batcher, self._ready
         dropped = 0
         for position, outcome in zip(positions, outcomes, strict=True):
-            batch_positions.append(position)
             if outcome is DROPPED or outcome is SKIPPED:
+                batcher.skip(position)
                 dropped += 1
                 continue
             if type(outcome) is Failure:
                 self._fail(outcome.exc)
                 return
-            values.append(outcome)
-            if len(values) == batch_size:
-                self._batch_ready()
-                values, batch_positions = self._values, self._positions
+            batch = batcher.add(outcome, position)
+            if batch is not None:
+                if isinstance(batch, tuple):
+                    ready.append(batch)
+                else:
+                    ready.extend(batch)
+                self._notify_sender()
         if dropped:
             self._held -= dropped
             self._notify_space()
-
-    def _batch_ready(self) -> None:
-        self._ready.append((self._values, self._positions))
-        self._values, self._positions = [], []
-        self._notify_sender()
 
     async def _sender(self) -> None:
         ready, collate = self._ready, self.collate

@@ -19,18 +19,90 @@ class LoaderIterableDataset(torch.utils.data.IterableDataset[Any]):
     arrive as torch tensors (DataLoader's ``default_convert``, zero copy).
     """
 
-    def __init__(self, loader: Loader) -> None:
+    def __init__(self, loader: Loader, *, tagged: bool = False) -> None:
         super().__init__()
         self.loader = loader
+        # Tagged: yield (batch, (worker, positions)) for TorchLoader to keep state exact.
+        self.tagged = tagged
 
     def __iter__(self) -> Iterator[Any]:
         info = torch.utils.data.get_worker_info()
-        loader = self.loader if info is None else self.loader.for_worker(info.id, info.num_workers)
+        if info is not None:
+            loader = self.loader.for_worker(info.id, info.num_workers)
+        else:
+            # In this process: untagged, the loader itself (its own state counts); tagged,
+            # a copy resuming from its part of the state (TorchLoader counts).
+            loader = self.loader.for_worker(0, 1) if self.tagged else self.loader
         iterator = iter(loader)
         try:
-            yield from iterator
+            if not self.tagged:
+                yield from iterator
+                return
+            for batch in iterator:
+                yield batch, loader._tag(iterator.last_positions)  # type: ignore[attr-defined]
         finally:
             iterator.close()  # type: ignore[attr-defined]
 
     def __len__(self) -> int:
         return len(self.loader)
+
+
+class TorchLoader:
+    """``torch.utils.data.DataLoader(loader.to_torch(), batch_size=None, **kwargs)`` whose
+    batches also update ``loader``'s progress in this process, so that
+    ``loader.state_dict()`` (and this object's) counts exactly the batches taken here,
+    whichever worker made them. Resume: ``loader.load_state_dict(state)``, then iterate a
+    new ``TorchLoader`` (a map-style loader may change its number of workers; a stream
+    needs the same number).
+    """
+
+    def __init__(self, loader: Loader, **dataloader_kwargs: Any) -> None:
+        for name in ("dataset", "batch_size", "shuffle", "sampler", "batch_sampler"):
+            if name in dataloader_kwargs:
+                raise TypeError(
+                    f"TorchLoader: {name}= is the asyncload Loader's job, not DataLoader's"
+                )
+        if dataloader_kwargs.get("persistent_workers"):
+            raise ValueError(
+                "TorchLoader: persistent_workers=True would keep each worker's first epoch "
+                "and state; workers are started per epoch"
+            )
+        self.loader = loader
+        self.num_workers = int(dataloader_kwargs.get("num_workers", 0))
+        self.kwargs = dataloader_kwargs
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        from .sampling import Progress, WorkerProgress
+
+        loader = self.loader
+        resume = loader._resume
+        workers = max(1, self.num_workers)
+        if loader.is_streaming and isinstance(resume, Progress) and workers > 1:
+            raise ValueError(
+                "this stream's state was saved without DataLoader workers; it resumes only "
+                "without them"
+            )
+        # The workers (or, without workers, this process) iterate a copy that carries the
+        # resume point; this loader only keeps count of what the training loop takes.
+        data_loader = torch.utils.data.DataLoader(
+            LoaderIterableDataset(loader._detached(), tagged=True), batch_size=None, **self.kwargs
+        )
+        progress: Progress | WorkerProgress
+        if isinstance(resume, WorkerProgress):
+            progress = resume
+        elif loader.is_streaming:
+            progress = WorkerProgress(workers, {0: resume} if resume is not None else None)
+        else:
+            progress = Progress() if resume is None else Progress(resume.watermark, resume.done)
+        iterator = iter(data_loader)
+        loader._resume, loader._progress, loader._finished = None, progress, False
+        for batch, (worker, positions) in iterator:
+            if isinstance(progress, WorkerProgress):
+                progress.mark(worker, positions)
+            else:
+                progress.mark(positions)
+            yield batch
+        loader._finished = True

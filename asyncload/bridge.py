@@ -92,6 +92,7 @@ class SyncIterator(Iterator[Any]):
 
     def __init__(self, loader: Loader) -> None:
         self._closed = False
+        self.last_positions: list[int] = []  # of the batch last returned (for to_torch)
         self._cm: AbstractContextManager[BlockingPortal] = start_blocking_portal(
             "asyncio", _backend_options()
         )
@@ -125,6 +126,7 @@ class SyncIterator(Iterator[Any]):
         # not count the batches still waiting in the queue.
         self._pump.iterator.commit(item)
         self._pump.grant()
+        self.last_positions = item[1]
         return item[0]
 
     def close(self) -> None:

@@ -11,14 +11,19 @@ import itertools
 import operator
 import sys
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, Protocol, TypedDict, TypeVar, cast
 
 import anyio
 import numpy as np
 
-__all__ = ["CacheStatistics", "LRUCache", "Policy"]
+from ._redact import redact_key
+from .datasets import DROPPED, AsyncDataset, normalize_index
+from .errors import SampleError, SampleFiltered
+
+__all__ = ["CacheStatistics", "LRUCache", "Policy", "WarmResult", "cache_key"]
 
 T = TypeVar("T")
 Policy = Literal["lru", "lfu", "fifo"]
@@ -205,6 +210,83 @@ def _check_limit(name: str, value: object) -> int | None:
     return value
 
 
+def cache_key(dataset: AsyncDataset[Any], index: int) -> Hashable:
+    """The key under which sample ``index`` of ``dataset`` is cached: ``dataset.key_of(index)``,
+    or ``index`` itself where that is ``None``.
+
+    ``index`` must already be in ``range(len(dataset))`` (as the Loader's plan gives it), so
+    that ``-1`` and ``len - 1`` share one entry.
+    """
+    key = dataset.key_of(index)
+    return index if key is None else key
+
+
+@dataclass(frozen=True)
+class WarmResult:
+    """What :meth:`LRUCache.warm` did. ``done`` of ``total`` samples were settled: loaded and
+    cached (``warmed``), found cached already, or dropped by a filter; ``full`` says it
+    stopped early because the next sample would not fit in the cache."""
+
+    total: int
+    warmed: int
+    already_cached: int
+    filtered: int
+    bytes: int  # added to the cache by the warmed samples
+    full: bool
+
+    @property
+    def done(self) -> int:
+        return self.warmed + self.already_cached + self.filtered
+
+
+class _Turns:
+    """Lets numbered chunks commit strictly in order: ``await wait(n)`` returns once chunks
+    ``0 .. n-1`` have called ``done``. One waiter per number."""
+
+    def __init__(self) -> None:
+        self._next = 0
+        self._events: dict[int, anyio.Event] = {}
+
+    async def wait(self, seq: int) -> None:
+        if self._next != seq:
+            event = self._events[seq] = anyio.Event()
+            await event.wait()
+
+    def done(self, seq: int) -> None:
+        self._next = seq + 1
+        event = self._events.pop(seq + 1, None)
+        if event is not None:
+            event.set()
+
+
+async def _fetch_partial(dataset: AsyncDataset[Any], indices: list[int]) -> list[Any]:
+    """Samples ``indices`` (``DROPPED`` where a filter says no) in one ``getitems`` call; if
+    that fails, one fetch per sample, so that a failure names the sample that caused it."""
+    try:
+        return await dataset._getitems_partial(indices)
+    except Exception as exc:
+        if len(indices) == 1:
+            if isinstance(exc, SampleFiltered):
+                return [DROPPED]
+            index, key = indices[0], dataset.key_of(indices[0])
+            where = f"sample {index}" + (f" (key {redact_key(key)!r})" if key is not None else "")
+            raise SampleError(
+                f"warm: {where} failed: {type(exc).__name__}: {exc}", index=index, key=key
+            ) from exc
+    out: list[Any] = []
+    for index in indices:
+        out.extend(await _fetch_partial(dataset, [index]))
+    return out
+
+
+def _check_positive(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
 class LRUCache:
     """Cache loaded values in memory, within ``max_items`` entries and ``max_bytes`` bytes.
 
@@ -337,6 +419,139 @@ class LRUCache:
         self._entries.clear()
         self._policy = _POLICIES[self.policy]()
         self._bytes = 0
+
+    async def warm(
+        self,
+        dataset: AsyncDataset[Any],
+        *,
+        indices: Iterable[int] | None = None,
+        concurrency: int = 16,
+        chunk_size: int = 64,
+        progress: Callable[[int, int], object] | None = None,
+    ) -> WarmResult:
+        """Load samples of ``dataset`` (all, or ``indices`` in that order) into this cache
+        ahead of training, so that a ``Loader(dataset, cache=cache)`` finds them there.
+
+        Each sample is stored through :meth:`get_or_load` under :func:`cache_key` (the key
+        the Loader looks up), as the raw sample, before any Loader ``transform``: warm with
+        the same dataset object (or an equal one) that the Loader gets. Samples already
+        cached are neither loaded nor touched; samples a ``filter`` drops are counted, not
+        cached. At most ``concurrency`` fetches run at once; a fetch is one ``getitems``
+        call of up to ``chunk_size`` samples where the dataset batches (``ds.batched``: a
+        local file source reads a chunk in one thread call), else one ``await ds[i]``. A
+        fetched chunk is stored only after the chunks before it, and holds its slot until
+        then, so at most ``concurrency`` chunks are held in memory outside the cache.
+
+        Warming never evicts: it stops at the first sample (in ``indices`` order) that
+        would not fit in what remains of ``max_items`` / ``max_bytes`` (or in the whole
+        budget), with ``full=True``; what it stored is the samples before that one, so
+        re-running it with the rest of the indices after raising the budget continues.
+
+        ``progress(done, total)``, when given, is called (synchronously, in the event loop)
+        with ``0`` first, then after each chunk with the samples settled so far, in
+        increasing order; the last call has ``done == total``, or, when the cache filled
+        up, the count settled before it did. Default: silent.
+
+        Returns a :class:`WarmResult`. A sample that fails raises :class:`SampleError`
+        (``index``, ``key``, the cause chained) once the fetches in flight have stopped;
+        what was stored before stays cached. Raises ``IndexError``/``TypeError`` for a bad
+        index and ``ValueError``/``TypeError`` for bad options, before loading anything.
+        """
+        if not isinstance(dataset, AsyncDataset):
+            raise TypeError(
+                f"warm: dataset must be an asyncload AsyncDataset, got {type(dataset).__name__}"
+            )
+        _check_positive("concurrency", concurrency)
+        _check_positive("chunk_size", chunk_size)
+        if progress is not None and not callable(progress):
+            raise TypeError(f"progress must be callable or None, not {type(progress).__name__}")
+        n = len(dataset)
+        order: Sequence[int] = (
+            range(n) if indices is None else [normalize_index(i, n) for i in indices]
+        )
+        total = len(order)
+        # Per-sample datasets fetch one at a time: a chunk would serialise its fetches.
+        step = chunk_size if dataset.batched else 1
+        chunks = range(0, total, step)
+        next_chunk = 0
+        turns = _Turns()
+        warmed = already = filtered = added = 0
+        full = False
+        failure: Exception | None = None
+        if progress is not None:
+            progress(0, total)
+
+        async def worker(scope: anyio.CancelScope) -> None:
+            nonlocal next_chunk, warmed, already, filtered, added, full, failure
+            try:
+                while next_chunk < len(chunks):
+                    # No await between the check and the claim: workers never share a chunk.
+                    seq, next_chunk = next_chunk, next_chunk + 1
+                    start = chunks[seq]
+                    wanted = [(i, cache_key(dataset, i)) for i in order[start : start + step]]
+                    missing = [(i, key) for i, key in wanted if key not in self._entries]
+                    samples = (
+                        await _fetch_partial(dataset, [i for i, _ in missing]) if missing else []
+                    )
+                    # Commit in chunk order: the stored samples are a prefix of ``order`` and
+                    # progress counts only grow.
+                    await turns.wait(seq)
+                    already += len(wanted) - len(missing)
+                    for (_, key), sample in zip(missing, samples, strict=True):
+                        if sample is DROPPED:
+                            filtered += 1
+                            continue
+                        if key in self._entries:  # a duplicate index, or cached meanwhile
+                            already += 1
+                            continue
+                        size = _nbytes(sample, self._sizeof, set())
+                        if not self._fits(size):
+                            full = True
+                            scope.cancel()
+                            if progress is not None:
+                                progress(warmed + already + filtered, total)
+                            return
+                        stored = False
+
+                        async def load(value: Any = sample) -> Any:
+                            nonlocal stored
+                            stored = True
+                            return value
+
+                        await self.get_or_load(key, load)
+                        if stored:
+                            warmed += 1
+                            added += size
+                        else:  # another caller's load of this key got there first
+                            already += 1
+                    if progress is not None:
+                        progress(warmed + already + filtered, total)
+                    turns.done(seq)
+            except Exception as exc:
+                # Raised after the task group, as itself: not wrapped in an exception group.
+                if failure is None:
+                    failure = exc
+                scope.cancel()
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(min(concurrency, len(chunks))):
+                tg.start_soon(worker, tg.cancel_scope)
+        if failure is not None:
+            raise failure
+        return WarmResult(
+            total=total,
+            warmed=warmed,
+            already_cached=already,
+            filtered=filtered,
+            bytes=added,
+            full=full,
+        )
+
+    def _fits(self, size: int) -> bool:
+        """Whether one more entry of ``size`` bytes fits without evicting anything."""
+        if self.max_items is not None and len(self._entries) >= self.max_items:
+            return False
+        return self.max_bytes is None or self._bytes + size <= self.max_bytes
 
     def statistics(self) -> CacheStatistics:
         """A snapshot of the counters (totals since construction) and current contents."""

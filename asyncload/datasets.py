@@ -16,15 +16,24 @@ one call and dropped samples are counted rather than raised:
 from __future__ import annotations
 
 import bisect
+import functools
 import operator
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Hashable, Sequence
-from typing import Any, Final, Generic, TypeVar, final
+from typing import Any, Final, Generic, TypeVar, final, overload
 
 import anyio.to_thread
 
 from ._callables import PerLoop, call_maybe_async, is_async_callable
 from .errors import SampleFiltered
+from .streaming import (
+    StreamEpoch,
+    StreamError,
+    aclosing,
+    equal_length,
+    shuffle_buffer,
+    stride,
+)
 
 __all__ = [
     "DROPPED",
@@ -346,7 +355,11 @@ class SequenceDataset(AsyncDataset[T]):
         return [seq[normalize_index(i, n)] for i in indices]
 
 
-def from_sequence(seq: Sequence[T]) -> SequenceDataset[T]:
+@overload
+def from_sequence(seq: Sequence[T]) -> SequenceDataset[T]: ...
+@overload
+def from_sequence(seq: Any) -> SequenceDataset[Any]: ...  # numpy arrays, tensors
+def from_sequence(seq: Any) -> SequenceDataset[Any]:
     """An :class:`AsyncDataset` over an in-memory sequence (list, numpy array, tensor)."""
     return SequenceDataset(seq)
 
@@ -362,8 +375,9 @@ class TorchDataset(AsyncDataset[Any]):
             raise ValueError(f"from_torch: max_threads must be a positive int, got {max_threads!r}")
         self.dataset = dataset
         self.max_threads = max_threads
+        # A partial, not a lambda: the dataset pickles into DataLoader workers.
         self._limiters: PerLoop[anyio.CapacityLimiter] = PerLoop(
-            lambda: anyio.CapacityLimiter(max_threads)
+            functools.partial(anyio.CapacityLimiter, max_threads)
         )
 
     def __len__(self) -> int:
@@ -389,6 +403,30 @@ class AsyncIterableDataset(ABC, Generic[T]):
 
     def _aiter_partial(self) -> AsyncIterator[T | _Dropped]:
         return self.__aiter__()
+
+    def num_samples(self) -> int | None:
+        """Samples in one pass, when the dataset knows it without reading (else ``None``).
+        A Loader uses it to give every rank the same number of samples."""
+        return None
+
+    def epoch_stream(self, spec: StreamEpoch) -> AsyncIterator[T | _Dropped | StreamError]:
+        """This share's part of one epoch, as the Loader iterates it.
+
+        The default reads the whole stream and keeps every ``spec.shares``-th sample from
+        ``spec.slot``, through a seeded shuffle buffer when ``spec.shuffle``, cut or padded
+        to ``spec.length``. Datasets that can split themselves (shards) override it so
+        that each share reads only its own part.
+        """
+
+        def open_stream() -> AsyncIterator[Any]:
+            stream = stride(self._aiter_partial(), spec.slot, spec.shares)
+            if spec.shuffle:
+                stream = shuffle_buffer(stream, spec.buffer_size, spec.rng(spec.slot))
+            return stream
+
+        if spec.length is None:
+            return open_stream()
+        return equal_length(open_stream, spec.length, repr(self))
 
     async def aclose(self) -> None:
         """Release what this dataset holds in the running event loop."""
@@ -417,6 +455,17 @@ class MappedIterableDataset(AsyncIterableDataset[U], Generic[T, U]):
         async for sample in self.dataset._aiter_partial():
             yield sample if sample is DROPPED else await call_maybe_async(self.fn, sample)
 
+    def num_samples(self) -> int | None:
+        return self.dataset.num_samples()
+
+    async def epoch_stream(self, spec: StreamEpoch) -> AsyncIterator[Any]:
+        async with aclosing(self.dataset.epoch_stream(spec)) as stream:
+            async for sample in stream:
+                if sample is DROPPED or type(sample) is StreamError:
+                    yield sample
+                else:
+                    yield await call_maybe_async(self.fn, sample)
+
     async def aclose(self) -> None:
         await self.dataset.aclose()
 
@@ -439,6 +488,21 @@ class FilteredIterableDataset(AsyncIterableDataset[T]):
                 yield sample
             else:
                 yield DROPPED
+
+    def num_samples(self) -> int | None:
+        return self.dataset.num_samples()  # dropped samples keep their positions
+
+    async def epoch_stream(self, spec: StreamEpoch) -> AsyncIterator[Any]:
+        async with aclosing(self.dataset.epoch_stream(spec)) as stream:
+            async for sample in stream:
+                if (
+                    sample is DROPPED
+                    or type(sample) is StreamError
+                    or await call_maybe_async(self.pred, sample)
+                ):
+                    yield sample
+                else:
+                    yield DROPPED
 
     async def aclose(self) -> None:
         await self.dataset.aclose()

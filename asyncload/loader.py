@@ -12,15 +12,29 @@ import numbers
 import sys
 import weakref
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
 from typing import Any
+
+import numpy as np
 
 from ._fetch import ErrorPolicy, Fetcher
 from ._pipeline import Epoch, EpochIterator, MapUnits, StreamUnits
+from .batching import BudgetBatcher, CountBatcher, sample_cost
 from .collate import default_collate
 from .datasets import AsyncDataset, AsyncIterableDataset
+from .drift import DriftMonitor
 from .resilience.throttle import ConcurrencyGate, Throttle
-from .sampling import Plan, Progress, epoch_order, rank_share
+from .sampling import (
+    Plan,
+    Progress,
+    WorkerProgress,
+    epoch_order,
+    rank_position,
+    rank_share,
+    worker_progress,
+)
 from .stats import LoaderStats
+from .streaming import StreamEpoch
 
 __all__ = ["Loader"]
 
@@ -60,6 +74,11 @@ class Loader:
         rank: int | None = None,
         world_size: int | None = None,
         throttle: bool | Throttle | None = True,
+        shuffle_buffer: int = 1000,
+        drift: DriftMonitor | None = None,
+        batch_budget: int | None = None,
+        batch_cost: Callable[[Any], int] | None = None,
+        bucket: int | None = None,
     ) -> None:
         if not isinstance(dataset, (AsyncDataset, AsyncIterableDataset)):
             raise TypeError(
@@ -72,6 +91,7 @@ class Loader:
         _check_int("concurrency", concurrency, minimum=1)
         _check_int("prefetch", prefetch, minimum=0)
         _check_int("seed", seed, minimum=None)
+        _check_int("shuffle_buffer", shuffle_buffer, minimum=1)
         for name, fn in (
             ("transform", transform),
             ("collate_fn", collate_fn),
@@ -106,6 +126,20 @@ class Loader:
                 raise TypeError(
                     f"{name} must be an asyncload {name} object, got {type(obj).__name__}"
                 )
+        if batch_budget is not None or bucket is not None:
+            if batch_budget is not None:
+                _check_int("batch_budget", batch_budget, minimum=1)
+            if bucket is not None:
+                _check_int("bucket", bucket, minimum=2)
+            if batch_size is None or (batch_budget is not None and batch_size == 1):
+                raise ValueError(
+                    "with batch_budget or bucket, batch_size is the most samples one batch "
+                    f"may hold: give it (e.g. batch_size=256), not {batch_size}"
+                )
+        if batch_cost is not None and not callable(batch_cost):
+            raise TypeError(f"batch_cost must be callable(sample) -> int, got {batch_cost!r}")
+        if drift is not None and not callable(getattr(drift, "observe", None)):
+            raise TypeError(f"drift must be an al.DriftMonitor, got {type(drift).__name__}")
         if not (throttle is None or isinstance(throttle, (bool, Throttle))):
             raise TypeError(
                 f"throttle must be True, False or an al.Throttle, got {type(throttle).__name__}"
@@ -133,6 +167,7 @@ class Loader:
         self.dataset = dataset
         self.batch_size = batch_size
         self.shuffle = shuffle
+        self.shuffle_buffer = shuffle_buffer
         self.seed = seed
         self.sampler = sampler
         self.drop_last = drop_last
@@ -148,6 +183,10 @@ class Loader:
         self.validate = validate
         self.on_error = on_error
         self.max_errors = max_errors
+        self.drift = drift
+        self.batch_budget = batch_budget
+        self.batch_cost = batch_cost
+        self.bucket = bucket
         # Shared by this loader's epochs: a store that throttled last epoch still does.
         self.throttle = Throttle() if throttle is True else (throttle or None)
         if self.throttle is not None:
@@ -156,9 +195,11 @@ class Loader:
         self.worker, self.num_workers = 0, 1
 
         self._epoch = 0
-        self._progress = Progress()
+        # What has been delivered of the current epoch: this rank's plan positions (map), or
+        # this share's stream positions; under TorchLoader, a stream's per-worker progress.
+        self._progress: Progress | WorkerProgress = Progress()
         self._finished = False  # the last pass ran to its end
-        self._resume: Progress | None = None
+        self._resume: Progress | WorkerProgress | None = None
         self._stats = LoaderStats()
         self._current: Epoch | None = None
         # Sync iterators, so close() can stop their threads; weak, so that leaving a for
@@ -203,17 +244,52 @@ class Loader:
             num_workers=self.num_workers,
         )
 
+    def _stream_epoch(self) -> StreamEpoch:
+        """This share's part of the current epoch of a stream. When the stream knows its
+        size, every share yields the same number of samples: its own, repeated from the
+        start when short (or cut short with ``drop_last``), so that ranks stay in step."""
+        assert isinstance(self.dataset, AsyncIterableDataset)
+        shares = self.world_size * self.num_workers
+        total = self.dataset.num_samples()
+        return StreamEpoch(
+            slot=self.rank * self.num_workers + self.worker,
+            shares=shares,
+            shuffle=self.shuffle,
+            seed=self.seed,
+            epoch=self._epoch,
+            buffer_size=self.shuffle_buffer,
+            length=None if total is None else rank_share(total, shares, self.drop_last),
+            retry=self.retry,
+            timeout=self.timeout,
+        )
+
     def __len__(self) -> int:
         """Batches per epoch on this rank (samples, with ``batch_size=None``).
 
         With a filter or ``on_error="skip"``, fewer may come: this counts indices, not survivors.
+        A stream has a length when it knows its number of samples (``num_samples()``).
         """
-        if not isinstance(self.dataset, AsyncDataset):
-            raise TypeError("len() of a Loader over a streaming dataset is unknown")
+        if isinstance(self.dataset, AsyncIterableDataset):
+            length = self._stream_epoch().length
+            if length is None:
+                raise TypeError(
+                    "len() of a Loader over a stream that does not know its size is unknown"
+                )
+            return self.num_workers * self._batches(length)
         n = _sized(self.sampler) if self.sampler is not None else len(self.dataset)
-        samples = rank_share(n, self.world_size, self.drop_last) if n else 0
+        return self._batches(rank_share(n, self.world_size, self.drop_last) if n else 0)
+
+    def _batches(self, samples: int) -> int:
+        if self.batch_budget is not None:
+            raise TypeError(
+                "len() of a Loader with a batch_budget is unknown: it depends on the data"
+            )
         if self.batch_size is None:
             return samples
+        if self.bucket is not None:
+            # Each bucket is cut into batches on its own (drop_last does not apply).
+            full, rest = divmod(samples, self.bucket)
+            return full * -(-self.bucket // self.batch_size) + -(-rest // self.batch_size)
         full, rest = divmod(samples, self.batch_size)
         return full + (1 if rest and not self.drop_last else 0)
 
@@ -227,6 +303,13 @@ class Loader:
         # The sync bridge buffers ready batches on its side of the thread hand-off instead.
         resume = self._resume
         self._resume = None
+        if isinstance(resume, WorkerProgress) and resume.workers == 1:
+            resume = resume.slots.get(0, Progress())
+        if isinstance(resume, WorkerProgress):
+            raise ValueError(
+                f"this state was saved with {resume.workers} DataLoader workers: a stream "
+                "resumes with the same number of workers, through Loader.to_torch_loader()"
+            )
         progress = Progress() if resume is None else Progress(resume.watermark, resume.done)
         self._progress, self._finished = progress, False
         self._stats = stats = LoaderStats()
@@ -242,21 +325,23 @@ class Loader:
             breaker=self.breaker,
             cache=self.cache,
             gate=ConcurrencyGate(self.throttle) if self.throttle is not None else None,
+            drift=self.drift,
         )
+        if self.drift is not None:
+            self.drift.reset()  # drift is judged per epoch, like the rest of statistics()
         batch_size = self.batch_size or 1
         units: MapUnits | StreamUnits
         if isinstance(self.dataset, AsyncDataset):
             chunk = min(batch_size, self.concurrency) if fetcher.batched else 1
             units = MapUnits(self.plan(), chunk, resume)
         else:
-            shares = self.world_size * self.num_workers
-            slot = self.rank * self.num_workers + self.worker
-            units = StreamUnits(self.dataset, slot, shares, resume)
+            spec = replace(self._stream_epoch(), on_retry=stats.count_retry)
+            units = StreamUnits(self.dataset, spec, resume)
         epoch = Epoch(
             units,
             fetcher,
             stats=stats,
-            batch_size=batch_size,
+            batcher=self._batcher(),
             drop_last=self.drop_last,
             ordered=self.ordered,
             collate=_first if self.batch_size is None else (self.collate_fn or default_collate),
@@ -266,8 +351,25 @@ class Loader:
         self._current = epoch
         return EpochIterator(epoch, progress, on_end=self._on_end)
 
+    def _batcher(self) -> CountBatcher | BudgetBatcher:
+        size = self.batch_size or 1
+        if self.batch_budget is None and self.bucket is None:
+            return CountBatcher(size)
+        return BudgetBatcher(
+            budget=self.batch_budget if self.batch_budget is not None else sys.maxsize,
+            max_count=size,
+            cost=self.batch_cost or sample_cost,
+            bucket=self.bucket,
+            # The order of a bucket's batches: seeded, and different on every share.
+            rng=np.random.default_rng([self.seed, self._epoch, self.rank, self.worker]),
+        )
+
     def _on_end(self) -> None:
         self._finished = True
+        if self.drift is not None:
+            # At the end of the epoch, before the consumer's loop ends: a DriftError (or
+            # a DriftWarning made an error) reaches the training loop.
+            self.drift.check()
 
     def __iter__(self) -> Iterator[Any]:
         """One epoch from synchronous code, through a background event loop thread."""
@@ -284,12 +386,50 @@ class Loader:
 
         return LoaderIterableDataset(self)
 
+    def to_torch_loader(self, **dataloader_kwargs: Any) -> Any:
+        """A ``torch.utils.data.DataLoader`` over :meth:`to_torch` (``batch_size=None``;
+        other keywords as DataLoader's) that also keeps :meth:`state_dict` exact under
+        DataLoader workers: each batch's positions come back with it from its worker, so
+        this loader's state counts exactly the batches the training loop has taken."""
+        from ._torch import TorchLoader
+
+        return TorchLoader(self, **dataloader_kwargs)
+
     def for_worker(self, worker: int, num_workers: int) -> Loader:
-        """A copy of this loader that yields worker ``worker`` of ``num_workers``' share."""
-        clone = copy.copy(self)
+        """A copy of this loader that yields worker ``worker`` of ``num_workers``' share,
+        resuming from its part of a saved state."""
+        clone = self._detached()
         clone.worker, clone.num_workers = worker, num_workers
+        resume = self._resume
+        if isinstance(resume, WorkerProgress):
+            if resume.workers != num_workers:
+                raise ValueError(
+                    f"this stream's state was saved with {resume.workers} DataLoader workers; "
+                    f"it resumes only with as many, not {num_workers}"
+                )
+            clone._resume = resume.slots.get(worker, Progress())
+        elif resume is not None:
+            if self.is_streaming and num_workers > 1:
+                raise ValueError(
+                    "this stream's state was saved without DataLoader workers; it resumes "
+                    "only without them"
+                )
+            clone._resume = worker_progress(resume, self.batch_size or 1, worker, num_workers)
+        return clone
+
+    def _detached(self) -> Loader:
+        """A copy with the same settings, epoch and resume point, and its own runtime state."""
+        clone = copy.copy(self)
         clone._stats, clone._current, clone._iterators = LoaderStats(), None, weakref.WeakSet()
         return clone
+
+    def _tag(self, positions: list[int]) -> tuple[int, list[int]]:
+        """What a DataLoader worker sends back with a batch: its worker number and the
+        positions, in rank-plan terms for a map-style dataset."""
+        if self.is_streaming:
+            return self.worker, positions
+        bs, worker, k = self.batch_size or 1, self.worker, self.num_workers
+        return worker, [rank_position(p, bs, worker, k) for p in positions]
 
     # -- state ----------------------------------------------------------------------------
 
@@ -328,7 +468,13 @@ class Loader:
             )
         self._epoch = int(state["epoch"])
         self._finished = False
-        self._resume = None if state["finished"] else Progress.from_state(state["progress"])
+        saved = state["progress"]
+        if state["finished"]:
+            self._resume = None
+        elif "workers" in saved:
+            self._resume = WorkerProgress.from_state(saved)
+        else:
+            self._resume = Progress.from_state(saved)
         self._progress = Progress()
 
     def statistics(self) -> dict[str, Any]:
@@ -345,6 +491,8 @@ class Loader:
             snapshot.update(self.throttle.statistics())
         else:
             snapshot.update(concurrency_limit=self.concurrency, throttled=0, throttle_decreases=0)
+        if self.drift is not None:
+            snapshot["drift"] = self.drift.report()
         statistics = getattr(self.breaker, "statistics", None)
         if callable(statistics):
             breaker = statistics()

@@ -14,7 +14,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Plan", "Progress", "epoch_order", "rank_share"]
+__all__ = [
+    "Plan",
+    "Progress",
+    "WorkerProgress",
+    "epoch_order",
+    "rank_position",
+    "rank_share",
+    "worker_progress",
+]
 
 
 def epoch_order(
@@ -45,6 +53,32 @@ def rank_share(n: int, world_size: int, drop_last: bool) -> int:
     """Samples each rank gets out of ``n``: equal on every rank, padded by wrapping around
     (as torch's DistributedSampler) or trimmed with ``drop_last``."""
     return n // world_size if drop_last else math.ceil(n / world_size)
+
+
+def rank_position(p: int, batch_size: int, worker: int, num_workers: int) -> int:
+    """The rank-plan position of worker ``worker``'s plan position ``p``."""
+    if num_workers == 1:
+        return p
+    chunk, offset = divmod(p, batch_size)
+    return (chunk * num_workers + worker) * batch_size + offset
+
+
+def worker_progress(rank: Progress, batch_size: int, worker: int, num_workers: int) -> Progress:
+    """The part of a rank-level ``Progress`` that falls in ``worker``'s plan, in that
+    worker's positions: what lets a DataLoader worker resume, whatever the number of
+    workers that saved it."""
+    if num_workers == 1:
+        return Progress(rank.watermark, rank.done)
+    bs, k = batch_size, num_workers
+    full, rest = divmod(rank.watermark, bs)
+    # Rank batches c < full with c % k == worker are done whole; batch `full` in part.
+    watermark = len(range(worker, full, k)) * bs + (rest if full % k == worker else 0)
+    done = []
+    for q in rank.done:
+        chunk, offset = divmod(q, bs)
+        if chunk % k == worker:
+            done.append((chunk // k) * bs + offset)
+    return Progress(watermark, done)
 
 
 class Plan(Sequence[int]):
@@ -87,10 +121,7 @@ class Plan(Sequence[int]):
         return self._length
 
     def _rank_position(self, p: int) -> int:
-        if self.num_workers == 1:
-            return p
-        chunk, offset = divmod(p, self.batch_size)
-        return (chunk * self.num_workers + self.worker) * self.batch_size + offset
+        return rank_position(p, self.batch_size, self.worker, self.num_workers)
 
     def __getitem__(self, p: Any) -> Any:
         if isinstance(p, slice):
@@ -142,3 +173,26 @@ class Progress:
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> Progress:
         return cls(int(state["watermark"]), (int(p) for p in state["done"]))
+
+
+class WorkerProgress:
+    """A stream's progress under DataLoader workers: one `Progress` per worker, since each
+    worker reads its own part of the stream."""
+
+    def __init__(self, workers: int, slots: dict[int, Progress] | None = None) -> None:
+        self.workers = workers
+        self.slots: dict[int, Progress] = slots if slots is not None else {}
+
+    def mark(self, worker: int, positions: Sequence[int]) -> None:
+        self.slots.setdefault(worker, Progress()).mark(positions)
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "workers": self.workers,
+            "slots": {str(k): p.state() for k, p in sorted(self.slots.items())},
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> WorkerProgress:
+        slots = {int(k): Progress.from_state(v) for k, v in state["slots"].items()}
+        return cls(int(state["workers"]), slots)

@@ -65,6 +65,10 @@ class LoaderStats:
     def elapsed(self) -> float:
         return time.perf_counter() - self.started if self.started is not None else 0.0
 
+    def count_retry(self, attempt: int, exc: BaseException, delay: float) -> None:
+        """An ``on_retry`` hook for `Retry.run`: counts the retry."""
+        self.retries += 1
+
     def log_error(self, index: int, key: object, exc: BaseException, action: str) -> None:
         if len(self.error_log) < self.MAX_ERROR_LOG:
             self.error_log.append(

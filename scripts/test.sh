@@ -9,3 +9,6 @@ bash scripts/setup.sh
 .venv/bin/mypy
 .venv/bin/python -m pytest -q -p no:cacheprovider
 .venv/bin/python benchmarks/bench_http.py --quick
+.venv/bin/python benchmarks/bench_s3.py --quick
+.venv/bin/python benchmarks/bench_tar.py --quick
+.venv/bin/python benchmarks/bench_images.py --quick

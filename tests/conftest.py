@@ -41,6 +41,10 @@ def anyio_backend(request: pytest.FixtureRequest) -> Any:
     return request.param
 
 
+# For tests of clients that run on asyncio only (aiohttp, obstore): not trio.
+asyncio_only = pytest.mark.parametrize("anyio_backend", BACKENDS[:2], indirect=True)
+
+
 def sample_body(index: int) -> bytes:
     """The body the test server sends for ``/sample/{index}`` and ``/gate/{index}``."""
     return f"sample {index};".encode() * (1 + index % 5)

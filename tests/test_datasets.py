@@ -347,3 +347,17 @@ def test_map_and_filter_need_callables() -> None:
         ds.map(3)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         ds.filter("x")  # type: ignore[arg-type]
+
+
+def test_from_torch_pickles_after_use() -> None:
+    """DataLoader workers get a pickled copy: a dataset already used in a loop must pickle."""
+    import pickle
+
+    ds = al.from_torch(torch.utils.data.TensorDataset(torch.arange(4)))
+
+    async def fetch() -> Any:
+        return await ds[2]
+
+    assert int(anyio.run(fetch)[0]) == 2
+    copy = pickle.loads(pickle.dumps(ds))
+    assert int(anyio.run(copy.__getitem__, 3)[0]) == 3

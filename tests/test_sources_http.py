@@ -429,7 +429,7 @@ async def test_unclosed_session_is_detected(http_server: HTTPServer) -> None:
 
 
 def test_sync_bridge_closes_sessions(http_server: HTTPServer) -> None:
-    baseline = threading.active_count()
+    baseline = set(threading.enumerate())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         urls = [http_server.url(f"/sample/{i}") for i in range(6)]
@@ -440,14 +440,14 @@ def test_sync_bridge_closes_sessions(http_server: HTTPServer) -> None:
         ]
         for _batch in loader:
             break
-        assert threading.active_count() == baseline
+        assert set(threading.enumerate()) - baseline == set()
         del loader
         gc.collect()
     assert unclosed(caught) == []
 
 
 def test_sync_bridge_break_with_requests_in_flight(http_server: HTTPServer) -> None:
-    baseline = threading.active_count()
+    baseline = set(threading.enumerate())
     http_server.release(0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -458,7 +458,7 @@ def test_sync_bridge_break_with_requests_in_flight(http_server: HTTPServer) -> N
             assert batch == [sample_body(0)]
             http_server.wait_arrived(3)
             break
-        assert threading.active_count() == baseline
+        assert set(threading.enumerate()) - baseline == set()
         del loader
         gc.collect()
     assert unclosed(caught) == []

@@ -12,10 +12,10 @@ from typing import Any
 
 import anyio
 import pytest
+from conftest import sample_body
 
 import asyncload as al
 from asyncload.resilience.throttle import ConcurrencyGate, is_throttling
-from tests.conftest import sample_body
 
 pytestmark = pytest.mark.anyio
 

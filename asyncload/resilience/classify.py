@@ -19,6 +19,7 @@ from typing import TypeAlias
 from asyncload.errors import CircuitOpenError, HTTPStatusError, TruncatedBodyError
 
 __all__ = ["ExceptionFilter", "as_predicate", "is_transient", "retry_after"]
+# Also used by asyncload.sources.s3, not part of the public API: obstore_error_facts.
 
 ExceptionFilter: TypeAlias = (
     type[BaseException] | tuple[type[BaseException], ...] | Callable[[BaseException], bool]
@@ -61,6 +62,42 @@ _NETWORK_ERRNOS = frozenset(
 _S3_TRANSIENT = re.compile(
     r"(?<![A-Za-z])(SlowDown|InternalError|ServiceUnavailable|RequestTimeout|Throttling)"
 )
+
+
+# obstore (object_store) errors carry no attributes: their status and kind of HTTP failure
+# are only in the message, which embeds the Rust error's Debug form.
+_OBSTORE_STATUS = re.compile(r"non-2xx status code: (\d{3})|\bstatus: (\d{3}),")
+_OBSTORE_HTTP_KIND = re.compile(r"HttpError \{\s*kind: (\w+)")
+# object_store's HttpErrorKind values that mean "the network failed", as opposed to
+# Decode (a malformed answer) and Unknown.
+_OBSTORE_TRANSIENT_KINDS = frozenset({"Connect", "Request", "Timeout", "Interrupted"})
+
+
+def obstore_error_facts(exc: BaseException) -> tuple[int | None, str | None]:
+    """``(HTTP status, HTTP error kind)`` read from an obstore exception's message, each
+    ``None`` when the message does not say. Kinds are object_store's ``HttpErrorKind``
+    names: ``Connect``, ``Request``, ``Timeout``, ``Interrupted`` (a connection or body cut
+    short), ``Decode``, ``Unknown``."""
+    text = str(exc)
+    status_match = _OBSTORE_STATUS.search(text)
+    status = int(status_match.group(1) or status_match.group(2)) if status_match else None
+    kind_match = _OBSTORE_HTTP_KIND.search(text)
+    return status, kind_match.group(1) if kind_match else None
+
+
+def _obstore_verdict(exc: BaseException) -> bool | None:
+    """Transient or not for an obstore exception; ``None`` when it is not one or says nothing."""
+    exceptions = sys.modules.get("obstore.exceptions")
+    base = getattr(exceptions, "BaseError", None)
+    if base is None or not isinstance(exc, base):
+        return None
+    status, kind = obstore_error_facts(exc)
+    if status is not None:
+        # A 4xx whose S3 code says "try again" (400 RequestTimeout) is transient too.
+        return _is_retryable_status(status) or _S3_TRANSIENT.search(str(exc)) is not None
+    if kind is not None:
+        return kind in _OBSTORE_TRANSIENT_KINDS
+    return None
 
 
 def _is_retryable_status(status: int) -> bool:
@@ -115,10 +152,12 @@ def is_transient(exc: BaseException) -> bool:
     Transient: ``ConnectionError``, ``TimeoutError`` (what ``anyio.fail_after`` raises),
     network ``OSError``s (by errno), `HTTPStatusError` with status 408, 429 or >= 500,
     `TruncatedBodyError`, aiohttp connection/payload/timeout errors (and its
-    ``ClientResponseError`` with a retryable status), botocore transport errors, and
-    S3-style errors whose class name, error code or message says ``SlowDown``,
-    ``InternalError``, ``ServiceUnavailable``, ``RequestTimeout`` or ``Throttling``. An
-    exception group is transient when every exception in it is.
+    ``ClientResponseError`` with a retryable status), botocore transport errors, obstore
+    errors whose message gives a retryable status or a connection, request, timeout or
+    interrupted-transfer failure, and S3-style errors whose class name, error code or
+    message says ``SlowDown``, ``InternalError``, ``ServiceUnavailable``,
+    ``RequestTimeout`` or ``Throttling``. An exception group is transient when every
+    exception in it is.
 
     Permanent: cancellation and every other ``BaseException`` that is not an ``Exception``,
     ``FileNotFoundError``, ``PermissionError``, ``IsADirectoryError``,
@@ -137,6 +176,9 @@ def is_transient(exc: BaseException) -> bool:
         return True
     if _third_party_transient(exc):
         return True
+    verdict = _obstore_verdict(exc)
+    if verdict is not None:
+        return verdict
     if isinstance(exc, socket.gaierror):
         # DNS: only "temporary failure in name resolution" is worth another try.
         return exc.errno == socket.EAI_AGAIN

@@ -177,29 +177,46 @@ class Retry:
         Cancellation and other ``BaseException``s that are not ``Exception`` are never
         caught.
         """
-        clock = self._clock or time.monotonic
-        sleep = self._sleep or anyio.sleep
-        cancelled = anyio.get_cancelled_exc_class()
-        start = clock()
+        start = self.now()
         attempt = 1
         while True:
             try:
                 return await fn0()
             except Exception as exc:
-                if (
-                    attempt >= self.attempts
-                    or isinstance(exc, cancelled)
-                    or not self._should_retry(exc)
-                ):
-                    raise
-                delay = self.delay_for(attempt - 1, exc)
-                if self.deadline is not None and clock() - start + delay > self.deadline:
+                delay = self.next_delay(attempt, exc, self.now() - start)
+                if delay is None:
                     raise
                 if on_retry is not None:
                     on_retry(attempt, exc, delay)
             # Sleep outside the except block so the next error is not chained to this one.
-            await sleep(delay)
+            await self.sleep(delay)
             attempt += 1
+
+    def next_delay(self, attempt: int, exc: BaseException, elapsed: float) -> float | None:
+        """Seconds to wait after attempt ``attempt`` (1-based) failed with ``exc``,
+        ``elapsed`` seconds into the call; ``None`` when the policy gives up: attempts
+        spent, ``retry_on`` rejects ``exc`` (cancellation always is), or the sleep would
+        end past ``deadline``. For callers that drive attempts themselves (a generator
+        that re-opens a stream cannot hand `run` a function)."""
+        if (
+            attempt >= self.attempts
+            or isinstance(exc, anyio.get_cancelled_exc_class())
+            or not isinstance(exc, Exception)
+            or not self._should_retry(exc)
+        ):
+            return None
+        delay = self.delay_for(attempt - 1, exc)
+        if self.deadline is not None and elapsed + delay > self.deadline:
+            return None
+        return delay
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep with this policy's ``sleep`` (``anyio.sleep`` unless a test gave one)."""
+        await (self._sleep or anyio.sleep)(seconds)
+
+    def now(self) -> float:
+        """The time on the clock ``deadline`` is measured on."""
+        return (self._clock or time.monotonic)()
 
     async def call(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         """``await fn(*args, **kwargs)`` under this policy; see `run`."""

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import logging
 import time
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import AsyncIterator, Hashable, Iterable, Mapping
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -43,6 +44,11 @@ def _origin(url: str) -> tuple[str, str | None, int | None]:
 
 def _same_origin(a: str, b: str) -> bool:
     return _origin(a) == _origin(b)
+
+
+def _encoded(response: aiohttp.ClientResponse) -> bool:
+    # A compressed body's Content-Length counts compressed bytes, not what we read.
+    return "Content-Encoding" in response.headers
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -137,9 +143,7 @@ class HTTPSource(AsyncDataset[bytes]):
                 "asyncio (or uvloop), e.g. anyio.run(main, backend='asyncio')"
             )
         return aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(
-                limit=self.max_connections, ssl=self.verify_tls
-            ),
+            connector=aiohttp.TCPConnector(limit=self.max_connections, ssl=self.verify_tls),
             timeout=aiohttp.ClientTimeout(total=self.timeout),
         )
 
@@ -147,12 +151,44 @@ class HTTPSource(AsyncDataset[bytes]):
         return len(self.urls)
 
     async def __getitem__(self, index: int) -> bytes:
-        url = first = self.urls[normalize_index(index, len(self.urls))]
+        async with self._get(self.urls[normalize_index(index, len(self.urls))]) as (url, response):
+            return await self._read(url, response)
+
+    async def iter_chunks(self, url: str, chunk_size: int = 1 << 20) -> AsyncIterator[bytes]:
+        """The body of a GET of ``url`` as it arrives, in chunks of at most ``chunk_size``
+        bytes: for streams (tar shards) too large to hold whole. The same checks as a
+        sample, but for ``max_bytes``; ``timeout`` bounds the connection and each read
+        rather than the whole body."""
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=self.timeout, sock_read=self.timeout
+        )
+        async with self._get(url, timeout=timeout) as (url, response):
+            expected = response.content_length
+            received = 0
+            async for chunk in response.content.iter_chunked(chunk_size):
+                received += len(chunk)
+                yield chunk
+            if expected is not None and received != expected and not _encoded(response):
+                raise TruncatedBodyError(
+                    f"{redact_url(url)}: body has {received} of {expected} bytes"
+                )
+
+    @contextlib.asynccontextmanager
+    async def _get(
+        self, url: str, timeout: aiohttp.ClientTimeout | None = None
+    ) -> AsyncIterator[tuple[str, aiohttp.ClientResponse]]:
+        """A 2xx response to a GET of ``url``, after the redirects the policy allows, with
+        the URL it came from. Errors while reading it, in the ``async with`` body, are
+        mapped too: a cut-off body is a `TruncatedBodyError`."""
+        first = url
         session = self._sessions.get()
         headers: Mapping[str, str] | None = self.headers or None
+        extra = {} if timeout is None else {"timeout": timeout}
         try:
             for _ in range(self.max_redirects + 1):
-                async with session.get(url, headers=headers, allow_redirects=False) as response:
+                async with session.get(
+                    url, headers=headers, allow_redirects=False, **extra
+                ) as response:
                     if response.status in _REDIRECT_STATUSES and "Location" in response.headers:
                         url = self._redirect_target(url, response)
                         if not _same_origin(first, url):
@@ -164,7 +200,8 @@ class HTTPSource(AsyncDataset[bytes]):
                             redact_url(url),
                             retry_after=_retry_after(response.headers.get("Retry-After")),
                         )
-                    return await self._read(url, response)
+                    yield url, response
+                    return
             raise HTTPStatusError(
                 response.status,
                 redact_url(first),
@@ -196,7 +233,7 @@ class HTTPSource(AsyncDataset[bytes]):
 
     async def _read(self, url: str, response: aiohttp.ClientResponse) -> bytes:
         expected = response.content_length
-        encoded = "Content-Encoding" in response.headers
+        encoded = _encoded(response)
         if expected is not None and expected > self.max_bytes:
             raise ObjectTooLargeError(
                 f"{redact_url(url)}: {expected} bytes, more than max_bytes={self.max_bytes}"

@@ -1,0 +1,312 @@
+"""WebDataset-layout tar shards, streamed from local files, HTTP(S) or S3.
+
+Each shard is parsed as its bytes arrive (nothing is downloaded whole first); consecutive
+members that share a key (``a/b.jpg``, ``a/b.cls``) form one sample
+``{"__key__": "a/b", "__url__": shard, "jpg": b"...", "cls": b"..."}``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from collections import deque
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from typing import Any
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from .._redact import redact_url
+from .._tar import iter_members, iter_samples
+from ..datasets import AsyncIterableDataset
+from ..streaming import StreamEpoch, StreamError, aclosing, equal_length, shuffle_buffer
+
+__all__ = ["TarShardSource"]
+
+Sample = dict[str, Any]
+Item = Sample | StreamError
+Piece = tuple[str, int, int | None]  # a shard, and the samples [start, stop) to read of it
+
+
+class TarShardSource(AsyncIterableDataset[Sample]):
+    """A stream of samples from WebDataset-layout tar shards.
+
+    ``shards``: local paths (or ``file://``), ``http(s)://`` URLs (fetched by an
+    `~asyncload.sources.HTTPSource` built with ``http_options``) and ``s3://bucket/key``
+    URLs (an `~asyncload.sources.S3Source` per bucket, built with ``s3_options``).
+
+    Under a `~asyncload.Loader`:
+
+    - shards are split across ranks and DataLoader workers (share ``k`` of ``n`` takes
+      shards ``k, k + n, ...`` of the epoch's shard order), so each sample is read once
+      per epoch across the world; ``shuffle=True`` permutes the shard order and passes the
+      samples through the loader's ``shuffle_buffer``, both seeded by ``(seed, epoch)``;
+    - ``samples_per_shard`` (one count, or one per shard) tells the loader how many
+      samples there are: then the epoch's samples are dealt out as contiguous runs of
+      the shard order, equal in number for every share (``ceil(total / shares)``, the
+      last runs wrapping around to pad; ``floor`` with ``drop_last``), so ranks stay in
+      step and each sample is read once; a shard on a boundary is read in part by each
+      of the two shares that meet there. The counts must be right: a shard with more
+      samples than declared has its extra samples left out, one with fewer makes its
+      share repeat samples to make up the count;
+    - ``prefetch_shards`` shards of a share are read at once, in the background, ahead of
+      the one being consumed, so a slow store is read over several connections;
+    - the loader's ``retry`` and ``timeout`` apply to opening a shard and to each read: a
+      shard that fails part-way is opened again and the samples already given are passed
+      over, so nothing is lost or repeated; a shard that still fails, an unsafe member
+      name (absolute, or with ``..``), or a member over ``max_member_bytes`` becomes a
+      sample error under the loader's ``on_error`` (``key`` names the shard and member).
+
+    Nothing is ever written to disk: member names are only used as sample keys.
+    """
+
+    def __init__(
+        self,
+        shards: Sequence[str],
+        *,
+        samples_per_shard: int | Sequence[int] | None = None,
+        prefetch_shards: int = 4,
+        chunk_size: int = 1 << 20,
+        max_member_bytes: int = 1 << 30,
+        http_options: Mapping[str, Any] | None = None,
+        s3_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        if isinstance(shards, str):
+            raise TypeError("TarShardSource: shards must be a list of paths or URLs, not a str")
+        self.shards = [str(shard) for shard in shards]
+        if not self.shards:
+            raise ValueError("TarShardSource: shards is empty")
+        counts: list[int] | None
+        if samples_per_shard is None:
+            counts = None
+        elif isinstance(samples_per_shard, int):
+            counts = [samples_per_shard] * len(self.shards)
+        else:
+            counts = [int(n) for n in samples_per_shard]
+            if len(counts) != len(self.shards):
+                raise ValueError(
+                    f"TarShardSource: samples_per_shard has {len(counts)} counts for "
+                    f"{len(self.shards)} shards"
+                )
+        if counts is not None and any(n < 0 for n in counts):
+            raise ValueError("TarShardSource: samples_per_shard must be >= 0")
+        for name, value in (
+            ("prefetch_shards", prefetch_shards),
+            ("chunk_size", chunk_size),
+            ("max_member_bytes", max_member_bytes),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"TarShardSource: {name} must be an int >= 1, got {value!r}")
+        self.counts = counts
+        self.prefetch_shards = prefetch_shards
+        self.chunk_size = chunk_size
+        self.max_member_bytes = max_member_bytes
+        self.http_options = dict(http_options or {})
+        self.s3_options = dict(s3_options or {})
+        self._http: Any = None
+        self._s3: dict[str, Any] = {}
+
+    def __repr__(self) -> str:
+        return f"<TarShardSource of {len(self.shards)} shards>"
+
+    def num_samples(self) -> int | None:
+        return None if self.counts is None else sum(self.counts)
+
+    # -- opening shards ----------------------------------------------------------------------
+
+    def _open(self, shard: str) -> AsyncIterator[bytes]:
+        if shard.startswith(("http://", "https://")):
+            if self._http is None:
+                from .http import HTTPSource
+
+                self._http = HTTPSource([], **self.http_options)
+            chunks: AsyncIterator[bytes] = self._http.iter_chunks(shard, self.chunk_size)
+            return chunks
+        if shard.startswith("s3://"):
+            bucket, _, key = shard[len("s3://") :].partition("/")
+            source = self._s3.get(bucket)
+            if source is None:
+                from .s3 import S3Source
+
+                source = self._s3[bucket] = S3Source(bucket, [], **self.s3_options)
+            chunks = source.iter_chunks(key, self.chunk_size)
+            return chunks
+        return _file_chunks(shard.removeprefix("file://"), self.chunk_size)
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+        for source in self._s3.values():
+            await source.aclose()
+
+    # -- one shard, with retries ---------------------------------------------------------------
+
+    async def _shard_items(self, piece: Piece, spec: StreamEpoch) -> AsyncGenerator[Item, None]:
+        """Samples ``start`` to ``stop`` (``None``: the end) of a shard, each once. A failed
+        read is retried under ``spec.retry`` by opening the shard again and passing over
+        the samples already given; when the policy gives up, one `StreamError` stands for
+        the rest of the piece."""
+        shard, start, stop = piece
+        retry, given, attempt = spec.retry, 0, 0
+        started = retry.now() if retry is not None else 0.0
+        while True:
+            attempt += 1
+            chunks = _with_timeout(self._open(shard), spec.timeout)
+            seen = 0
+            try:
+                members = iter_members(chunks, self.max_member_bytes)
+                async with aclosing(iter_samples(members, shard)) as samples:
+                    async for item in samples:
+                        seen += 1
+                        if seen > start + given:
+                            yield item
+                            given += 1
+                            if stop is not None and start + given >= stop:
+                                return
+                return
+            except Exception as exc:
+                delay = (
+                    None if retry is None else retry.next_delay(attempt, exc, retry.now() - started)
+                )
+                if delay is None:
+                    yield StreamError(exc, key=redact_url(shard) if "://" in shard else shard)
+                    return
+                if spec.on_retry is not None:
+                    spec.on_retry(attempt, exc, delay)
+            finally:
+                await chunks.aclose()
+            await retry.sleep(delay)
+
+    # -- an epoch ------------------------------------------------------------------------------
+
+    def _pieces(self, spec: StreamEpoch) -> list[Piece]:
+        """What this share reads in this epoch.
+
+        Without known sizes, whole shards: shards ``slot, slot + shares, ...`` of the
+        epoch's shard order. With them (``samples_per_shard``), the epoch's samples are
+        laid end to end in shard order and the share takes its ``length`` of them from
+        ``slot * length`` (wrapping around to pad): every sample is read by exactly one
+        share, the counts are equal, and a shard on a boundary is read in part by each of
+        the two shares that meet there.
+        """
+        order = list(range(len(self.shards)))
+        if spec.shuffle:
+            order = spec.rng().permutation(len(order)).tolist()
+        if self.counts is None or spec.length is None:
+            mine = order[spec.slot :: spec.shares]
+            if not mine:
+                # More shares than shards: wrap around (as DistributedSampler pads).
+                mine = [order[spec.slot % len(order)]]
+            return [(self.shards[i], 0, None) for i in mine]
+        counts = [self.counts[i] for i in order]
+        starts = [0, *itertools.accumulate(counts)][:-1]
+        total = sum(counts)
+        pieces: list[Piece] = []
+        need, at = spec.length, (spec.slot * spec.length) % total if total else 0
+        while need > 0 and total:
+            i = bisect.bisect_right(starts, at) - 1  # the shard holding sample `at`
+            offset = at - starts[i]
+            take = min(counts[i] - offset, need)
+            pieces.append((self.shards[order[i]], offset, offset + take))
+            need -= take
+            at = (at + take) % total
+        return pieces
+
+    def epoch_stream(self, spec: StreamEpoch) -> AsyncIterator[Any]:
+        pieces = self._pieces(spec)
+
+        def open_stream() -> AsyncIterator[Any]:
+            stream = self._samples(pieces, spec)
+            if spec.shuffle:
+                stream = shuffle_buffer(stream, spec.buffer_size, spec.rng(spec.slot, 1))
+            return stream
+
+        if spec.length is None:
+            return open_stream()
+        return equal_length(open_stream, spec.length, repr(self))
+
+    async def _samples(self, pieces: list[Piece], spec: StreamEpoch) -> AsyncIterator[Item]:
+        """The samples of ``pieces`` in order, read ``prefetch_shards`` pieces at a time."""
+        if spec.start_soon is None or self.prefetch_shards == 1:
+            for piece in pieces:
+                async with aclosing(self._shard_items(piece, spec)) as items:
+                    async for item in items:
+                        yield item
+            return
+        # Readers run in the epoch's task group (a generator must not hold a task group
+        # open across a yield); each fills a small stream, drained here in shard order.
+        scopes: list[anyio.CancelScope] = []
+        pending: deque[MemoryObjectReceiveStream[Item]] = deque()
+        queued = iter(pieces)
+
+        def start_next() -> None:
+            piece = next(queued, None)
+            if piece is not None:
+                send, receive = anyio.create_memory_object_stream[Item](64)
+                scopes.append(anyio.CancelScope())
+                assert spec.start_soon is not None
+                spec.start_soon(self._reader, piece, spec, send, scopes[-1])
+                pending.append(receive)
+
+        try:
+            for _ in range(self.prefetch_shards):
+                start_next()
+            while pending:
+                with pending.popleft() as receive:
+                    async for item in receive:
+                        yield item
+                start_next()
+        finally:
+            for scope in scopes:
+                scope.cancel()
+            for receive in pending:
+                receive.close()
+
+    async def _reader(
+        self,
+        piece: Piece,
+        spec: StreamEpoch,
+        send: MemoryObjectSendStream[Item],
+        scope: anyio.CancelScope,
+    ) -> None:
+        with scope, send:
+            items = self._shard_items(piece, spec)
+            try:
+                async for item in items:
+                    await send.send(item)
+            except anyio.BrokenResourceError:
+                pass  # the consumer stopped reading this shard
+            finally:
+                await items.aclose()
+
+    async def __aiter__(self) -> AsyncIterator[Sample]:
+        """Every sample of every shard, in order; a failed shard raises."""
+        async for item in self.epoch_stream(StreamEpoch()):
+            if type(item) is StreamError:
+                raise item.exc
+            yield item
+
+
+async def _with_timeout(
+    chunks: AsyncIterator[bytes], seconds: float | None
+) -> AsyncGenerator[bytes, None]:
+    """``chunks``, each read bounded by ``seconds``: a stalled shard fails like a stalled
+    request."""
+    async with aclosing(chunks):
+        while True:
+            try:
+                with anyio.fail_after(seconds):  # None: no limit
+                    chunk = await chunks.__anext__()
+            except StopAsyncIteration:
+                return
+            yield chunk
+
+
+async def _file_chunks(path: str, chunk_size: int) -> AsyncIterator[bytes]:
+    # One thread hop per chunk of a megabyte: the hop costs far less than the read.
+    file = await anyio.to_thread.run_sync(open, path, "rb")
+    try:
+        while chunk := await anyio.to_thread.run_sync(file.read, chunk_size):
+            yield chunk
+    finally:
+        file.close()  # quick for a file opened for reading; and it must run when cancelled

@@ -1,0 +1,155 @@
+"""What a Loader asks of a streaming dataset for one epoch, and the pieces every stream
+shares: striding a stream across shares, a seeded shuffle buffer, equal lengths per share.
+
+A *share* is one rank (times one DataLoader worker under ``to_torch()``). A stream's epoch
+is a pure function of :class:`StreamEpoch`, which is what makes exact resume possible: the
+loader re-creates the same stream and passes over the positions already delivered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable, Hashable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, final
+
+import numpy as np
+
+__all__ = [
+    "StreamEpoch",
+    "StreamError",
+    "aclosing",
+    "equal_length",
+    "shuffle_buffer",
+    "stride",
+]
+
+
+@dataclass(frozen=True)
+class StreamEpoch:
+    """One share of one epoch of a stream.
+
+    ``slot`` of ``shares`` (rank x worker); ``shuffle`` and ``seed``/``epoch`` seed the shard
+    order and the shuffle buffer of ``buffer_size`` samples; ``length`` is the number of
+    samples every share yields (padding by repeating its stream, or stopping early), or
+    ``None`` to yield what the share has. ``retry`` and ``timeout`` are the loader's, for
+    opening and reading shards; ``on_retry(attempt, exc, delay)`` counts retries. ``start_soon`` starts a background task in the epoch's task
+    group (for shard prefetching); those tasks are cancelled with the epoch.
+    """
+
+    slot: int = 0
+    shares: int = 1
+    shuffle: bool = False
+    seed: int = 0
+    epoch: int = 0
+    buffer_size: int = 1000
+    length: int | None = None
+    retry: Any = None
+    timeout: float | None = None
+    on_retry: Callable[[int, Exception, float], object] | None = field(default=None, compare=False)
+    start_soon: Callable[..., Any] | None = field(default=None, compare=False)
+
+    def rng(self, *salt: int) -> np.random.Generator:
+        """A generator seeded by ``(seed, epoch, *salt)``: the same on every rank."""
+        return np.random.default_rng([self.seed, self.epoch, *salt])
+
+
+@final
+class StreamError:
+    """Yielded by a stream in place of a sample that failed (a corrupt tar member, a shard
+    that could not be read after retries): the loader applies ``on_error`` to it, with
+    ``key`` (a shard URL, a member name) in the messages."""
+
+    __slots__ = ("exc", "key")
+
+    def __init__(self, exc: Exception, key: Hashable | None = None) -> None:
+        self.exc = exc
+        self.key = key
+
+    def __repr__(self) -> str:
+        return f"StreamError({self.exc!r}, key={self.key!r})"
+
+
+class aclosing(contextlib.AbstractAsyncContextManager[Any]):
+    """``contextlib.aclosing`` for any async iterator: closes it if it can be closed.
+
+    Closing a generator does not close the generators it was iterating; each stage closes
+    its source, so files and connections are released when a consumer stops early.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    async def __aenter__(self) -> Any:
+        return self.stream
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        aclose = getattr(self.stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+def _is_sample(item: object) -> bool:
+    from .datasets import DROPPED  # datasets imports this module
+
+    return item is not DROPPED and type(item) is not StreamError
+
+
+async def stride(stream: AsyncIterator[Any], slot: int, shares: int) -> AsyncIterator[Any]:
+    """Every ``shares``-th item of ``stream``, from the ``slot``-th: a stream that cannot
+    split itself is read whole by every share, which keeps its part."""
+    async with aclosing(stream):
+        count = 0
+        async for item in stream:
+            if count % shares == slot:
+                yield item
+            count += 1
+
+
+async def shuffle_buffer(
+    stream: AsyncIterator[Any], size: int, rng: np.random.Generator
+) -> AsyncIterator[Any]:
+    """Samples of ``stream`` in a seeded random order, holding at most ``size`` of them.
+
+    Once the buffer is full, each new sample takes the place of a random one, which is
+    yielded. Markers (dropped samples, errors) pass straight through: they are not samples.
+    """
+    buffer: list[Any] = []
+    # Draw random numbers in blocks: one generator call per sample costs more than the rest.
+    draws: Iterator[int] = iter(())
+    async with aclosing(stream):
+        async for item in stream:
+            if not _is_sample(item):
+                yield item
+                continue
+            if len(buffer) < size:
+                buffer.append(item)
+                continue
+            j: int | None = next(draws, None)
+            if j is None:
+                draws = iter(rng.integers(0, size, 1024).tolist())
+                j = next(draws)
+            buffer[j], item = item, buffer[j]
+            yield item
+    for j in rng.permutation(len(buffer)).tolist():
+        yield buffer[j]
+
+
+async def equal_length(
+    open_stream: Callable[[], AsyncIterator[Any]], length: int, what: str
+) -> AsyncIterator[Any]:
+    """Exactly ``length`` items: the stream, stopped early, or repeated from its start when
+    it is shorter (so every share yields the same count and DDP ranks stay in step)."""
+    if length <= 0:
+        return
+    produced = 0
+    while True:
+        before = produced
+        async with aclosing(open_stream()) as stream:
+            async for item in stream:
+                yield item
+                produced += 1
+                if produced >= length:
+                    return
+        if produced == before:
+            raise ValueError(f"{what}: this share's stream is empty; it cannot be padded")

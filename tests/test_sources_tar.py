@@ -1,0 +1,393 @@
+"""TarShardSource: WebDataset-layout shards from local files and a real HTTP server, split
+across ranks and workers, shuffled reproducibly, resumed exactly, and robust to truncated
+shards, unsafe member names and failed reads.
+
+Shards are written with the standard library's tarfile (ustar, GNU and pax formats).
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from aiohttp import web
+
+import asyncload as al
+from asyncload.sources import TarShardSource
+
+pytestmark = pytest.mark.anyio
+
+
+async def no_sleep(seconds: float) -> None:
+    await anyio.lowlevel.checkpoint()
+
+
+def member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shard(path: Path, shard: int, samples: int, fmt: int = tarfile.USTAR_FORMAT) -> None:
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for i in range(samples):
+            key = f"s{shard:02d}/{i:04d}"
+            member(tar, f"{key}.txt", f"shard {shard} sample {i}".encode())
+            member(tar, f"{key}.cls", str((shard * 7 + i) % 10).encode())
+            member(tar, f"{key}.bin", bytes([shard, i % 256]) * (100 + i))
+
+
+@pytest.fixture
+def shards(tmp_path: Path) -> list[str]:
+    """Four shards of 5, 6, 7 and 8 samples."""
+    paths = []
+    for shard, n in enumerate((5, 6, 7, 8)):
+        path = tmp_path / f"shard-{shard}.tar"
+        write_shard(path, shard, n)
+        paths.append(str(path))
+    return paths
+
+
+def keys(samples: list[dict[str, Any]]) -> list[str]:
+    return [s["__key__"] for s in samples]
+
+
+ALL_KEYS = [f"s{shard:02d}/{i:04d}" for shard, n in enumerate((5, 6, 7, 8)) for i in range(n)]
+
+
+async def collect(loader: al.Loader) -> list[dict[str, Any]]:
+    async with loader:
+        return [sample async for sample in loader]
+
+
+# -- reading -------------------------------------------------------------------------------
+
+
+async def test_samples_are_grouped_by_key(shards: list[str]) -> None:
+    got = [s async for s in TarShardSource(shards)]
+    assert keys(got) == ALL_KEYS
+    first = got[0]
+    assert set(first) == {"__key__", "__url__", "txt", "cls", "bin"}
+    assert first["txt"] == b"shard 0 sample 0"
+    assert first["bin"] == bytes([0, 0]) * 100
+    assert first["__url__"] == shards[0]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT], ids=["gnu", "pax"])
+async def test_long_names(tmp_path: Path, fmt: int) -> None:
+    path = tmp_path / "long.tar"
+    long_key = "d" * 90 + "/" + "k" * 120
+    with tarfile.open(path, "w", format=fmt) as tar:
+        member(tar, f"{long_key}.txt", b"long")
+        member(tar, "short.txt", b"short")
+    got = [s async for s in TarShardSource([str(path)])]
+    assert [(s["__key__"], s["txt"]) for s in got] == [(long_key, b"long"), ("short", b"short")]
+
+
+async def test_loader_yields_every_sample_once(shards: list[str]) -> None:
+    loader = al.Loader(TarShardSource(shards), batch_size=None)
+    assert keys(await collect(loader)) == ALL_KEYS
+
+
+async def test_prefetching_keeps_the_order(shards: list[str]) -> None:
+    one = await collect(al.Loader(TarShardSource(shards, prefetch_shards=1), batch_size=None))
+    four = await collect(al.Loader(TarShardSource(shards, prefetch_shards=4), batch_size=None))
+    assert keys(one) == keys(four) == ALL_KEYS
+
+
+async def test_batches_collate_bytes_into_lists(shards: list[str]) -> None:
+    loader = al.Loader(TarShardSource(shards), batch_size=4)
+    batches = await collect(loader)
+    assert batches[0]["__key__"] == ALL_KEYS[:4]
+    assert batches[0]["txt"][1] == b"shard 0 sample 1"
+    assert sum(len(b["__key__"]) for b in batches) == len(ALL_KEYS)
+
+
+# -- shuffling, ranks, equal lengths ------------------------------------------------------------
+
+
+async def test_shuffle_is_a_reproducible_permutation(shards: list[str]) -> None:
+    def loader(epoch: int) -> al.Loader:
+        result = al.Loader(
+            TarShardSource(shards), batch_size=None, shuffle=True, seed=3, shuffle_buffer=8
+        )
+        result.set_epoch(epoch)
+        return result
+
+    a, again, other = [keys(await collect(loader(e))) for e in (0, 0, 1)]
+    assert sorted(a) == sorted(ALL_KEYS)
+    assert a != ALL_KEYS
+    assert a == again
+    assert other != a
+
+
+async def test_ranks_read_disjoint_shards(shards: list[str]) -> None:
+    parts = [
+        keys(
+            await collect(al.Loader(TarShardSource(shards), batch_size=None, rank=r, world_size=2))
+        )
+        for r in range(2)
+    ]
+    # Rank 0 reads shards 0 and 2, rank 1 shards 1 and 3: each sample once in the world.
+    assert parts[0] == [k for k in ALL_KEYS if k[1:3] in ("00", "02")]
+    assert parts[1] == [k for k in ALL_KEYS if k[1:3] in ("01", "03")]
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("drop_last", [False, True])
+async def test_known_sizes_give_every_rank_the_same_count(
+    shards: list[str], drop_last: bool, shuffle: bool
+) -> None:
+    """26 samples in uneven shards over 3 ranks: 9 each (the last rank wraps around to
+    pad), or 8 each with drop_last; each sample read by one rank; DDP never waits."""
+    per_rank = 8 if drop_last else 9
+    got: list[list[str]] = []
+    for rank in range(3):
+        loader = al.Loader(
+            TarShardSource(shards, samples_per_shard=[5, 6, 7, 8]),
+            batch_size=2,
+            rank=rank,
+            world_size=3,
+            drop_last=drop_last,
+            shuffle=shuffle,
+            seed=4,
+            shuffle_buffer=4,
+        )
+        batches = await collect(loader)
+        assert len(batches) == len(loader)
+        got.append([k for b in batches for k in b["__key__"]])
+    assert [len(keys) for keys in got] == [per_rank] * 3
+    everything = [k for keys in got for k in keys]
+    if drop_last:
+        assert len(set(everything)) == 24  # 2 samples left out, none twice
+    else:
+        assert set(everything) == set(ALL_KEYS)  # all read, 1 padded repeat
+        assert len(everything) - len(set(everything)) == 1
+
+
+async def test_samples_per_shard_splits_a_shard_between_shares(shards: list[str]) -> None:
+    """Shard 1 (6 samples) spans the boundary between rank 0 (samples 0-12) and rank 1."""
+    parts = []
+    for rank in range(2):
+        loader = al.Loader(
+            TarShardSource(shards, samples_per_shard=[5, 6, 7, 8]),
+            batch_size=None,
+            rank=rank,
+            world_size=2,
+        )
+        parts.append(keys(await collect(loader)))
+    assert parts[0] == ALL_KEYS[:13]
+    assert parts[1] == ALL_KEYS[13:]
+
+
+async def test_workers_split_shards_under_torch(shards: list[str]) -> None:
+    torch = pytest.importorskip("torch")
+    loader = al.Loader(TarShardSource(shards), batch_size=None)
+    dl = torch.utils.data.DataLoader(loader.to_torch(), batch_size=None, num_workers=2)
+    got = await anyio.to_thread.run_sync(lambda: [s["__key__"] for s in dl])
+    assert sorted(got) == sorted(ALL_KEYS)
+
+
+async def test_resume_mid_epoch_yields_exactly_the_rest(shards: list[str]) -> None:
+    def build() -> al.Loader:
+        return al.Loader(
+            TarShardSource(shards), batch_size=3, shuffle=True, seed=5, shuffle_buffer=6
+        )
+
+    full = [k for b in await collect(build()) for k in b["__key__"]]
+    first = build()
+    seen: list[str] = []
+    async with first:
+        async for batch in first:
+            seen += batch["__key__"]
+            if len(seen) >= 9:
+                break
+        state = first.state_dict()
+    second = build()
+    second.load_state_dict(state)
+    rest = [k for b in await collect(second) for k in b["__key__"]]
+    assert seen + rest == full
+
+
+# -- faults ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cut_shard(shards: list[str], tmp_path: Path) -> str:
+    """Shard 1 cut off half-way."""
+    data = Path(shards[1]).read_bytes()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(data[: len(data) // 2])
+    return str(cut)
+
+
+async def test_truncated_shard_is_a_sample_error(shards: list[str], cut_shard: str) -> None:
+    cut = cut_shard
+    source = TarShardSource([shards[0], str(cut), shards[2]])
+    with pytest.raises(al.SampleError) as info:
+        await collect(al.Loader(source, batch_size=None))
+    assert isinstance(info.value.__cause__, al.TruncatedBodyError)
+    assert str(cut) in str(info.value)
+
+    skipping = al.Loader(source, batch_size=None, on_error="skip")
+    got = keys(await collect(skipping))
+    # Shard 0 whole, the samples of the cut shard before the cut, shard 2 whole.
+    assert got[:5] == ALL_KEYS[:5]
+    assert got[-7:] == [k for k in ALL_KEYS if k.startswith("s02")]
+    assert 0 < len(got) - 12 < 6
+    assert skipping.statistics()["skipped"] == 1
+
+
+async def test_unsafe_member_names_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "evil.tar"
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        member(tar, "good/0.txt", b"a")
+        member(tar, "../escape.txt", b"b")
+        member(tar, "/etc/passwd.txt", b"c")
+        member(tar, "good/1.txt", b"d")
+    loader = al.Loader(TarShardSource([str(path)]), batch_size=None, on_error="skip")
+    got = await collect(loader)
+    assert [(s["__key__"], s["txt"]) for s in got] == [("good/0", b"a"), ("good/1", b"d")]
+    stats = loader.statistics()
+    assert stats["skipped"] == 2
+    assert "unsafe" in repr(stats["error_log"])
+    assert not (tmp_path.parent / "escape.txt").exists()
+
+
+async def test_member_size_limit(tmp_path: Path) -> None:
+    path = tmp_path / "big.tar"
+    with tarfile.open(path, "w") as tar:
+        member(tar, "a.bin", b"x" * 2000)
+        member(tar, "b.bin", b"y" * 10)
+    loader = al.Loader(
+        TarShardSource([str(path)], max_member_bytes=1000), batch_size=None, on_error="skip"
+    )
+    got = await collect(loader)
+    assert [s["__key__"] for s in got] == ["b"]
+    assert "max_member_bytes" in repr(loader.statistics()["error_log"])
+
+
+# -- over HTTP --------------------------------------------------------------------------------
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("asyncio", id="asyncio"),
+        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
+    ]
+)
+def anyio_backend(request: pytest.FixtureRequest) -> Any:
+    return request.param
+
+
+class ShardServer:
+    """Serves shard files; ``cut[name] = k`` cuts the next ``k`` responses for ``name``
+    off half-way (Content-Length announces the whole)."""
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        self.files = files
+        self.cut: dict[str, int] = {}
+        self.requests: dict[str, int] = {}
+        self.runner: web.AppRunner | None = None
+        self.base = ""
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        self.requests[name] = self.requests.get(name, 0) + 1
+        data = self.files[name]
+        response = web.StreamResponse()
+        response.content_length = len(data)
+        await response.prepare(request)
+        if self.cut.get(name, 0) > 0:
+            self.cut[name] -= 1
+            await response.write(data[: len(data) // 2])
+            assert request.transport is not None
+            request.transport.close()
+            return response
+        await response.write(data)
+        await response.write_eof()
+        return response
+
+    async def __aenter__(self) -> ShardServer:
+        app = web.Application()
+        app.router.add_get("/{name}", self.handle)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
+        self.base = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.runner is not None
+        await self.runner.cleanup()
+
+
+@pytest.fixture
+def shard_files(shards: list[str]) -> dict[str, bytes]:
+    return {Path(p).name: Path(p).read_bytes() for p in shards}
+
+
+@pytest.fixture
+async def server(shard_files: dict[str, bytes]) -> AsyncIterator[ShardServer]:
+    async with ShardServer(shard_files) as s:
+        yield s
+
+
+def urls(server: ShardServer) -> list[str]:
+    return [f"{server.base}/shard-{i}.tar" for i in range(4)]
+
+
+async def test_http_shards(server: ShardServer) -> None:
+    loader = al.Loader(TarShardSource(urls(server)), batch_size=None)
+    assert keys(await collect(loader)) == ALL_KEYS
+    assert server.requests == {f"shard-{i}.tar": 1 for i in range(4)}
+
+
+async def test_http_shard_cut_short_is_retried_without_loss_or_repeat(
+    server: ShardServer,
+) -> None:
+    server.cut = {"shard-1.tar": 2, "shard-3.tar": 1}
+    loader = al.Loader(
+        TarShardSource(urls(server)),
+        batch_size=None,
+        retry=al.Retry(attempts=4, sleep=no_sleep),
+    )
+    got = await collect(loader)
+    assert keys(got) == ALL_KEYS
+    assert got[7]["bin"] == bytes([1, 2]) * 102
+    assert server.requests["shard-1.tar"] == 3
+    assert loader.statistics()["retries"] == 3
+
+
+async def test_http_shard_that_keeps_failing(server: ShardServer) -> None:
+    server.cut = {"shard-2.tar": 10}
+    loader = al.Loader(
+        TarShardSource(urls(server)),
+        batch_size=None,
+        retry=al.Retry(attempts=3, sleep=no_sleep),
+        on_error="skip",
+    )
+    got = keys(await collect(loader))
+    assert [k for k in got if not k.startswith("s02")] == [
+        k for k in ALL_KEYS if not k.startswith("s02")
+    ]
+    assert server.requests["shard-2.tar"] == 3
+    stats = loader.statistics()
+    assert stats["skipped"] == 1
+    assert "shard-2.tar" in repr(stats["error_log"])
+
+
+def test_bad_arguments(shards: list[str]) -> None:
+    with pytest.raises(TypeError, match="shards"):
+        TarShardSource(shards[0])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="shards is empty"):
+        TarShardSource([])
+    with pytest.raises(ValueError, match="samples_per_shard"):
+        TarShardSource(shards, samples_per_shard=[1, 2])
+    with pytest.raises(ValueError, match="prefetch_shards"):
+        TarShardSource(shards, prefetch_shards=0)
