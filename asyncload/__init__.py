@@ -32,6 +32,7 @@ from .errors import (
 )
 from .folders import ImageFolder, decode_image
 from .loader import Loader
+from .mixing import MixedDataset, StratifiedSampler, mix
 from .resilience import CircuitBreaker, Retry, Throttle
 from .tiered import TieredCache
 from .validation import Array, Bytes, Float, Int, Schema, SchemaError, Str, Value
@@ -58,6 +59,7 @@ __all__ = [
     "Int",
     "LRUCache",
     "Loader",
+    "MixedDataset",
     "ObjectTooLargeError",
     "PadCollate",
     "Retry",
@@ -67,6 +69,7 @@ __all__ = [
     "Schema",
     "SchemaError",
     "Str",
+    "StratifiedSampler",
     "Subset",
     "Throttle",
     "TieredCache",
@@ -78,6 +81,7 @@ __all__ = [
     "drift",
     "from_sequence",
     "from_torch",
+    "mix",
     "sources",
     "validation",
 ]

@@ -18,6 +18,7 @@ import anyio
 
 from ._callables import call_maybe_async
 from ._redact import redact_key
+from .cache import cache_key
 from .datasets import DROPPED, AsyncDataset, AsyncIterableDataset
 from .errors import (
     CircuitOpenError,
@@ -354,9 +355,7 @@ def _with_cache(
     get: Callable[[int], Awaitable[Any]], cache: Any, dataset: AsyncDataset[Any], stats: LoaderStats
 ) -> Callable[[int], Awaitable[Any]]:
     async def get_cached(index: int) -> Any:
-        key = dataset.key_of(index)
-        if key is None:
-            key = index
+        key = cache_key(dataset, index)
         loaded = False
 
         async def load() -> Any:

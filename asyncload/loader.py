@@ -28,9 +28,12 @@ from .sampling import (
     Plan,
     Progress,
     WorkerProgress,
+    delivered_positions,
     epoch_order,
     rank_position,
     rank_share,
+    remaining_positions,
+    to_intervals,
     worker_progress,
 )
 from .stats import LoaderStats
@@ -200,6 +203,9 @@ class Loader:
         self._progress: Progress | WorkerProgress = Progress()
         self._finished = False  # the last pass ran to its end
         self._resume: Progress | WorkerProgress | None = None
+        # Epoch-order positions delivered before an elastic resume (``merge_states``): this
+        # epoch's plan is dealt from the rest. ``[start, end)`` runs.
+        self._excluded: list[list[int]] = []
         self._stats = LoaderStats()
         self._current: Epoch | None = None
         # Sync iterators, so close() can stop their threads; weak, so that leaving a for
@@ -217,6 +223,7 @@ class Loader:
         _check_int("epoch", epoch, minimum=0)
         if epoch != self._epoch:
             self._resume = None
+            self._excluded = []
         self._epoch = epoch
 
     @property
@@ -234,6 +241,8 @@ class Loader:
             epoch=self._epoch,
             sampler=self.sampler,
         )
+        if self._excluded:
+            order = [order[q] for q in remaining_positions(len(order), self._excluded)]
         return Plan(
             order,
             rank=self.rank,
@@ -277,6 +286,7 @@ class Loader:
                 )
             return self.num_workers * self._batches(length)
         n = _sized(self.sampler) if self.sampler is not None else len(self.dataset)
+        n -= sum(end - start for start, end in self._excluded)
         return self._batches(rank_share(n, self.world_size, self.drop_last) if n else 0)
 
     def _batches(self, samples: int) -> int:
@@ -366,6 +376,7 @@ class Loader:
 
     def _on_end(self) -> None:
         self._finished = True
+        self._excluded = []  # the elastic epoch is over: the next pass is a full one
         if self.drift is not None:
             # At the end of the epoch, before the consumer's loop ends: a DriftError (or
             # a DriftWarning made an error) reaches the training loop.
@@ -445,6 +456,63 @@ class Loader:
             "world_size": self.world_size,
             "finished": self._finished and self._resume is None,
             "progress": progress.state(),
+            "excluded": [list(run) for run in self._excluded],
+        }
+
+    def merge_states(self, states: list[dict[str, Any]]) -> dict[str, Any]:
+        """One state from every rank's :meth:`state_dict` (all ``world_size`` of them, a
+        map-style loader built like this one), that :meth:`load_state_dict` accepts on any
+        world size or number of workers (elastic resume): the rest of the epoch, each
+        remaining sample once across the new world.
+
+        Gather the states with ``torch.distributed.all_gather_object`` (or save one file
+        per rank) before the restart, then on every new rank::
+
+            loader.load_state_dict(loader.merge_states(states))
+        """
+        if not isinstance(self.dataset, AsyncDataset):
+            raise TypeError("merge_states is for map-style loaders (a stream resumes per share)")
+        if not states:
+            raise ValueError("merge_states: no states")
+        first = states[0]
+        world = int(first["world_size"])
+        for name in ("kind", "epoch", "seed", "world_size", "excluded"):
+            values = {repr(state.get(name)) for state in states}
+            if len(values) > 1:
+                raise ValueError(f"merge_states: the states disagree on {name!r}: {values}")
+        ranks = sorted(int(state["rank"]) for state in states)
+        if ranks != list(range(world)):
+            raise ValueError(
+                f"merge_states: need one state per rank 0..{world - 1}, got ranks {ranks}"
+            )
+        if first["kind"] != "map" or first["seed"] != self.seed:
+            raise ValueError("merge_states: the states are not from a loader built like this one")
+        n = _sized(self.sampler) if self.sampler is not None else len(self.dataset)
+        excluded = first.get("excluded", [])
+        remaining = remaining_positions(n, excluded)
+        delivered = [q for start, end in excluded for q in range(start, end)]
+        for state in states:
+            progress = state["progress"]
+            delivered += delivered_positions(
+                Progress.from_state(progress) if "workers" not in progress else Progress(),
+                rank=int(state["rank"]),
+                world_size=world,
+                remaining=remaining,
+                finished=bool(state["finished"]),
+                length=rank_share(len(remaining), world, self.drop_last) if remaining else 0,
+            )
+        runs = to_intervals(delivered)
+        finished = runs == [[0, n]] or n == 0
+        return {
+            "version": _STATE_VERSION,
+            "kind": "map",
+            "epoch": first["epoch"],
+            "seed": self.seed,
+            "rank": None,
+            "world_size": None,
+            "finished": finished,
+            "progress": Progress().state(),
+            "excluded": [] if finished else runs,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -466,8 +534,20 @@ class Loader:
             raise ValueError(
                 f"state was saved with seed={state['seed']}, this loader has seed={self.seed}"
             )
+        merged = state.get("world_size") is None
+        if not merged and (state.get("world_size"), state.get("rank")) != (
+            self.world_size,
+            self.rank,
+        ):
+            raise ValueError(
+                f"state is rank {state.get('rank')} of {state.get('world_size')}, this loader "
+                f"is rank {self.rank} of {self.world_size}: load each rank's own state, or "
+                "merge every rank's state with loader.merge_states(states) to resume on "
+                "another world size"
+            )
         self._epoch = int(state["epoch"])
         self._finished = False
+        self._excluded = [list(run) for run in state.get("excluded", [])]
         saved = state["progress"]
         if state["finished"]:
             self._resume = None

@@ -8,6 +8,7 @@ which is what ``Loader.state_dict()`` saves.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -18,9 +19,12 @@ __all__ = [
     "Plan",
     "Progress",
     "WorkerProgress",
+    "delivered_positions",
     "epoch_order",
     "rank_position",
     "rank_share",
+    "remaining_positions",
+    "to_intervals",
     "worker_progress",
 ]
 
@@ -196,3 +200,42 @@ class WorkerProgress:
     def from_state(cls, state: dict[str, Any]) -> WorkerProgress:
         slots = {int(k): Progress.from_state(v) for k, v in state["slots"].items()}
         return cls(int(state["workers"]), slots)
+
+
+def to_intervals(positions: Iterable[int]) -> list[list[int]]:
+    """Sorted, merged ``[start, end)`` runs of ``positions``: a compact, JSON-able set."""
+    runs: list[list[int]] = []
+    for p in sorted(set(positions)):
+        if runs and runs[-1][1] == p:
+            runs[-1][1] = p + 1
+        else:
+            runs.append([p, p + 1])
+    return runs
+
+
+def remaining_positions(n: int, excluded: Sequence[Sequence[int]]) -> list[int]:
+    """The positions of ``range(n)`` outside the ``[start, end)`` runs of ``excluded``."""
+    keep = np.ones(n, dtype=bool)
+    for start, end in excluded:
+        keep[start:end] = False
+    return np.flatnonzero(keep).tolist()  # type: ignore[no-any-return]
+
+
+def delivered_positions(
+    progress: Progress,
+    *,
+    rank: int,
+    world_size: int,
+    remaining: Sequence[int],
+    finished: bool,
+    length: int,
+) -> list[int]:
+    """The epoch-order positions behind a rank's delivered plan positions: rank ``r`` of
+    ``w`` holds order positions ``r, r + w, ...`` of ``remaining``, wrapping around;
+    a finished rank delivered all ``length`` positions of its plan."""
+    n = len(remaining)
+    plan_positions: Iterable[int] = (
+        range(length) if finished else itertools.chain(range(progress.watermark), progress.done)
+    )
+    # Beyond n a rank's share wraps around (padding): that sample was delivered too.
+    return [remaining[(p * world_size + rank) % n] for p in plan_positions] if n else []

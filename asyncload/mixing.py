@@ -1,0 +1,198 @@
+"""Mixing several datasets by weight, and batches that keep class proportions.
+
+- `mix(datasets, weights)`: one stream drawing each next sample from a dataset chosen at
+  random by weight, seeded by ``(seed, epoch)`` so that runs repeat and resume exactly.
+- `StratifiedSampler(labels, batch_size)`: an order of indices in which every run of
+  ``batch_size`` keeps the dataset's class proportions (to within one sample per class).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from .datasets import AsyncDataset, AsyncIterableDataset
+from .streaming import StreamEpoch, StreamError, aclosing, equal_length
+
+__all__ = ["MixedDataset", "StratifiedSampler", "mix"]
+
+
+def mix(
+    datasets: Sequence[AsyncDataset[Any] | AsyncIterableDataset[Any]],
+    weights: Sequence[float] | None = None,
+    *,
+    stop: str = "first",
+) -> MixedDataset:
+    """A stream mixing ``datasets`` (map-style ones are read in their own order, streaming
+    ones as they stream) by ``weights`` (default: equal). ``stop="first"`` ends the mix when
+    any dataset runs out (the proportions hold to the end); ``"all"`` goes on with the
+    others, re-weighted, until every dataset is exhausted (every sample once)."""
+    return MixedDataset(datasets, weights, stop=stop)
+
+
+class MixedDataset(AsyncIterableDataset[Any]):
+    """See :func:`mix`. Under a Loader each share (rank x worker) mixes its own share of
+    every dataset, with its own seeded choices; shuffling is each dataset's own (a stream
+    shuffles itself; a map-style dataset is read in a seeded permutation when the loader
+    shuffles)."""
+
+    def __init__(
+        self,
+        datasets: Sequence[AsyncDataset[Any] | AsyncIterableDataset[Any]],
+        weights: Sequence[float] | None = None,
+        *,
+        stop: str = "first",
+    ) -> None:
+        self.datasets = list(datasets)
+        if not self.datasets:
+            raise ValueError("mix: datasets is empty")
+        for d in self.datasets:
+            if not isinstance(d, (AsyncDataset, AsyncIterableDataset)):
+                raise TypeError(f"mix: not an asyncload dataset: {type(d).__name__}")
+        w = np.ones(len(self.datasets)) if weights is None else np.asarray(weights, float)
+        if w.shape != (len(self.datasets),):
+            raise ValueError(
+                f"mix: {len(w)} weights for {len(self.datasets)} datasets"
+                if w.ndim == 1
+                else "mix: weights must be a flat sequence"
+            )
+        if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+            raise ValueError(f"mix: weights must be >= 0 and not all 0, got {list(w)}")
+        if stop not in ("first", "all"):
+            raise ValueError(f'mix: stop must be "first" or "all", got {stop!r}')
+        self.weights = w / w.sum()
+        self.stop = stop
+
+    def __repr__(self) -> str:
+        return f"<MixedDataset of {len(self.datasets)} datasets, weights {self.weights.round(3)}>"
+
+    def num_samples(self) -> int | None:
+        if self.stop == "first":
+            return None  # where the first dataset runs out depends on the draws
+        sizes = [_size(d) for d in self.datasets]
+        return None if None in sizes else sum(s for s in sizes if s is not None)
+
+    def _parts(self, spec: StreamEpoch) -> list[AsyncIterator[Any]]:
+        part_spec = StreamEpoch(
+            slot=spec.slot,
+            shares=spec.shares,
+            shuffle=spec.shuffle,
+            seed=spec.seed,
+            epoch=spec.epoch,
+            buffer_size=spec.buffer_size,
+            retry=spec.retry,
+            timeout=spec.timeout,
+            on_retry=spec.on_retry,
+            start_soon=spec.start_soon,
+        )
+        parts = []
+        for k, dataset in enumerate(self.datasets):
+            if isinstance(dataset, AsyncIterableDataset):
+                parts.append(dataset.epoch_stream(part_spec))
+            else:
+                parts.append(_map_share(dataset, part_spec, salt=k))
+        return parts
+
+    def epoch_stream(self, spec: StreamEpoch) -> AsyncIterator[Any]:
+        def open_stream() -> AsyncIterator[Any]:
+            return self._mixed(spec)
+
+        if spec.length is None:
+            return open_stream()
+        return equal_length(open_stream, spec.length, repr(self))
+
+    async def _mixed(self, spec: StreamEpoch) -> AsyncIterator[Any]:
+        parts = self._parts(spec)
+        live = list(range(len(parts)))
+        weights = self.weights.copy()
+        rng = spec.rng(spec.slot, 7)
+        try:
+            while live:
+                p = weights[live] / weights[live].sum()
+                k = live[int(rng.choice(len(live), p=p))]
+                try:
+                    item = await parts[k].__anext__()
+                except StopAsyncIteration:
+                    if self.stop == "first":
+                        return
+                    live.remove(k)
+                    if not weights[live].sum() > 0:
+                        return  # only zero-weight datasets are left
+                    continue
+                yield item
+        finally:
+            for part in parts:
+                await aclosing(part).__aexit__(None, None, None)
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        async with aclosing(self.epoch_stream(StreamEpoch())) as stream:
+            async for item in stream:
+                if type(item) is StreamError:
+                    raise item.exc
+                yield item
+
+    async def aclose(self) -> None:
+        for dataset in self.datasets:
+            await dataset.aclose()
+
+
+def _size(dataset: AsyncDataset[Any] | AsyncIterableDataset[Any]) -> int | None:
+    return len(dataset) if isinstance(dataset, AsyncDataset) else dataset.num_samples()
+
+
+async def _map_share(
+    dataset: AsyncDataset[Any], spec: StreamEpoch, salt: int
+) -> AsyncIterator[Any]:
+    """A map-style dataset as a stream: this share's part of its (seeded) order."""
+    n = len(dataset)
+    order = spec.rng(salt).permutation(n).tolist() if spec.shuffle else range(n)
+    for i in order[spec.slot :: spec.shares]:
+        try:
+            yield await dataset[i]
+        except LookupError:
+            continue  # a dataset's filter dropped it
+        except Exception as exc:
+            yield StreamError(exc, key=dataset.key_of(i))
+
+
+class StratifiedSampler:
+    """An epoch order (a ``sampler=`` for the Loader) in which each run of ``batch_size``
+    indices keeps the class proportions of ``labels``: each class's (seeded, shuffled)
+    indices are spread evenly over the epoch, so every batch holds about
+    ``batch_size * share`` of each class, to within one.
+
+    Implements ``set_epoch`` (the Loader calls it), so each epoch is a new arrangement,
+    a pure function of ``(seed, epoch)``.
+    """
+
+    def __init__(self, labels: Sequence[int], batch_size: int, *, seed: int = 0) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(
+                f"StratifiedSampler: batch_size must be an int >= 1, got {batch_size!r}"
+            )
+        self.labels = np.asarray(labels)
+        if self.labels.ndim != 1:
+            raise ValueError("StratifiedSampler: labels must be a flat sequence")
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __iter__(self) -> Iterator[int]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        n = len(self.labels)
+        keys = np.empty(n)
+        for label in np.unique(self.labels):
+            members = np.flatnonzero(self.labels == label)
+            rng.shuffle(members)
+            # Member j of a class of m goes at fraction (j + u) / m of the epoch: evenly
+            # spread, with a random phase so classes do not line up in lockstep.
+            keys[members] = (np.arange(len(members)) + rng.random()) / len(members)
+        return iter(np.argsort(keys, kind="stable").tolist())
