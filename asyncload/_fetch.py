@@ -261,7 +261,9 @@ class Fetcher:
                 sample = await call_maybe_async(self.transform, sample)
             if self.validate is not None:
                 verdict = await call_maybe_async(self.validate, sample)
-                if verdict is False:
+                # False, numpy's False_, 0: a verdict; None (a check that raises instead)
+                # and anything truthy pass.
+                if verdict is not None and verdict is not True and not verdict:
                     raise ValidationError(f"validate rejected sample {index}")
             if self.drift is not None:
                 self.drift.observe(sample)

@@ -370,6 +370,7 @@ class EpochIterator(AsyncIterator[Any]):
             raise
         epoch.receive.close()
         await epoch.task.wait()
+        epoch.stats.stop()
         if epoch.failure is not None:
             raise epoch.failure
         raise StopAsyncIteration

@@ -72,7 +72,8 @@ class TorchLoader:
         self.kwargs = dataloader_kwargs
 
     def __len__(self) -> int:
-        return len(self.loader)
+        # Each worker's share of a stream is padded on its own: count as the workers will.
+        return len(self.loader.for_worker(0, max(1, self.num_workers)))
 
     def __iter__(self) -> Iterator[Any]:
         from .sampling import Progress, WorkerProgress

@@ -108,6 +108,11 @@ class SyncIterator(Iterator[Any]):
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def buffered(self) -> int:
+        """Batches ready in the queue, not yet taken."""
+        return 0 if self._closed else self._pump.queue.qsize()
+
     def __iter__(self) -> SyncIterator:
         return self
 

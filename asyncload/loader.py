@@ -566,6 +566,8 @@ class Loader:
         breaker, its ``breaker_state`` and ``breaker_opened`` count."""
         current = self._current
         buffered = current.receive.statistics().current_buffer_used if current is not None else 0
+        # Under a plain for loop, ready batches wait in the bridge's queue instead.
+        buffered += sum(iterator.buffered for iterator in list(self._iterators))
         snapshot = self._stats.snapshot(buffered)
         if self.throttle is not None:
             snapshot.update(self.throttle.statistics())

@@ -52,6 +52,7 @@ class LoaderStats:
     cache_hits: int = 0
     cache_misses: int = 0
     started: float | None = None
+    stopped: float | None = None  # when the epoch ended: rates stop there
     first_batch_seconds: float | None = None
     error_log: list[dict[str, Any]] = field(default_factory=list)
     latency: LatencyWindow = field(default_factory=LatencyWindow)
@@ -62,8 +63,14 @@ class LoaderStats:
     def start(self) -> None:
         self.started = time.perf_counter()
 
+    def stop(self) -> None:
+        if self.stopped is None:
+            self.stopped = time.perf_counter()
+
     def elapsed(self) -> float:
-        return time.perf_counter() - self.started if self.started is not None else 0.0
+        if self.started is None:
+            return 0.0
+        return (self.stopped if self.stopped is not None else time.perf_counter()) - self.started
 
     def count_retry(self, attempt: int, exc: BaseException, delay: float) -> None:
         """An ``on_retry`` hook for `Retry.run`: counts the retry."""
