@@ -26,6 +26,7 @@ from ._fetch import SKIPPED, Failure, Fetcher
 from .batching import BudgetBatcher, CountBatcher
 from .datasets import DROPPED, AsyncIterableDataset
 from .errors import SampleError
+from .progress import Reporter
 from .sampling import Plan, Progress
 from .stats import LoaderStats
 from .streaming import StreamEpoch, StreamError
@@ -337,10 +338,12 @@ class EpochIterator(AsyncIterator[Any]):
         progress: Progress,
         *,
         on_end: Callable[[], None],
+        reporter: Reporter | None = None,
     ) -> None:
         self._epoch = epoch
         self._progress = progress
         self._on_end = on_end
+        self._reporter = reporter
         self._ended = False
 
     def __aiter__(self) -> EpochIterator:
@@ -351,6 +354,9 @@ class EpochIterator(AsyncIterator[Any]):
             item = await self.next_item()
         except StopAsyncIteration:
             self.end()
+            raise
+        except BaseException:
+            self._report_end()
             raise
         self.commit(item)
         return item[0]
@@ -377,8 +383,18 @@ class EpochIterator(AsyncIterator[Any]):
 
     def end(self) -> None:
         """The consumer has seen the end of the epoch: record it, if the epoch completed."""
+        self._report_end()
         if self._epoch.completed and self._epoch.failure is None:
             self._on_end()
+
+    def report_end(self) -> None:
+        """Close the progress bar and send the last statistics (once)."""
+        self._report_end()
+
+    def _report_end(self) -> None:
+        reporter, self._reporter = self._reporter, None
+        if reporter is not None:
+            reporter.end()
 
     def commit(self, item: Item) -> None:
         """Count ``item`` as delivered to the consumer (progress and statistics)."""
@@ -390,10 +406,16 @@ class EpochIterator(AsyncIterator[Any]):
         stats.samples += count
         if stats.first_batch_seconds is None:
             stats.first_batch_seconds = stats.elapsed()
+        if self._reporter is not None:
+            self._reporter.batch()
 
-    async def aclose(self) -> None:
+    async def aclose(self, *, report: bool = True) -> None:
+        """Cancel the epoch and wait for it. ``report=False`` leaves the progress report
+        to the consumer (the sync bridge closes from its loop thread, ahead of it)."""
         self._ended = True
         await self._epoch.aclose()
+        if report:
+            self._report_end()
 
     def __del__(self) -> None:
         self._epoch.cancel()

@@ -74,7 +74,7 @@ class _Pump:
             put(_Raised(exc))
         finally:
             with anyio.CancelScope(shield=True):
-                await self.iterator.aclose()
+                await self.iterator.aclose(report=False)
                 await self.loader.dataset.aclose()
 
     def grant(self) -> None:
@@ -139,6 +139,7 @@ class SyncIterator(Iterator[Any]):
         if self._closed:
             return
         self._closed = True
+        self._pump.iterator.report_end()
         if threading.get_ident() == self._pump.thread:
             return  # dropped inside its own loop (a GC cycle): that loop is ending anyway
         try:

@@ -23,6 +23,7 @@ from .batching import BudgetBatcher, CountBatcher, sample_cost
 from .collate import default_collate
 from .datasets import AsyncDataset, AsyncIterableDataset
 from .drift import DriftMonitor
+from .progress import Reporter
 from .resilience.throttle import ConcurrencyGate, Throttle
 from .sampling import (
     Plan,
@@ -82,6 +83,9 @@ class Loader:
         batch_budget: int | None = None,
         batch_cost: Callable[[Any], int] | None = None,
         bucket: int | None = None,
+        progress: bool = False,
+        on_statistics: Callable[[dict[str, Any]], object] | None = None,
+        statistics_every: int = 100,
     ) -> None:
         if not isinstance(dataset, (AsyncDataset, AsyncIterableDataset)):
             raise TypeError(
@@ -139,6 +143,9 @@ class Loader:
                     "with batch_budget or bucket, batch_size is the most samples one batch "
                     f"may hold: give it (e.g. batch_size=256), not {batch_size}"
                 )
+        if on_statistics is not None and not callable(on_statistics):
+            raise TypeError(f"on_statistics must be callable(snapshot), got {on_statistics!r}")
+        _check_int("statistics_every", statistics_every, minimum=1)
         if batch_cost is not None and not callable(batch_cost):
             raise TypeError(f"batch_cost must be callable(sample) -> int, got {batch_cost!r}")
         if drift is not None and not callable(getattr(drift, "observe", None)):
@@ -190,6 +197,9 @@ class Loader:
         self.batch_budget = batch_budget
         self.batch_cost = batch_cost
         self.bucket = bucket
+        self.progress = progress
+        self.on_statistics = on_statistics
+        self.statistics_every = statistics_every
         # Shared by this loader's epochs: a store that throttled last epoch still does.
         self.throttle = Throttle() if throttle is True else (throttle or None)
         if self.throttle is not None:
@@ -311,6 +321,7 @@ class Loader:
 
     def _start_epoch(self, prefetch: int) -> EpochIterator:
         # The sync bridge buffers ready batches on its side of the thread hand-off instead.
+        reporter = self._reporter()  # first: it may fail (no tqdm) before anything starts
         resume = self._resume
         self._resume = None
         if isinstance(resume, WorkerProgress) and resume.workers == 1:
@@ -359,7 +370,22 @@ class Loader:
             prefetch=prefetch,
         )
         self._current = epoch
-        return EpochIterator(epoch, progress, on_end=self._on_end)
+        return EpochIterator(epoch, progress, on_end=self._on_end, reporter=reporter)
+
+    def _reporter(self) -> Reporter | None:
+        if not self.progress and self.on_statistics is None:
+            return None
+        try:
+            total: int | None = len(self)
+        except TypeError:
+            total = None  # a stream of unknown size, or a batch budget
+        return Reporter(
+            self.statistics,
+            bar=self.progress,
+            total=total,
+            on_statistics=self.on_statistics,
+            every=self.statistics_every,
+        )
 
     def _batcher(self) -> CountBatcher | BudgetBatcher:
         size = self.batch_size or 1

@@ -1,0 +1,77 @@
+"""Watching a loader run: a progress bar, and statistics handed to a callback every N
+batches (for TensorBoard, Prometheus, a log line)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["Reporter"]
+
+
+class Reporter:
+    """Called as each batch reaches the consumer. ``statistics`` is the loader's
+    ``statistics()``; ``on_statistics(snapshot)`` gets it every ``every`` batches and at
+    the end of the epoch; ``bar`` is a tqdm progress bar (``total`` batches when known),
+    its line refreshed at most twice a second, so a batch costs a counter update."""
+
+    def __init__(
+        self,
+        statistics: Callable[[], dict[str, Any]],
+        *,
+        bar: bool,
+        total: int | None,
+        on_statistics: Callable[[dict[str, Any]], object] | None,
+        every: int,
+    ) -> None:
+        self.statistics = statistics
+        self.on_statistics = on_statistics
+        self.every = every
+        self.batches = 0
+        self._bar: Any = None
+        self._next_refresh = 0.0
+        if bar:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                raise ImportError(
+                    "Loader(progress=True) needs tqdm: pip install tqdm (or asyncload[progress])"
+                ) from None
+            self._bar = tqdm(total=total, unit="batch", dynamic_ncols=True)
+
+    def batch(self) -> None:
+        self.batches += 1
+        if self._bar is not None:
+            self._bar.update(1)
+            now = time.monotonic()
+            if now >= self._next_refresh:
+                self._next_refresh = now + 0.5
+                self._bar.set_postfix_str(describe(self.statistics()), refresh=False)
+        if self.on_statistics is not None and self.batches % self.every == 0:
+            self.on_statistics(self.statistics())
+
+    def end(self) -> None:
+        if self.on_statistics is not None and self.batches % self.every:
+            self.on_statistics(self.statistics())
+        if self._bar is not None:
+            self._bar.set_postfix_str(describe(self.statistics()), refresh=False)
+            self._bar.close()
+            self._bar = None
+
+
+def describe(s: dict[str, Any]) -> str:
+    """A one-line summary of a statistics snapshot."""
+    lookups = s["cache_hits"] + s["cache_misses"]
+    parts = [
+        f"{s['samples_per_second']:,.0f} samples/s",
+        f"in flight {s['in_flight']}",
+        f"buffered {s['buffered']}",
+    ]
+    if lookups:
+        parts.append(f"cache hits {s['cache_hits'] / lookups:.0%}")
+    if s["retries"]:
+        parts.append(f"retries {s['retries']}")
+    if s["errors"]:
+        parts.append(f"errors {s['errors']}")
+    return ", ".join(parts)
