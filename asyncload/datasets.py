@@ -327,7 +327,10 @@ class ConcatDataset(AsyncDataset[T]):
 
     def key_of(self, index: int) -> Hashable | None:
         d, local = self.locate(index)
-        return self.datasets[d].key_of(local)
+        key = self.datasets[d].key_of(local)
+        # Parts may share keys (the same file name in two folders, the same object key in
+        # two buckets): the part's number keeps them apart, in caches above all.
+        return None if key is None else (d, key)
 
     async def aclose(self) -> None:
         for d in self.datasets:

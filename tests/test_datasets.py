@@ -361,3 +361,16 @@ def test_from_torch_pickles_after_use() -> None:
     assert int(anyio.run(fetch)[0]) == 2
     copy = pickle.loads(pickle.dumps(ds))
     assert int(anyio.run(copy.__getitem__, 3)[0]) == 3
+
+
+async def test_concat_keys_keep_parts_apart(tmp_path: Any) -> None:
+    """Two folders with the same file name: one cache must not serve one for the other."""
+    for name, body in (("a", b"A"), ("b", b"B")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "x.bin").write_bytes(body)
+    a = al.sources.FileSource.from_directory(tmp_path / "a")
+    b = al.sources.FileSource.from_directory(tmp_path / "b")
+    ds = a + b
+    assert ds.key_of(0) != ds.key_of(1)
+    loader = al.Loader(ds, batch_size=None, cache=al.LRUCache())
+    assert [x async for x in loader] == [b"A", b"B"]
