@@ -1,11 +1,11 @@
 """Side-by-side HTTP loading benchmark: asyncload vs plain asyncio + aiohttp vs torch DataLoader.
 
-One command runs every loader against the same local server (``benchmarks/server.py``:
-16 KiB samples, 0 ms and 20 ms of injected latency per request, batches of 32)::
+    .venv/bin/python benchmarks/bench_http.py [--quick] [--rounds R] [--out PATH] [--render docs/benchmarks.md]
+    .venv/bin/python benchmarks/bench_http.py --from benchmarks/results/http.json --render docs/benchmarks.md
 
-    .venv/bin/python benchmarks/bench_http.py [--quick] [--out benchmarks/results/http.json]
-
-Loaders compared, each at a given number of requests in flight:
+Every loader reads the same local server (``benchmarks/server.py``: 16 KiB samples, 0 ms
+and 20 ms of injected latency per request), in batches of 32, each at a given number of
+requests in flight:
 
 * ``asyncload-sync``: ``al.Loader(al.sources.HTTPSource(urls), batch_size=32,
   concurrency=C, prefetch=max(2, C // 32))`` consumed with ``for batch in loader``
@@ -16,14 +16,9 @@ Loaders compared, each at a given number of requests in flight:
 * ``dataloader``: ``torch.utils.data.DataLoader`` over a map-style Dataset doing a blocking
   ``http.client`` GET (keep-alive, one connection per worker), ``num_workers`` = W.
 
-Measured per run: samples/s from the first batch to the last one, time to the first
-batch (from building the loader), peak summed RSS of the consumer process and all its
-children (DataLoader workers included, sampled every 50 ms), and CPU time of the consumer
-and its workers per sample, from the first batch to the last. Each run is a fresh
-subprocess (which imports torch, as a training process would), runs are interleaved over
-rounds, and the medians are reported. Every sample's
-length and content are checked, and every sample must arrive exactly once: a wrong answer
-fails the command (exit status 1); slowness never does.
+Each child process imports torch, as a training process would. What is measured, and
+the options, are the harness's (``benchmarks/harness.py``). ``--render`` also draws
+samples/s and summed RSS against requests in flight into ``docs/img/http-*.png``.
 """
 
 from __future__ import annotations
@@ -31,44 +26,30 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import itertools
 import json
-import math
-import os
-import subprocess
 import sys
-import time
-import traceback
 import warnings
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import asdict
+from collections.abc import AsyncGenerator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import (
-    ROOT,
-    MiB,
-    PeakRSS,
-    RunConfig,
-    RunResult,
-    Tally,
-    cpu_seconds,
-    machine_info,
-    median,
-    sample_urls,
-    tree_cpu_seconds,
-)
+from benchmarks import harness
+from benchmarks.common import RunConfig, RunResult, SampleChecker, Tally, sample_urls
+from benchmarks.page import Column, command_block, failed_runs, num, results_table, run_line
 from benchmarks.server import run_event_loop, start_server, stop_server
 
 BATCH_SIZE = 32
 SAMPLE_BYTES = 16384
 LATENCIES_MS = (0.0, 20.0)
-RESULT_PREFIX = "RESULT "
-LOADER_ORDER = ("asyncload-sync", "asyncload-async", "plain-asyncio", "dataloader")
-ASYNCLOAD_LOADERS = ("asyncload-sync", "asyncload-async")
+PEERS = ("asyncload-sync", "asyncload-async", "plain-asyncio", "dataloader")
+ASYNCLOAD_PEERS = ("asyncload-sync", "asyncload-async")
+PLOTS = {
+    "samples_per_s": ("http-samples-per-s.png", "samples/s against requests in flight"),
+    "peak_rss_mib": ("http-rss.png", "peak summed RSS against requests in flight"),
+}
 
 
 # --------------------------------------------------------------------------- plan
@@ -103,16 +84,22 @@ def plan(quick: bool, with_dataloader_64: bool) -> list[RunConfig]:
             "plain-asyncio": (64, 256),
             "dataloader": (0, 8, 16, 64) if with_dataloader_64 else (0, 8, 16),
         }
-    configs = []
-    for latency in LATENCIES_MS:
-        for loader in LOADER_ORDER:
-            for in_flight in grid[loader]:
-                n = measured_samples(in_flight, latency, quick)
-                configs.append(RunConfig(loader, in_flight, latency, n, BATCH_SIZE, SAMPLE_BYTES))
-    return configs
+    return [
+        RunConfig(
+            peer,
+            in_flight,
+            measured_samples(in_flight, latency, quick),
+            BATCH_SIZE,
+            SAMPLE_BYTES,
+            latency,
+        )
+        for latency in LATENCIES_MS
+        for peer in PEERS
+        for in_flight in grid[peer]
+    ]
 
 
-# --------------------------------------------------------------------------- loaders
+# --------------------------------------------------------------------------- peers
 # Each runner builds its loader right after ``tally.start()`` and feeds every batch to
 # ``tally.batch``; it returns extra facts worth keeping (e.g. the loader's statistics).
 
@@ -132,8 +119,9 @@ def _asyncload_loader(cfg: RunConfig, urls: list[str]) -> Any:
 
 
 def _jsonable_stats(loader: Any) -> dict[str, Any]:
-    with contextlib.suppress(Exception):
-        return json.loads(json.dumps(loader.statistics(), default=str))
+    with contextlib.suppress(Exception):  # statistics are a nicety; the numbers do not need them
+        stats: dict[str, Any] = json.loads(json.dumps(loader.statistics(), default=str))
+        return stats
     return {}
 
 
@@ -166,7 +154,7 @@ def run_asyncload_async(cfg: RunConfig, urls: list[str], tally: Tally) -> dict[s
 
 async def plain_asyncio_batches(
     urls: Sequence[str], concurrency: int, batch_size: int
-) -> AsyncIterator[list[bytes]]:
+) -> AsyncGenerator[list[bytes], None]:
     """The hand-written baseline: ``concurrency`` worker coroutines take indices from one
     shared iterator and GET them with one aiohttp session (connector limit
     ``concurrency``); bodies are batched as lists in completion order."""
@@ -245,293 +233,281 @@ RUNNERS: dict[str, Runner] = {
 ORDERED = {"asyncload-sync": True, "asyncload-async": True, "plain-asyncio": False}
 
 
-def run_one(cfg: RunConfig, base_url: str) -> RunResult:
-    """Run one configuration in this process and measure it (the subprocess side)."""
-    import torch  # a training process has torch loaded: the same baseline RSS for all
-
-    del torch
-    if cfg.loader in ASYNCLOAD_LOADERS:
-        import asyncload  # imported before the clocks start, as torch and aiohttp are
-
-        del asyncload
-    urls = sample_urls(base_url, cfg.total, cfg.latency_ms)
-    rss = PeakRSS(0.05)
-    tally = Tally(
-        cfg.total,
-        cfg.size,
-        ordered=ORDERED.get(cfg.loader, True),
-        cpu_probe=lambda: tree_cpu_seconds() - rss.cpu_s,  # the sampler's CPU is not the loader's
-    )
-    cpu0 = cpu_seconds()
-    wall0 = time.perf_counter()
-    with rss:
-        extra = RUNNERS[cfg.loader](cfg, urls, tally)
-    tally.finish()
-    extra["loadavg_1min"] = os.getloadavg()[0]
-    return RunResult(
-        config=cfg,
-        ok=True,
-        samples_per_s=tally.samples_per_s,
-        first_batch_s=tally.first_batch_s,
-        peak_rss_bytes=rss.peak,
-        cpu_s=cpu_seconds() - cpu0 - rss.cpu_s,
-        cpu_us_per_sample=tally.cpu_us_per_sample,
-        wall_s=time.perf_counter() - wall0,
-        batches=tally.batches,
-        extra=extra,
+def run_one(cfg: RunConfig, context: dict[str, Any]) -> RunResult:
+    """Measure one configuration in this (child) process."""
+    urls = sample_urls(context["base_url"], cfg.total, cfg.latency_ms)
+    # A training process has torch loaded: the same baseline RSS for all; asyncload is
+    # imported before the clocks start, as torch and aiohttp are.
+    preload = ("torch", "asyncload") if cfg.peer in ASYNCLOAD_PEERS else ("torch",)
+    return harness.measure(
+        cfg,
+        lambda tally: RUNNERS[cfg.peer](cfg, urls, tally),
+        SampleChecker(cfg.total, cfg.size, ordered=ORDERED.get(cfg.peer, True)),
+        preload=preload,
     )
 
 
-# --------------------------------------------------------------------------- orchestration
+# --------------------------------------------------------------------------- the run
 
 
-def run_in_subprocess(cfg: RunConfig, base_url: str, round_: int, timeout: float) -> RunResult:
-    """Run one configuration in a fresh interpreter; any failure becomes ``ok=False``."""
-    payload = json.dumps({"config": asdict(cfg), "base_url": base_url})
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", payload]
-    env = dict(
-        os.environ,
-        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+def run(args: argparse.Namespace) -> harness.Report:
+    """Start the server, run every configuration over the rounds, stop the server."""
+    import psutil
+
+    # 64 DataLoader workers take about 11 GiB of summed RSS: only where memory allows.
+    with_dl64 = not args.quick and psutil.virtual_memory().available > 8 * 1024**3
+    configs = plan(args.quick, with_dl64)
+    base_url, server = start_server(
+        latency_ms=0, size=SAMPLE_BYTES, count=max(c.total for c in configs)
     )
     try:
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT
+        print(
+            f"server {base_url} (pid {server.pid}); {len(configs)} configs x {args.rounds} rounds",
+            file=sys.stderr,
         )
-    except subprocess.TimeoutExpired:
-        return RunResult(config=cfg, round=round_, error=f"timed out after {timeout:.0f} s")
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(RESULT_PREFIX):
-            result = RunResult.from_json(json.loads(line[len(RESULT_PREFIX) :]))
-            result.round = round_
-            if proc.returncode != 0 and result.ok:
-                result.ok = False
-                result.error = f"exit status {proc.returncode}: {_tail(proc.stderr)}"
-            return result
-    return RunResult(
-        config=cfg,
-        round=round_,
-        error=f"exit status {proc.returncode}, no result: {_tail(proc.stderr or proc.stdout)}",
-    )
+        results = harness.run_rounds(
+            BENCH.script,
+            configs,
+            {"base_url": base_url},
+            rounds=args.rounds,
+            timeout=180.0 if args.quick else 600.0,
+        )
+    finally:
+        stop_server(server)
+    summary = harness.summarize(results, configs)
+    return {
+        "meta": {
+            "batch_size": BATCH_SIZE,
+            "sample_bytes": SAMPLE_BYTES,
+            "latencies_ms": list(LATENCIES_MS),
+            "dataloader_64_workers": with_dl64,
+        },
+        "summary": summary,
+        "ratios": compute_ratios(summary),
+        "runs": results,
+    }
 
 
-def _tail(text: str, lines: int = 6) -> str:
-    return " | ".join(text.strip().splitlines()[-lines:])
-
-
-def summarize(results: list[RunResult]) -> list[dict[str, Any]]:
-    """Medians over rounds, one row per configuration, in plan order."""
-    rows: dict[str, dict[str, Any]] = {}
-    groups: dict[str, list[RunResult]] = {}
-    for r in results:
-        groups.setdefault(r.config.key, []).append(r)
-    for key, runs in groups.items():
-        cfg = runs[0].config
-        good = [r for r in runs if r.ok]
-        cpu_us = [r.cpu_us_per_sample for r in good]
-        rows[key] = {
-            "loader": cfg.loader,
-            "in_flight": cfg.in_flight,
-            "requests_in_flight": max(1, cfg.in_flight),
-            "latency_ms": cfg.latency_ms,
-            "samples": cfg.samples,
-            "runs": len(runs),
-            "ok_runs": len(good),
-            "samples_per_s": _finite(median(r.samples_per_s for r in good)),
-            "first_batch_s": _finite(median(r.first_batch_s for r in good)),
-            "peak_rss_mib": _finite(median(r.peak_rss_bytes / MiB for r in good)),
-            "cpu_us_per_sample": _finite(median(cpu_us)),
-            "samples_per_s_all": [_finite(r.samples_per_s) for r in good],
-            "errors": [r.error for r in runs if not r.ok],
-        }
-    return list(rows.values())
-
-
-def compute_ratios(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def compute_ratios(summary: list[harness.Row]) -> list[dict[str, Any]]:
     """asyncload samples/s over plain asyncio samples/s at each (latency, in flight)."""
-    by = {(row["loader"], row["latency_ms"], row["in_flight"]): row for row in summary}
+    by = {(row["peer"], row["latency_ms"], row["in_flight"]): row for row in summary}
     out = []
     for row in summary:
-        if row["loader"] != "plain-asyncio":
+        if row["peer"] != "plain-asyncio":
             continue
         lat, c = row["latency_ms"], row["in_flight"]
         entry: dict[str, Any] = {"latency_ms": lat, "in_flight": c}
-        for loader in ASYNCLOAD_LOADERS:
-            other = by.get((loader, lat, c))
-            ratio = None
-            if other and other["samples_per_s"] and row["samples_per_s"]:
-                ratio = other["samples_per_s"] / row["samples_per_s"]
-            entry[loader] = ratio
+        for peer in ASYNCLOAD_PEERS:
+            other = by.get((peer, lat, c))
+            mine = other["samples_per_s"] if other else None
+            entry[peer] = harness.ratio(mine, row["samples_per_s"])
         out.append(entry)
     return out
 
 
-def _finite(x: float | None) -> float | None:
-    return None if x is None or math.isnan(x) else x
+def requests_in_flight(row: harness.Row) -> int:
+    """A DataLoader has one request in flight per worker, and one with no workers."""
+    return max(1, int(row["in_flight"]))
 
 
-def _fmt(x: float | None, spec: str) -> str:
-    return "n/a" if x is None else format(x, spec)
+# --------------------------------------------------------------------------- output
+
+LOADER_NAMES = {
+    "asyncload-sync": "asyncload, `for batch in loader` (sync bridge)",
+    "asyncload-async": "asyncload, `async for` (uvloop)",
+    "plain-asyncio": "plain asyncio + aiohttp (uvloop)",
+    "dataloader": "torch DataLoader, {w} workers",
+}
+SHORT_NAMES = {
+    "asyncload-sync": "asyncload, for (sync bridge)",
+    "asyncload-async": "asyncload, async for",
+    "plain-asyncio": "plain asyncio + aiohttp",
+    "dataloader": "torch DataLoader (workers)",
+}
 
 
-def format_table(summary: list[dict[str, Any]], ratios: list[dict[str, Any]]) -> str:
-    """A plain-text table per latency, then the asyncload / plain asyncio ratios."""
-    lines = []
-    for lat in sorted({row["latency_ms"] for row in summary}):
-        lines.append(f"\n== {lat:g} ms per request, {SAMPLE_BYTES // 1024} KiB samples ==")
-        lines.append(
-            f"{'loader':<17} {'in flight':>9} {'samples/s':>10} {'1st batch s':>11} "
-            f"{'peak RSS MiB':>12} {'CPU us/smp':>10} {'ok':>5}"
-        )
-        for row in summary:
-            if row["latency_ms"] != lat:
-                continue
-            flight = f"{row['in_flight']}w" if row["loader"] == "dataloader" else row["in_flight"]
-            lines.append(
-                f"{row['loader']:<17} {flight!s:>9} {_fmt(row['samples_per_s'], ',.0f'):>10} "
-                f"{_fmt(row['first_batch_s'], '.3f'):>11} {_fmt(row['peak_rss_mib'], ',.0f'):>12} "
-                f"{_fmt(row['cpu_us_per_sample'], '.0f'):>10} {row['ok_runs']}/{row['runs']:<3}"
-            )
-    lines.append("\nasyncload / plain asyncio (samples/s):")
-    for entry in ratios:
-        parts = [f"{name} {_fmt(entry[name], '.3f')}" for name in ASYNCLOAD_LOADERS]
+def label(row: harness.Row) -> str:
+    return LOADER_NAMES[row["peer"]].format(w=row["in_flight"])
+
+
+def console(report: harness.Report) -> str:
+    """The summary, then the asyncload / plain asyncio ratios."""
+    lines = [
+        harness.console_table(
+            report["summary"], lambda r: f"{r['latency_ms']:g} ms  {r['peer']} {r['in_flight']}"
+        ),
+        "\nasyncload / plain asyncio (samples/s):",
+    ]
+    for entry in report["ratios"]:
+        parts = [f"{peer} {num(entry[peer], '.3f')}" for peer in ASYNCLOAD_PEERS]
         lines.append(
             f"  {entry['latency_ms']:g} ms, {entry['in_flight']} in flight: " + ", ".join(parts)
         )
-    lines.append("  ('Nw' = DataLoader with N workers, N or 1 requests in flight)")
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke mode: < 60 s on 2 cores")
-    parser.add_argument("--out", type=Path, default=None, help="JSON results path")
-    parser.add_argument("--rounds", type=int, default=None, help="default: 3 (1 with --quick)")
-    parser.add_argument(
-        "--render",
-        type=Path,
-        default=None,
-        help="also write this Markdown report (e.g. docs/benchmarks.md)",
-    )
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-
-    if args.child:
-        spec = json.loads(args.child)
-        cfg = RunConfig(**spec["config"])
-        try:
-            result = run_one(cfg, spec["base_url"])
-        except BaseException as exc:
-            where = traceback.format_exc().strip().splitlines()[-3:-1]
-            result = RunResult(
-                config=cfg,
-                error=f"{type(exc).__name__}: {exc} [{' / '.join(w.strip() for w in where)}]",
-            )
-            print(RESULT_PREFIX + json.dumps(result.to_json()), flush=True)
-            raise
-        print(RESULT_PREFIX + json.dumps(result.to_json()), flush=True)
-        return 0
-
-    import psutil
-
-    rounds = args.rounds or (1 if args.quick else 3)
-    out = args.out or ROOT / "benchmarks" / "results" / (
-        "http-quick.json.tmp" if args.quick else "http.json"
-    )
-    with_dl64 = not args.quick and psutil.virtual_memory().available > 8 * 1024**3
-    configs = plan(args.quick, with_dl64)
-    timeout = 180.0 if args.quick else 600.0
-    count = max(c.total for c in configs)
-    command = "python benchmarks/bench_http.py" + (" --quick" if args.quick else "")
-
-    started = time.time()
-    load_before = list(os.getloadavg())
-    results: list[RunResult] = []
-    base_url, server = start_server(latency_ms=0, size=SAMPLE_BYTES, count=count)
-    try:
-        print(
-            f"server {base_url} (pid {server.pid}); {len(configs)} configs x {rounds} rounds",
-            file=sys.stderr,
+def _headlines(summary: list[harness.Row]) -> list[str]:
+    """A few sentences computed from the numbers, so that they stay true when regenerated."""
+    lines = []
+    for lat in sorted({row["latency_ms"] for row in summary if row["latency_ms"] > 0}):
+        rows = [r for r in summary if r["latency_ms"] == lat and r["samples_per_s"]]
+        ours = [r for r in rows if r["peer"] in ASYNCLOAD_PEERS]
+        dl = [r for r in rows if r["peer"] == "dataloader"]
+        if not ours or not dl:
+            continue
+        best = max(ours, key=lambda r: r["samples_per_s"])
+        best_dl = max(dl, key=lambda r: r["samples_per_s"])
+        mem = (
+            f", in {best_dl['peak_rss_mib'] / best['peak_rss_mib']:.1f}x less summed RSS"
+            if best["peak_rss_mib"] and best_dl["peak_rss_mib"]
+            else ""
         )
-        for round_ in range(rounds):
-            # Interleave: every round runs every config, starting at a different one.
-            shift = (round_ * len(configs)) // rounds
-            for cfg in itertools.islice(itertools.cycle(configs), shift, shift + len(configs)):
-                r = run_in_subprocess(cfg, base_url, round_, timeout)
-                results.append(r)
-                status = (
-                    f"{r.samples_per_s:8,.0f} samples/s  first {r.first_batch_s:6.3f} s  "
-                    f"rss {r.peak_rss_bytes / MiB:6,.0f} MiB"
-                    if r.ok
-                    else f"FAILED: {r.error}"
+        lines.append(
+            f"- At {lat:g} ms per request, the best asyncload run ({label(best)}, "
+            f"{requests_in_flight(best)} in flight) loads {best['samples_per_s']:,.0f} "
+            f"samples/s: {best['samples_per_s'] / best_dl['samples_per_s']:.1f}x the best "
+            f"DataLoader run ({best_dl['in_flight']} workers, "
+            f"{best_dl['samples_per_s']:,.0f} samples/s){mem}, with its first batch after "
+            f"{best['first_batch_s']:.2f} s instead of {best_dl['first_batch_s']:.2f} s."
+        )
+    return lines
+
+
+def render(report: harness.Report) -> str:
+    """The HTTP section of ``docs/benchmarks.md``."""
+    meta = report["meta"]
+    summary = report["summary"]
+    latencies = " or ".join(f"{lat:g}" for lat in meta["latencies_ms"])
+    lines = [
+        "## HTTP: samples from a server with injected latency",
+        "",
+        "asyncload against the two ways a PyTorch user loads samples from slow HTTP storage "
+        "today: a hand-written asyncio + aiohttp client, and `torch.utils.data.DataLoader` "
+        "worker processes over a Dataset that does a blocking GET. All of them fetch the "
+        f"same {meta['sample_bytes'] // 1024} KiB samples from the same local server "
+        f"(`benchmarks/server.py`), which waits a fixed latency ({latencies} ms) before each "
+        f"answer, and yield "
+        f"batches of {meta['batch_size']}. Every consumer process has torch imported, as a "
+        "training process has.",
+        "",
+        "- asyncload: `al.Loader(al.sources.HTTPSource(urls, max_connections=C), "
+        "batch_size=32, concurrency=C, prefetch=max(2, C // 32))`, ordered (the default), "
+        "consumed with `for batch in loader` (the sync bridge) or `async for` on uvloop.",
+        "- plain asyncio + aiohttp: C coroutines over one shared index iterator, one "
+        "`ClientSession` (connector limit C), batches in completion order, on uvloop.",
+        "- torch DataLoader: a map-style Dataset doing a blocking `http.client` GET "
+        "(keep-alive, one connection per worker): W workers keep W requests in flight "
+        "(`num_workers=0`: one).",
+        "",
+        *command_block(meta),
+        "",
+        run_line(meta),
+        "",
+        "### asyncload / plain asyncio",
+        "",
+        "Samples/s of asyncload divided by samples/s of the plain asyncio client at the same "
+        "latency and number of requests in flight, in the same run (1.0: no overhead).",
+        "",
+        "| latency | in flight | asyncload `for` / plain | asyncload `async for` / plain |",
+        "| ---: | ---: | ---: | ---: |",
+    ]
+    for r in report["ratios"]:
+        lines.append(
+            f"| {r['latency_ms']:g} ms | {r['in_flight']} | {num(r['asyncload-sync'], '.3f')} "
+            f"| {num(r['asyncload-async'], '.3f')} |"
+        )
+    lines.append("")
+    lines += [f"![{alt}](img/{name})\n" for name, alt in PLOTS.values()]
+    for lat in sorted({row["latency_ms"] for row in summary}):
+        lines += [f"### {lat:g} ms per request", ""]
+        lines += results_table(
+            [r for r in summary if r["latency_ms"] == lat],
+            label,
+            lead=[Column("requests in flight", lambda r: str(requests_in_flight(r)))],
+            tail=[Column("samples measured", lambda r: f"{r['samples']:,}")],
+        )
+        lines.append("")
+    headlines = _headlines(summary)
+    if headlines:
+        lines += ["### In short", "", *headlines, ""]
+    lines += failed_runs(summary, lambda r: f"{label(r)} / {r['latency_ms']:g} ms")
+    return "\n".join(lines)
+
+
+def plot(report: harness.Report, img_dir: Path) -> None:
+    """``img_dir/http-samples-per-s.png`` and ``img_dir/http-rss.png``: one panel per
+    latency, one line per loader against requests in flight (medians; the bars on
+    samples/s span the rounds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display, also on CI
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
+
+    summary = report["summary"]
+    latencies = sorted({row["latency_ms"] for row in summary})
+    img_dir.mkdir(parents=True, exist_ok=True)
+    for metric, (filename, title) in PLOTS.items():
+        fig, axes = plt.subplots(
+            1, len(latencies), figsize=(5.2 * len(latencies), 3.9), sharey=True, squeeze=False
+        )
+        for ax, lat in zip(axes[0], latencies, strict=True):
+            for peer in PEERS:
+                rows = sorted(
+                    (
+                        r
+                        for r in summary
+                        if r["peer"] == peer and r["latency_ms"] == lat and r[metric] is not None
+                    ),
+                    key=requests_in_flight,
                 )
-                print(
-                    f"[round {round_ + 1}/{rounds}] {cfg.key:<28} {status}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-    finally:
-        stop_server(server)
-
-    order = {c.key: i for i, c in enumerate(configs)}
-    summary = sorted(summarize(results), key=lambda row: order[_key(row)])
-    ratios = compute_ratios(summary)
-    report = {
-        "meta": {
-            "command": command,
-            "quick": args.quick,
-            "rounds": rounds,
-            "batch_size": BATCH_SIZE,
-            "sample_bytes": SAMPLE_BYTES,
-            "latencies_ms": list(LATENCIES_MS),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(started)),
-            "duration_s": round(time.time() - started, 1),
-            "machine": machine_info(),
-            "asyncload_version": _asyncload_version(),
-            "dataloader_64_workers": with_dl64,
-            "loadavg_before": load_before,
-            "loadavg_after": list(os.getloadavg()),
-        },
-        "summary": summary,
-        "ratios": ratios,
-        "runs": [_clean(r.to_json()) for r in results],
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    print(format_table(summary, ratios))
-    print(f"\nwrote {out} in {report['meta']['duration_s']} s")
-    if args.render:
-        from benchmarks.render import render
-
-        args.render.write_text(render(report))
-        print(f"wrote {args.render}")
-    failed = [r for r in results if not r.ok]
-    for r in failed:
-        print(f"FAILED {r.config.key} round {r.round + 1}: {r.error}", file=sys.stderr)
-    return 1 if failed else 0
+                if not rows:
+                    continue
+                x = [requests_in_flight(r) for r in rows]
+                y = [r[metric] for r in rows]
+                yerr = None
+                if metric == "samples_per_s":
+                    runs = [
+                        [v for v in r["samples_per_s_all"] if v is not None] or [m]
+                        for r, m in zip(rows, y, strict=True)
+                    ]
+                    yerr = [
+                        [m - min(v) for m, v in zip(y, runs, strict=True)],
+                        [max(v) - m for m, v in zip(y, runs, strict=True)],
+                    ]
+                ax.errorbar(x, y, yerr=yerr, marker="o", capsize=3, label=SHORT_NAMES[peer])
+            ax.set_xscale("log", base=2)
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.set_xticks(sorted({requests_in_flight(r) for r in summary}))
+            ax.set_title(f"{lat:g} ms per request")
+            ax.set_xlabel("requests in flight (DataLoader: workers)")
+            ax.grid(alpha=0.3)
+        if metric == "peak_rss_mib":
+            axes[0][0].set_yscale("log")
+            axes[0][0].yaxis.set_major_formatter(ScalarFormatter())
+            axes[0][0].set_ylabel("peak summed RSS (MiB)")
+        else:
+            axes[0][0].set_ylabel("samples/s (median, bars: range)")
+        axes[0][0].legend(fontsize="small")
+        fig.suptitle(f"HTTP, 16 KiB samples: {title}")
+        fig.tight_layout()
+        # No "Software" stamp: the same numbers give the same bytes, so git sees no change.
+        fig.savefig(img_dir / filename, dpi=100, metadata={"Software": None})
+        plt.close(fig)
+        print(f"wrote {img_dir / filename}")
 
 
-def _key(row: dict[str, Any]) -> str:
-    return f"{row['loader']}/{row['in_flight']}/{row['latency_ms']:g}ms"
-
-
-def _asyncload_version() -> str | None:
-    try:
-        import asyncload
-    except Exception:
-        return None
-    return str(getattr(asyncload, "__version__", "unknown"))
-
-
-def _clean(obj: Any) -> Any:
-    """NaN to None, recursively, so the JSON is standard."""
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_clean(v) for v in obj]
-    return obj
-
+BENCH = harness.Benchmark(
+    name="http",
+    file=__file__,
+    doc=__doc__,
+    run=run,
+    render=render,
+    child=run_one,
+    label=label,
+    console=console,
+    plot=plot,
+)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(harness.main(BENCH))

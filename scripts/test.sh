@@ -8,7 +8,4 @@ bash scripts/setup.sh
 .venv/bin/ruff format --check asyncload tests benchmarks
 .venv/bin/mypy
 .venv/bin/python -m pytest -q -p no:cacheprovider
-.venv/bin/python benchmarks/bench_http.py --quick
-.venv/bin/python benchmarks/bench_s3.py --quick
-.venv/bin/python benchmarks/bench_tar.py --quick
-.venv/bin/python benchmarks/bench_images.py --quick
+.venv/bin/python benchmarks/run_all.py --quick
