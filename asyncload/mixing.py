@@ -3,7 +3,7 @@
 - `mix(datasets, weights)`: one stream drawing each next sample from a dataset chosen at
   random by weight, seeded by ``(seed, epoch)`` so that runs repeat and resume exactly.
 - `StratifiedSampler(labels, batch_size)`: an order of indices in which every run of
-  ``batch_size`` keeps the dataset's class proportions (to within one sample per class).
+  ``batch_size`` keeps the dataset's class proportions (to within two samples per class).
 """
 
 from __future__ import annotations
@@ -159,9 +159,10 @@ async def _map_share(
 
 class StratifiedSampler:
     """An epoch order (a ``sampler=`` for the Loader) in which each run of ``batch_size``
-    indices keeps the class proportions of ``labels``: each class's (seeded, shuffled)
-    indices are spread evenly over the epoch, so every batch holds about
-    ``batch_size * share`` of each class, to within one.
+    indices keeps the class proportions of ``labels``: position by position, the next
+    index comes from the class furthest behind its share (each class's indices in a
+    seeded random order), so every prefix of the epoch holds each class's share to within
+    one sample, and every batch to within two (most often one).
 
     Implements ``set_epoch`` (the Loader calls it), so each epoch is a new arrangement,
     a pure function of ``(seed, epoch)``.
@@ -188,11 +189,19 @@ class StratifiedSampler:
     def __iter__(self) -> Iterator[int]:
         rng = np.random.default_rng([self.seed, self.epoch])
         n = len(self.labels)
-        keys = np.empty(n)
-        for label in np.unique(self.labels):
-            members = np.flatnonzero(self.labels == label)
-            rng.shuffle(members)
-            # Member j of a class of m goes at fraction (j + u) / m of the epoch: evenly
-            # spread, with a random phase so classes do not line up in lockstep.
-            keys[members] = (np.arange(len(members)) + rng.random()) / len(members)
-        return iter(np.argsort(keys, kind="stable").tolist())
+        classes = rng.permutation(np.unique(self.labels))  # a random order breaks ties
+        members = []
+        for label in classes:
+            group = np.flatnonzero(self.labels == label)
+            rng.shuffle(group)
+            members.append(group.tolist())
+        shares = np.array([len(m) for m in members], dtype=float) / max(n, 1)
+        taken = np.zeros(len(members))
+        order: list[int] = []
+        for k in range(1, n + 1):
+            # The class furthest behind its quota of the first k: every prefix holds each
+            # class's share to within one sample, so every batch to within two.
+            c = int(np.argmax(k * shares - taken))
+            order.append(members[c][int(taken[c])])
+            taken[c] += 1
+        return iter(order)

@@ -114,7 +114,7 @@ def test_mix_bad_arguments() -> None:
 # -- stratified batches ---------------------------------------------------------------------
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
     counts=st.lists(st.integers(1, 60), min_size=1, max_size=5),
     batch_size=st.integers(2, 16),
@@ -125,7 +125,11 @@ def test_stratified_batches_keep_proportions(counts: list[int], batch_size: int,
     order = list(al.StratifiedSampler(labels, batch_size, seed=seed))
     assert sorted(order) == list(range(len(labels)))
     shares = np.array(counts) / len(labels)
-    for start in range(0, len(order) - batch_size + 1, batch_size):
+    seen = np.zeros(len(counts))
+    for k, index in enumerate(order, start=1):  # every prefix: within one of its quota
+        seen[labels[index]] += 1
+        assert np.all(np.abs(seen - k * shares) < 1 + 1e-9), (k, seen, k * shares)
+    for start in range(0, len(order) - batch_size + 1, batch_size):  # every batch: two
         batch = labels[order[start : start + batch_size]]
         got = np.bincount(batch, minlength=len(counts))
         assert np.all(np.abs(got - batch_size * shares) < 2), (got, batch_size * shares)
