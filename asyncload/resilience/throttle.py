@@ -144,10 +144,13 @@ class ConcurrencyGate:
         self._waiters: deque[anyio.Event] = deque()
         self._woken = 0  # waiters set and not yet running: slots promised to them
 
-    async def run(self, fn0: Callable[[], Awaitable[T]]) -> T:
-        """Await ``fn0()`` in a slot, and feed its outcome to the throttle."""
-        throttle = self.throttle
-        while self.in_use + self._woken >= throttle.slots:
+    def full(self) -> bool:
+        """No slot is free now: the next attempt must :meth:`wait_turn` first."""
+        return self.in_use + self._woken >= self.throttle.slots
+
+    async def wait_turn(self) -> None:
+        """Wait until a slot is free (only below the ceiling: see :meth:`full`)."""
+        while self.full():
             event = anyio.Event()
             self._waiters.append(event)
             try:
@@ -160,20 +163,29 @@ class ConcurrencyGate:
                     self._waiters.remove(event)
                 raise
             self._woken -= 1
+
+    def release(self) -> None:
+        self.in_use -= 1
+        if self._waiters:
+            self._wake()
+
+    async def run(self, fn0: Callable[[], Awaitable[T]]) -> T:
+        """Await ``fn0()`` in a slot, and feed its outcome to the throttle. (The loader's
+        fetch path does the same inline, without the extra coroutine per attempt.)"""
+        if self.full():
+            await self.wait_turn()
         self.in_use += 1
+        throttle = self.throttle
         ticket = throttle.admit()
         try:
             result = await fn0()
         except Exception as exc:
             throttle.failed(ticket, exc)
             raise
-        else:
-            throttle.succeeded()
-            return result
         finally:
-            self.in_use -= 1
-            if self._waiters:
-                self._wake()
+            self.release()
+        throttle.succeeded()
+        return result
 
     def _wake(self) -> None:
         # Wake only as many waiters as there are free slots (the limit may also have grown).
