@@ -338,27 +338,7 @@ def _through_breaker(
 def _through_gate(
     get: Callable[[int], Awaitable[Any]], gate: ConcurrencyGate
 ) -> Callable[[int], Awaitable[Any]]:
-    throttle = gate.throttle
-
-    async def get_admitted(index: int) -> Any:
-        # gate.run() inlined: this runs once per fetch attempt.
-        if gate.in_use + gate._woken >= throttle.slots:
-            await gate.wait_turn()
-        gate.in_use += 1
-        ticket = throttle.started
-        throttle.started = ticket + 1
-        try:
-            result = await get(index)
-        except Exception as exc:
-            throttle.failed(ticket, exc)
-            raise
-        finally:
-            gate.release()
-        if throttle.limit < throttle.ceiling:
-            throttle.succeeded()
-        return result
-
-    return get_admitted
+    return gate.wrap(get)
 
 
 def _with_retry(

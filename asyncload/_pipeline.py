@@ -29,7 +29,7 @@ from .errors import SampleError
 from .progress import Reporter
 from .sampling import Plan, Progress
 from .stats import LoaderStats
-from .streaming import StreamEpoch, StreamError
+from .streaming import StreamEpoch, StreamError, close_stream
 
 __all__ = ["Epoch", "MapUnits", "StreamUnits"]
 
@@ -226,10 +226,8 @@ class Epoch:
                 self._complete(self._taken_seq, [position], [outcome])
                 self._taken_seq += 1
         finally:
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None:
-                with anyio.CancelScope(shield=True):
-                    await aclose()
+            with anyio.CancelScope(shield=True):
+                await close_stream(stream)
 
     # -- assembly ----------------------------------------------------------------------------
 

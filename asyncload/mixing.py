@@ -8,13 +8,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
 from .datasets import AsyncDataset, AsyncIterableDataset
-from .streaming import StreamEpoch, StreamError, aclosing, equal_length
+from .streaming import StreamEpoch, StreamError, aclosing, close_stream, equal_length
 
 __all__ = ["MixedDataset", "StratifiedSampler", "mix"]
 
@@ -75,18 +76,8 @@ class MixedDataset(AsyncIterableDataset[Any]):
         return None if None in sizes else sum(s for s in sizes if s is not None)
 
     def _parts(self, spec: StreamEpoch) -> list[AsyncIterator[Any]]:
-        part_spec = StreamEpoch(
-            slot=spec.slot,
-            shares=spec.shares,
-            shuffle=spec.shuffle,
-            seed=spec.seed,
-            epoch=spec.epoch,
-            buffer_size=spec.buffer_size,
-            retry=spec.retry,
-            timeout=spec.timeout,
-            on_retry=spec.on_retry,
-            start_soon=spec.start_soon,
-        )
+        # Each part streams its own share, whole: the mix's length (if any) is the mix's.
+        part_spec = dataclasses.replace(spec, length=None)
         parts = []
         for k, dataset in enumerate(self.datasets):
             if isinstance(dataset, AsyncIterableDataset):
@@ -124,7 +115,7 @@ class MixedDataset(AsyncIterableDataset[Any]):
                 yield item
         finally:
             for part in parts:
-                await aclosing(part).__aexit__(None, None, None)
+                await close_stream(part)
 
     async def __aiter__(self) -> AsyncIterator[Any]:
         async with aclosing(self.epoch_stream(StreamEpoch())) as stream:

@@ -19,6 +19,7 @@ __all__ = [
     "StreamEpoch",
     "StreamError",
     "aclosing",
+    "close_stream",
     "equal_length",
     "shuffle_buffer",
     "stride",
@@ -84,9 +85,14 @@ class aclosing(contextlib.AbstractAsyncContextManager[Any]):
         return self.stream
 
     async def __aexit__(self, *exc_info: object) -> None:
-        aclose = getattr(self.stream, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await close_stream(self.stream)
+
+
+async def close_stream(stream: Any) -> None:
+    """Close an async iterator if it can be closed (generators can; plain iterators not)."""
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        await aclose()
 
 
 def _is_sample(item: object) -> bool:

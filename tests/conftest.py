@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from threaded_server import ThreadedServer
 
 BACKENDS = [
     pytest.param("asyncio", id="asyncio"),
@@ -50,7 +51,7 @@ def sample_body(index: int) -> bytes:
     return f"sample {index};".encode() * (1 + index % 5)
 
 
-class HTTPServer:
+class HTTPServer(ThreadedServer):
     """A real aiohttp server in a background thread; see the module docstring for routes."""
 
     def __init__(self) -> None:
@@ -63,11 +64,7 @@ class HTTPServer:
         self._gates: dict[int, asyncio.Event] = {}
         self._open_all = False
         self._flaky_seen: collections.Counter[str] = collections.Counter()
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._runner: web.AppRunner | None = None
-        self._startup_error: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, name="test-http-server", daemon=True)
+        super().__init__("test-http-server")
 
     # -- test side ---------------------------------------------------------------------------
 
@@ -100,12 +97,12 @@ class HTTPServer:
         self._loop.call_soon_threadsafe(self._gate(index).set)
 
     def release_all(self) -> None:
-        def open_all() -> None:
-            self._open_all = True
-            for event in self._gates.values():
-                event.set()
+        self._loop.call_soon_threadsafe(self._open_gates)
 
-        self._loop.call_soon_threadsafe(open_all)
+    def _open_gates(self) -> None:
+        self._open_all = True
+        for event in self._gates.values():
+            event.set()
 
     # -- server side -------------------------------------------------------------------------
 
@@ -177,18 +174,7 @@ class HTTPServer:
                 self._in_gate -= 1
         return web.Response(body=sample_body(index))
 
-    def _main(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        try:
-            self._loop.run_until_complete(self._start())
-        except BaseException as exc:  # reported to the test thread
-            self._startup_error = exc
-            self._ready.set()
-            return
-        self._ready.set()
-        self._loop.run_forever()
-
-    async def _start(self) -> None:
+    async def _app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/sample/{index}", self._sample)
         app.router.add_get("/status/{code}", self._status)
@@ -196,28 +182,11 @@ class HTTPServer:
         app.router.add_get("/truncated", self._truncated)
         app.router.add_get("/headers", self._headers)
         app.router.add_get("/gate/{index}", self._gated)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        server = site._server
-        assert server is not None
-        port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.base_url = f"http://127.0.0.1:{port}"
+        return app
 
-    def start(self) -> None:
-        self._thread.start()
-        self._ready.wait()
-        if self._startup_error is not None:
-            raise self._startup_error
-
-    def stop(self) -> None:
-        if self._runner is not None:
-            self.release_all()
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result()
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
+    async def _cleanup(self) -> None:
+        self._open_gates()  # held requests answer, so that the runner can close
+        await super()._cleanup()
 
 
 @pytest.fixture

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from aiohttp import web
+from threaded_server import ThreadedServer
 
 __all__ = [
     "ALL_TRANSIENT",
@@ -195,7 +196,7 @@ class FaultPlan:
         return [f for n in range(1, requests + 1) if (f := self.fault_for(index, n))]
 
 
-class FaultServer:
+class FaultServer(ThreadedServer):
     """A real aiohttp server in a background thread that fails requests by a plan.
 
     ``requests[i]`` counts the requests for ``/sample/{i}`` (each counted on arrival, so the
@@ -207,17 +208,12 @@ class FaultServer:
     def __init__(self, plan: FaultPlan | None = None) -> None:
         self.plan = plan if plan is not None else FaultPlan()
         self.down: Fault | None = None
-        self.base_url = ""
-        self.port = 0
         self._lock = threading.Lock()
         self._requests: collections.Counter[int] = collections.Counter()
         self._faults: collections.Counter[str] = collections.Counter()
-        self._loop = asyncio.new_event_loop()
         self._stop_stalls: asyncio.Event | None = None
-        self._runner: web.AppRunner | None = None
-        self._ready = threading.Event()
-        self._startup_error: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, name="fault-http-server", daemon=True)
+        # handler_cancellation: a stalled handler ends when its client hangs up.
+        super().__init__("fault-http-server", handler_cancellation=True)
 
     # -- test side ---------------------------------------------------------------------------
 
@@ -247,27 +243,6 @@ class FaultServer:
         with self._lock:
             self._requests.clear()
             self._faults.clear()
-
-    def start(self) -> None:
-        self._thread.start()
-        self._ready.wait()
-        if self._startup_error is not None:
-            raise self._startup_error
-
-    def stop(self) -> None:
-        """Release stalled requests, close every connection and stop the thread."""
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._shutdown(self._runner), self._loop).result()
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
-
-    def __enter__(self) -> FaultServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
     # -- server side -------------------------------------------------------------------------
 
@@ -309,33 +284,13 @@ class FaultServer:
         transport.close()
         return response
 
-    def _main(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        try:
-            self._loop.run_until_complete(self._start())
-        except BaseException as exc:  # reported to the test thread
-            self._startup_error = exc
-            self._ready.set()
-            return
-        self._ready.set()
-        self._loop.run_forever()
-
-    async def _start(self) -> None:
+    async def _app(self) -> web.Application:
         self._stop_stalls = asyncio.Event()
         app = web.Application()
         app.router.add_get("/sample/{index}", self._sample)
-        self._runner = web.AppRunner(
-            app, access_log=None, shutdown_timeout=1.0, handler_cancellation=True
-        )
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        server = site._server
-        assert server is not None
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.base_url = f"http://127.0.0.1:{self.port}"
+        return app
 
-    async def _shutdown(self, runner: web.AppRunner) -> None:
+    async def _cleanup(self) -> None:
         assert self._stop_stalls is not None
         self._stop_stalls.set()
-        await runner.cleanup()
+        await super()._cleanup()

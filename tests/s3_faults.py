@@ -33,6 +33,7 @@ from typing import Final, Literal
 
 import aiohttp
 from aiohttp import web
+from threaded_server import ThreadedServer
 
 __all__ = ["FAULTS", "LIST", "FaultKind", "FaultProxy"]
 
@@ -91,12 +92,11 @@ class _Rule:
         self.retry_after = retry_after
 
 
-class FaultProxy:
+class FaultProxy(ThreadedServer):
     """The proxy: ``proxy.endpoint_url`` is what the client talks to instead of ``upstream``."""
 
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream.rstrip("/")
-        self.endpoint_url = ""
         self._lock = threading.Condition()
         self._requests: collections.Counter[str] = collections.Counter()
         self._faults_served: collections.Counter[str] = collections.Counter()
@@ -106,13 +106,9 @@ class FaultProxy:
         self._down = False
         self._stalled = 0
         self._stopping = False
-        self._loop = asyncio.new_event_loop()
         self._release = asyncio.Event()
-        self._ready = threading.Event()
-        self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
-        self._startup_error: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, name="s3-fault-proxy", daemon=True)
+        super().__init__("s3-fault-proxy")
 
     # -- test side ---------------------------------------------------------------------------
 
@@ -275,55 +271,22 @@ class FaultProxy:
         request.transport.close()
         return response
 
-    def _main(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        try:
-            self._loop.run_until_complete(self._start())
-        except BaseException as exc:  # reported to the test thread
-            self._startup_error = exc
-            self._ready.set()
-            return
-        self._ready.set()
-        self._loop.run_forever()
-
-    async def _start(self) -> None:
+    async def _app(self) -> web.Application:
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=256),
             skip_auto_headers=("User-Agent", "Content-Type", "Accept", "Accept-Encoding"),
         )
         app = web.Application(client_max_size=1 << 30)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = self._runner.addresses[0][1]
-        self.endpoint_url = f"http://127.0.0.1:{port}"
+        return app
 
-    async def _stop(self) -> None:
+    @property
+    def endpoint_url(self) -> str:
+        return self.base_url
+
+    async def _cleanup(self) -> None:
         self._stopping = True
         self._release.set()
-        if self._runner is not None:
-            await self._runner.cleanup()
+        await super()._cleanup()
         if self._session is not None:
             await self._session.close()
-
-    def start(self) -> None:
-        self._thread.start()
-        self._ready.wait()
-        if self._startup_error is not None:
-            raise self._startup_error
-
-    def stop(self) -> None:
-        if self._thread.is_alive():
-            asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result()
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join()
-        self._loop.close()
-
-    def __enter__(self) -> FaultProxy:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

@@ -169,23 +169,36 @@ class ConcurrencyGate:
         if self._waiters:
             self._wake()
 
-    async def run(self, fn0: Callable[[], Awaitable[T]]) -> T:
-        """Await ``fn0()`` in a slot, and feed its outcome to the throttle. (The loader's
-        fetch path does the same inline, without the extra coroutine per attempt.)"""
-        if self.full():
-            await self.wait_turn()
-        self.in_use += 1
+    def wrap(self, fetch: Callable[[Any], Awaitable[T]]) -> Callable[[Any], Awaitable[T]]:
+        """``fetch`` run in a slot, its outcome fed to the throttle: the loader's fetch path
+        (one coroutine per attempt, no closure per call)."""
         throttle = self.throttle
-        ticket = throttle.admit()
-        try:
-            result = await fn0()
-        except Exception as exc:
-            throttle.failed(ticket, exc)
-            raise
-        finally:
-            self.release()
-        throttle.succeeded()
-        return result
+
+        async def admitted(arg: Any) -> T:
+            if self.in_use + self._woken >= throttle.slots:
+                await self.wait_turn()
+            self.in_use += 1
+            ticket = throttle.admit()
+            try:
+                result = await fetch(arg)
+            except Exception as exc:
+                throttle.failed(ticket, exc)
+                raise
+            finally:
+                self.release()
+            if throttle.limit < throttle.ceiling:
+                throttle.succeeded()
+            return result
+
+        return admitted
+
+    async def run(self, fn0: Callable[[], Awaitable[T]]) -> T:
+        """Await ``fn0()`` in a slot, and feed its outcome to the throttle."""
+
+        async def call(_: Any) -> T:
+            return await fn0()
+
+        return await self.wrap(call)(None)
 
     def _wake(self) -> None:
         # Wake only as many waiters as there are free slots (the limit may also have grown).
