@@ -23,7 +23,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ._background import BackgroundTask
 from ._fetch import SKIPPED, Failure, Fetcher
-from .batching import BudgetBatcher, CountBatcher
+from .batching import HOLE, BudgetBatcher, CountBatcher, SlotBatcher
 from .datasets import DROPPED, AsyncIterableDataset
 from .errors import SampleError
 from .progress import Reporter
@@ -40,9 +40,12 @@ Item = tuple[Any, list[int], int]
 class MapUnits:
     """Hands out chunks of a map-style plan, skipping positions already delivered (resume)."""
 
-    def __init__(self, plan: Plan, chunk: int, progress: Progress | None) -> None:
+    def __init__(
+        self, plan: Plan, chunk: int, progress: Progress | None, *, holes: bool = False
+    ) -> None:
         self.plan = plan
         self.chunk = chunk
+        self.holes = holes  # a planned epoch: some indices are HOLE, not to be fetched
         self.done = progress.done if progress is not None else set()
         self.next = progress.watermark if progress is not None else 0
 
@@ -82,7 +85,7 @@ class Epoch:
         fetcher: Fetcher,
         *,
         stats: LoaderStats,
-        batcher: CountBatcher | BudgetBatcher,
+        batcher: CountBatcher | BudgetBatcher | SlotBatcher,
         drop_last: bool,
         ordered: bool,
         collate: Callable[[list[Any]], Any],
@@ -101,7 +104,7 @@ class Epoch:
         # Room for every worker's unit plus what the batcher may hold back (a whole batch, or
         # a bucket), so a batch can always complete; twice the concurrency leaves slack for
         # out-of-order completions.
-        if isinstance(batcher, CountBatcher):
+        if isinstance(batcher, (CountBatcher, SlotBatcher)):
             holds = batcher.size
         else:
             holds = batcher.max_count + (batcher.bucket or 0)
@@ -179,11 +182,24 @@ class Epoch:
                 # once) must not hold the event loop for a whole epoch.
                 await anyio.lowlevel.checkpoint()
             self._held += len(positions)
-            if batched:
+            if units.holes and HOLE in indices:
+                outcomes = await self._fetch_around_holes(indices)
+            elif batched:
                 outcomes = await fetcher.chunk(indices)
             else:
                 outcomes = [await fetcher.one(indices[0])]
             self._complete(seq, positions, outcomes)
+
+    async def _fetch_around_holes(self, indices: list[int]) -> list[Any]:
+        """Outcomes of a planned epoch's unit: its holes are dropped, never fetched."""
+        real = [i for i in indices if i != HOLE]
+        fetcher = self.fetcher
+        if fetcher.batched:
+            fetched = await fetcher.chunk(real) if real else []
+        else:
+            fetched = [await fetcher.one(i) for i in real]
+        got = iter(fetched)
+        return [DROPPED if i == HOLE else next(got) for i in indices]
 
     async def _stream_worker(self, start_soon: Callable[..., Any]) -> None:
         units = self.units
@@ -255,8 +271,11 @@ class Epoch:
         dropped = 0
         for position, outcome in zip(positions, outcomes, strict=True):
             if outcome is DROPPED or outcome is SKIPPED:
-                batcher.skip(position)
                 dropped += 1
+                closed = batcher.skip(position)  # a planned batch may end on a hole
+                if closed is not None:
+                    ready.append(closed)
+                    self._notify_sender()
                 continue
             if type(outcome) is Failure:
                 self._fail(outcome.exc)

@@ -4,6 +4,13 @@ bucketing, and a padding collate for variable-length arrays.
 A batcher takes released samples (with their plan positions) one at a time and gives back
 the batches that are complete. Positions of dropped or skipped samples ride along with
 the next batch, so that progress (``state_dict``) counts them as delivered.
+
+When the costs are known before fetching (``batch_cost`` given as one cost per dataset
+index), batches are planned instead: :func:`plan_slots` cuts the whole epoch into budget
+batches that every rank computes alike, deals them to the ranks in equal numbers, and
+lays each out in ``batch_size`` plan slots (unused slots are holes, never fetched), so
+that sharding, DataLoader workers and resume work on them as on fixed-count batches;
+:class:`SlotBatcher` closes each batch at its slot boundary.
 """
 
 from __future__ import annotations
@@ -15,9 +22,20 @@ import numpy as np
 
 from .collate import default_collate
 
-__all__ = ["BudgetBatcher", "CountBatcher", "PadCollate", "plan_batches", "sample_cost"]
+__all__ = [
+    "HOLE",
+    "BudgetBatcher",
+    "CountBatcher",
+    "PadCollate",
+    "SlotBatcher",
+    "plan_batches",
+    "plan_slots",
+    "sample_cost",
+]
 
 Batch = tuple[list[Any], list[int]]  # (values, positions)
+
+HOLE = -1  # the dataset index of an unused slot in a planned epoch: nothing to fetch
 
 
 def sample_cost(sample: Any) -> int:
@@ -63,6 +81,49 @@ def plan_batches(
     return batches
 
 
+def plan_slots(
+    order: Sequence[int],
+    costs: np.ndarray,
+    *,
+    budget: int,
+    max_count: int,
+    bucket: int | None,
+    rng: np.random.Generator,
+    world_size: int,
+    drop_last: bool,
+) -> np.ndarray:
+    """An epoch's order of dataset indices cut into budget batches ahead of fetching.
+
+    The batches are cut from ``order`` as :func:`plan_batches` does (within windows of
+    ``bucket`` samples sorted by cost, each window's batches in an ``rng`` order; or
+    greedily in order), then dealt to ``world_size`` ranks in equal numbers: batch ``i``
+    goes to rank ``i % world_size``, and the last round is completed with batches from the
+    start (as torch's DistributedSampler pads), or dropped with ``drop_last``. Each batch
+    takes ``max_count`` slots, its unused ones :data:`HOLE`, laid out so that
+    :class:`~asyncload.sampling.Plan` (batch size ``max_count``) gives rank ``r`` its
+    batches ``r, r + world_size, ...`` whole.
+    """
+    indices = np.asarray(order, dtype=np.int64)
+    window = bucket or max(len(indices), 1)
+    batches: list[np.ndarray] = []
+    for start in range(0, len(indices), window):
+        part = indices[start : start + window]
+        groups = plan_batches(
+            costs[part].tolist(), budget=budget, max_count=max_count, sort=bucket is not None
+        )
+        if bucket is not None:
+            groups = [groups[i] for i in rng.permutation(len(groups)).tolist()]
+        batches.extend(part[group] for group in groups)
+    per_rank = len(batches) // world_size if drop_last else -(-len(batches) // world_size)
+    slots = np.full((per_rank * world_size, max_count), HOLE, dtype=np.int64)
+    for i in range(len(slots)):
+        batch = batches[i % len(batches)]
+        slots[i, : len(batch)] = batch
+    # Row i is rank (i % w)'s batch i // w; Plan reads rank r's position p at p * w + r.
+    laid_out: np.ndarray = slots.reshape(per_rank, world_size, max_count).transpose(0, 2, 1)
+    return laid_out.reshape(-1)
+
+
 class CountBatcher:
     """Batches of ``size`` samples, in the order they are released."""
 
@@ -78,8 +139,9 @@ class CountBatcher:
             return self._take()
         return None
 
-    def skip(self, position: int) -> None:
+    def skip(self, position: int) -> Batch | None:
         self.positions.append(position)
+        return None
 
     def flush(self) -> list[Batch]:
         return [self._take()] if self.values else []
@@ -92,6 +154,44 @@ class CountBatcher:
         batch = (self.values, self.positions)
         self.values, self.positions = [], []
         return batch
+
+
+class SlotBatcher:
+    """Planned batches (see :func:`plan_slots`): plan positions ``[k * size, (k + 1) *
+    size)`` are batch ``k``, holes included. A batch is complete once each of its slots was
+    released, in any order, so ordered and unordered output yield the same batches."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.open: dict[int, tuple[list[Any], list[int]]] = {}
+        self.loose: list[int] = []  # positions of batches that ended empty: sent with the next
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.open)
+
+    def add(self, value: Any, position: int) -> Batch | None:
+        self.open.setdefault(position // self.size, ([], []))[0].append(value)
+        return self.skip(position)
+
+    def skip(self, position: int) -> Batch | None:
+        k = position // self.size
+        positions = self.open.setdefault(k, ([], []))[1]
+        positions.append(position)
+        return self._close(k) if len(positions) == self.size else None
+
+    def flush(self) -> list[Batch]:
+        # Only after a resume that left a batch in part (positions delivered before it).
+        return [b for k in sorted(self.open) if (b := self._close(k)) is not None]
+
+    def _close(self, k: int) -> Batch | None:
+        values, positions = self.open.pop(k)
+        if not values:
+            self.loose.extend(positions)
+            return None
+        if self.loose:
+            positions, self.loose = positions + self.loose, []
+        return values, positions
 
 
 class BudgetBatcher:
@@ -141,8 +241,9 @@ class BudgetBatcher:
             return self._bucket()
         return None
 
-    def skip(self, position: int) -> None:
+    def skip(self, position: int) -> Batch | None:
         self.loose.append(position)
+        return None
 
     def flush(self) -> list[Batch]:
         if self.bucket is not None:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import copy
 import numbers
 import sys
+import warnings
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -19,7 +20,7 @@ import numpy as np
 
 from ._fetch import ErrorPolicy, Fetcher
 from ._pipeline import Epoch, EpochIterator, MapUnits, StreamUnits
-from .batching import BudgetBatcher, CountBatcher, sample_cost
+from .batching import BudgetBatcher, CountBatcher, SlotBatcher, plan_slots, sample_cost
 from .collate import default_collate
 from .datasets import AsyncDataset, AsyncIterableDataset
 from .drift import DriftMonitor
@@ -81,7 +82,7 @@ class Loader:
         shuffle_buffer: int = 1000,
         drift: DriftMonitor | None = None,
         batch_budget: int | None = None,
-        batch_cost: Callable[[Any], int] | None = None,
+        batch_cost: Callable[[Any], int] | Sequence[int] | None = None,
         bucket: int | None = None,
         progress: bool = False,
         on_statistics: Callable[[dict[str, Any]], object] | None = None,
@@ -146,8 +147,9 @@ class Loader:
         if on_statistics is not None and not callable(on_statistics):
             raise TypeError(f"on_statistics must be callable(snapshot), got {on_statistics!r}")
         _check_int("statistics_every", statistics_every, minimum=1)
-        if batch_cost is not None and not callable(batch_cost):
-            raise TypeError(f"batch_cost must be callable(sample) -> int, got {batch_cost!r}")
+        costs = _planned_costs(batch_cost, dataset)
+        if costs is not None and batch_budget is None and bucket is None:
+            raise ValueError("batch_cost needs a batch_budget or a bucket to cut batches by")
         if drift is not None and not callable(getattr(drift, "observe", None)):
             raise TypeError(f"drift must be an al.DriftMonitor, got {type(drift).__name__}")
         if not (throttle is None or isinstance(throttle, (bool, Throttle))):
@@ -173,6 +175,20 @@ class Loader:
                 "sampler is for map-style datasets; a streaming dataset has no indices"
             )
         self.rank, self.world_size = _resolve_ranks(rank, world_size)
+        if (
+            costs is None
+            and batch_budget is not None
+            and isinstance(dataset, AsyncDataset)
+            and self.world_size > 1
+        ):
+            warnings.warn(
+                "with a batch_budget and a batch_cost computed from each fetched sample, "
+                "ranks may yield different numbers of batches (DDP waits for the missing "
+                "ones); give batch_cost as a sequence of each index's cost to plan equal "
+                "batch counts on every rank",
+                UserWarning,
+                stacklevel=2,
+            )
 
         self.dataset = dataset
         self.batch_size = batch_size
@@ -196,6 +212,8 @@ class Loader:
         self.drift = drift
         self.batch_budget = batch_budget
         self.batch_cost = batch_cost
+        # batch_cost as one cost per dataset index: batches are planned before fetching.
+        self._costs = costs
         self.bucket = bucket
         self.progress = progress
         self.on_statistics = on_statistics
@@ -253,15 +271,35 @@ class Loader:
         )
         if self._excluded:
             order = [order[q] for q in remaining_positions(len(order), self._excluded)]
+        drop_last = self.drop_last
+        if self._costs is not None:
+            # Planned batches: already dealt and padded to equal counts per rank.
+            order = self._plan_slots(order)
+            drop_last = False
         return Plan(
             order,
             rank=self.rank,
             world_size=self.world_size,
-            drop_last=self.drop_last,
+            drop_last=drop_last,
             batch_size=self.batch_size or 1,
             worker=self.worker,
             num_workers=self.num_workers,
         )
+
+    def _plan_slots(self, order: Sequence[int]) -> Sequence[int]:
+        assert self._costs is not None and self.batch_size is not None
+        slots: Sequence[int] = plan_slots(  # type: ignore[assignment]
+            order,
+            self._costs,
+            budget=self.batch_budget if self.batch_budget is not None else sys.maxsize,
+            max_count=self.batch_size,
+            bucket=self.bucket,
+            # The same on every rank and worker: they deal from one plan.
+            rng=np.random.default_rng([self.seed, self._epoch]),
+            world_size=self.world_size,
+            drop_last=self.drop_last,
+        )
+        return slots
 
     def _stream_epoch(self) -> StreamEpoch:
         """This share's part of the current epoch of a stream. When the stream knows its
@@ -295,6 +333,8 @@ class Loader:
                     "len() of a Loader over a stream that does not know its size is unknown"
                 )
             return self.num_workers * self._batches(length)
+        if self._costs is not None:
+            return len(self.plan()) // self.batch_size if self.batch_size else 0
         n = _sized(self.sampler) if self.sampler is not None else len(self.dataset)
         n -= sum(end - start for start, end in self._excluded)
         return self._batches(rank_share(n, self.world_size, self.drop_last) if n else 0)
@@ -354,7 +394,7 @@ class Loader:
         units: MapUnits | StreamUnits
         if isinstance(self.dataset, AsyncDataset):
             chunk = min(batch_size, self.concurrency) if fetcher.batched else 1
-            units = MapUnits(self.plan(), chunk, resume)
+            units = MapUnits(self.plan(), chunk, resume, holes=self._costs is not None)
         else:
             spec = replace(self._stream_epoch(), on_retry=stats.count_retry)
             units = StreamUnits(self.dataset, spec, resume)
@@ -387,14 +427,16 @@ class Loader:
             every=self.statistics_every,
         )
 
-    def _batcher(self) -> CountBatcher | BudgetBatcher:
+    def _batcher(self) -> CountBatcher | BudgetBatcher | SlotBatcher:
         size = self.batch_size or 1
+        if self._costs is not None:
+            return SlotBatcher(size)
         if self.batch_budget is None and self.bucket is None:
             return CountBatcher(size)
         return BudgetBatcher(
             budget=self.batch_budget if self.batch_budget is not None else sys.maxsize,
             max_count=size,
-            cost=self.batch_cost or sample_cost,
+            cost=self.batch_cost if callable(self.batch_cost) else sample_cost,
             bucket=self.bucket,
             # The order of a bucket's batches: seeded, and different on every share.
             rng=np.random.default_rng([self.seed, self._epoch, self.rank, self.worker]),
@@ -498,6 +540,11 @@ class Loader:
         """
         if not isinstance(self.dataset, AsyncDataset):
             raise TypeError("merge_states is for map-style loaders (a stream resumes per share)")
+        if self._costs is not None:
+            raise ValueError(
+                "merge_states: a loader with planned batches (batch_cost per index) resumes "
+                "on the world size that saved it; elastic resume would cut other batches"
+            )
         if not states:
             raise ValueError("merge_states: no states")
         first = states[0]
@@ -692,3 +739,30 @@ def _resolve_ranks(rank: int | None, world_size: int | None) -> tuple[int, int]:
     if rank >= world_size:
         raise ValueError(f"rank must be < world_size, got rank={rank}, world_size={world_size}")
     return int(rank), int(world_size)
+
+
+def _planned_costs(batch_cost: Any, dataset: Any) -> np.ndarray | None:
+    """``batch_cost`` given as one cost per dataset index, as an array (None when it is
+    a callable, or absent); checked against the dataset."""
+    if batch_cost is None or callable(batch_cost):
+        return None
+    if isinstance(batch_cost, (str, bytes)) or not isinstance(batch_cost, (Sequence, np.ndarray)):
+        raise TypeError(
+            "batch_cost must be callable(sample) -> int or a sequence of each index's cost, "
+            f"got {type(batch_cost).__name__}"
+        )
+    if not isinstance(dataset, AsyncDataset):
+        raise TypeError(
+            "batch_cost as a sequence of costs is for map-style datasets (a stream has no "
+            "indices); give a callable(sample) -> int"
+        )
+    costs = np.asarray(batch_cost) if len(batch_cost) else np.zeros(0, np.int64)
+    if costs.ndim != 1 or not np.issubdtype(costs.dtype, np.integer):
+        raise TypeError("batch_cost as a sequence must hold one integer cost per index")
+    if len(costs) != len(dataset):
+        raise ValueError(
+            f"batch_cost has {len(costs)} costs for a dataset of {len(dataset)} samples"
+        )
+    if len(costs) and costs.min() < 0:
+        raise ValueError(f"batch_cost has a negative cost at index {int(costs.argmin())}")
+    return costs.astype(np.int64, copy=False)

@@ -196,6 +196,173 @@ def test_custom_cost_counts_tokens() -> None:
     assert total == 60
 
 
+# -- planned batches: costs known per index, equal batch counts on every rank -------------
+
+
+def planned(data: list[np.ndarray], **kwargs: Any) -> al.Loader:
+    options: dict[str, Any] = {
+        "batch_size": 8,
+        "batch_budget": 120,
+        "batch_cost": [len(a) for a in data],
+        "collate_fn": keep,
+    }
+    options.update(kwargs)
+    return al.Loader(al.from_sequence(data), **options)
+
+
+def within(batch: list[np.ndarray], budget: int, cap: int) -> bool:
+    return len(batch) <= cap and (sum(len(a) for a in batch) <= budget or len(batch) == 1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(0, 90),
+    world=st.integers(1, 4),
+    budget=st.integers(20, 400),
+    cap=st.integers(2, 12),
+    bucket=st.sampled_from([None, 16, 50]),
+    drop_last=st.booleans(),
+    shuffle=st.booleans(),
+    seed=st.integers(0, 3),
+)
+def test_planned_budget_batches_are_equal_in_number_on_every_rank(
+    n: int,
+    world: int,
+    budget: int,
+    cap: int,
+    bucket: int | None,
+    drop_last: bool,
+    shuffle: bool,
+    seed: int,
+) -> None:
+    data = sequences(n, seed)
+    per_rank = []
+    for rank in range(world):
+        loader = planned(
+            data,
+            batch_size=cap,
+            batch_budget=budget,
+            bucket=bucket,
+            drop_last=drop_last,
+            shuffle=shuffle,
+            seed=seed,
+            rank=rank,
+            world_size=world,
+        )
+        batches = list(loader)
+        assert len(batches) == len(loader)
+        assert all(within(b, budget, cap) for b in batches)
+        per_rank.append(batches)
+    assert len({len(b) for b in per_rank}) == 1  # DDP stays in step
+    seen = [i for batches in per_rank for i in ids(batches)]
+    if drop_last:
+        assert len(seen) == len(set(seen))  # nothing twice
+    else:
+        assert set(seen) == set(range(n))  # nothing lost; the last round may repeat some
+    # The planned batches are the budget batches of the whole epoch, dealt out.
+    whole = ids(
+        list(
+            planned(
+                data, batch_size=cap, batch_budget=budget, bucket=bucket, shuffle=shuffle, seed=seed
+            )
+        )
+    )
+    if not drop_last:
+        assert sorted(set(seen)) == sorted(whole)
+
+
+async def test_planned_batches_are_the_same_ordered_or_not() -> None:
+    data = sequences(150, seed=7)
+    ordered = list(planned(data, bucket=40, shuffle=True, rank=1, world_size=2))
+    loader = planned(data, bucket=40, shuffle=True, rank=1, world_size=2, ordered=False)
+    unordered = [b async for b in loader]
+    assert sorted(sorted(int(a[0]) for a in b) for b in unordered) == sorted(
+        sorted(int(a[0]) for a in b) for b in ordered
+    )
+
+
+def test_planned_batches_skip_failed_samples_and_keep_the_count() -> None:
+    data = sequences(64, seed=8)
+
+    def fail_on_seven(a: np.ndarray) -> np.ndarray:
+        if int(a[0]) == 7:
+            raise ValueError("bad sample 7")
+        return a
+
+    loader = planned(data, transform=fail_on_seven, on_error="skip")
+    batches = list(loader)
+    assert len(batches) == len(loader)
+    assert sorted(ids(batches)) == [i for i in range(64) if i != 7]
+
+
+def test_planned_resume_is_exact_on_each_rank() -> None:
+    data = sequences(200, seed=9)
+    for rank in range(2):
+
+        def build(rank: int = rank) -> al.Loader:
+            return planned(data, bucket=64, shuffle=True, seed=4, rank=rank, world_size=2)
+
+        full = [ids([b]) for b in build()]
+        first = build()
+        taken = []
+        for batch in first:
+            taken.append(ids([batch]))
+            if len(taken) == 5:
+                break
+        state = first.state_dict()
+        first.close()
+        second = build()
+        second.load_state_dict(state)
+        assert taken + [ids([b]) for b in second] == full
+
+
+def test_planned_batches_under_dataloader_workers_are_the_rank_batches() -> None:
+    pytest.importorskip("torch")
+    data = sequences(120, seed=10)
+    loader = planned(data, bucket=32, rank=0, world_size=2)
+    alone = sorted(ids([b]) for b in loader)
+    workers = sorted(ids([b]) for b in loader.to_torch_loader(num_workers=2))
+    assert workers == alone
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"batch_cost": [1, 2, 3]}, ValueError, "3 costs for a dataset of 4"),
+        ({"batch_cost": [1, -2, 3, 4]}, ValueError, "negative cost at index 1"),
+        ({"batch_cost": [1.5, 2, 3, 4]}, TypeError, "integer cost"),
+        ({"batch_cost": "abcd"}, TypeError, "batch_cost"),
+        ({"batch_cost": [1, 2, 3, 4], "batch_budget": None}, ValueError, "batch_budget"),
+    ],
+)
+def test_planned_cost_errors_name_the_argument(
+    kwargs: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    options: dict[str, Any] = {"batch_size": 2, "batch_budget": 5}
+    options.update(kwargs)
+    with pytest.raises(error, match=match):
+        al.Loader(al.from_sequence([1, 2, 3, 4]), **options)
+
+
+def test_a_per_sample_cost_under_ranks_warns_that_counts_may_differ() -> None:
+    with pytest.warns(UserWarning, match="sequence of each index's cost"):
+        al.Loader(
+            al.from_sequence(sequences(10)),
+            batch_size=4,
+            batch_budget=100,
+            rank=0,
+            world_size=2,
+        )
+
+
+def test_merge_states_refuses_planned_batches() -> None:
+    data = sequences(20)
+    loader = planned(data, rank=0, world_size=2)
+    states = [planned(data, rank=r, world_size=2).state_dict() for r in range(2)]
+    with pytest.raises(ValueError, match="planned batches"):
+        loader.merge_states(states)
+
+
 # -- the padding collate ------------------------------------------------------------------
 
 

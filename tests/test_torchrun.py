@@ -131,7 +131,7 @@ def interleave(a: list[Any], b: list[Any]) -> list[Any]:
     return [x for pair in zip(a, b, strict=True) for x in pair]
 
 
-DATASETS = ["map", "tar"]
+DATASETS = ["map", "budget", "tar"]
 
 
 # -- ranks ------------------------------------------------------------------------------------
@@ -151,7 +151,8 @@ def test_every_rank_takes_the_same_number_of_batches(runs: list[list[Record]], n
         for epoch in ("0", "1"):
             per_rank = [record[name]["epochs"][epoch] for record in ranks]
             assert [len(batches) for batches in per_rank] == [ranks[0][name]["len"]] * WORLD
-            assert len(flat(per_rank[0])) == len(flat(per_rank[1]))
+            if name != "budget":  # budget batches hold as many samples as fit
+                assert len(flat(per_rank[0])) == len(flat(per_rank[1]))
 
 
 def test_ddp_ran_in_lockstep(runs: list[list[Record]]) -> None:
@@ -188,6 +189,21 @@ def test_map_style_ranks_split_the_epoch_as_distributed_sampler(
     # Batches of 4, the rank's last one short.
     sizes = [len(batch) for batch in runs[0][0]["map"]["epochs"][epoch]]
     assert sizes == [4] * (share // 4) + [share % 4]
+
+
+# -- planned budget batches ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("epoch", ["0", "1"])
+def test_budget_batches_fit_and_cover_the_epoch(runs: list[list[Record]], epoch: str) -> None:
+    """Batches planned from per-index costs: each within the budget (or a single sample),
+    and together the ranks' batches hold every sample, repeats only from the padding."""
+    costs = [(i * 7) % 13 + 1 for i in range(N)]  # as tests/torchrun_train.py's costs(N)
+    per_rank = [record["budget"]["epochs"][epoch] for record in runs[0]]
+    for batches in per_rank:
+        for batch in batches:
+            assert sum(costs[i] for i in batch) <= 20 and 1 <= len(batch) <= 6
+    assert set(flat(per_rank[0]) + flat(per_rank[1])) == set(range(N))
 
 
 # -- tar shards ---------------------------------------------------------------------------------

@@ -50,6 +50,27 @@ def build_map(n: int) -> al.Loader:
     return al.Loader(al.from_sequence(np.arange(n)), batch_size=BATCH_SIZE, shuffle=True, seed=SEED)
 
 
+BUDGET = 20
+
+
+def costs(n: int) -> list[int]:
+    """Sample ``i``'s cost (as a token count known from an index file): uneven on purpose."""
+    return [(i * 7) % 13 + 1 for i in range(n)]
+
+
+def build_budget(n: int) -> al.Loader:
+    # Planned budget batches: the costs are known per index, so every rank yields as many.
+    return al.Loader(
+        al.from_sequence(np.arange(n)),
+        batch_size=6,
+        batch_budget=BUDGET,
+        batch_cost=costs(n),
+        bucket=16,
+        shuffle=True,
+        seed=SEED,
+    )
+
+
 def build_tar(shards: list[str], counts: list[int]) -> al.Loader:
     # A small buffer: with the default 1000 the whole share would fit, and the shuffle
     # would not be a streaming one.
@@ -158,6 +179,7 @@ def main(argv: list[str]) -> int:
             "rank": dist.get_rank(),
             "world_size": dist.get_world_size(),
             "map": run_dataset(lambda: build_map(n), map_ids, map_features, trainer),
+            "budget": run_dataset(lambda: build_budget(n), map_ids, map_features, trainer),
             "tar": run_dataset(lambda: build_tar(shards, counts), tar_ids, tar_features, trainer),
         }
         result["steps"] = trainer.steps
