@@ -264,6 +264,35 @@ def test_psi_and_ks_against_direct_computations(
     assert ks - 1e-12 <= exact_ks(reference, current) <= bound + 1e-12
 
 
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    shift=st.floats(-1, 1),
+    n_ref=st.integers(1, 1500),
+    n_cur=st.integers(1, 1500),
+)
+def test_ks_brackets_scipy_and_moments_match_scipy(
+    seed: int, shift: float, n_ref: int, n_cur: int
+) -> None:
+    """Against scipy itself: the binned KS statistic and its bound bracket
+    ``scipy.stats.ks_2samp``'s exact statistic, and the running moments equal
+    ``scipy.stats.describe``'s."""
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(seed)
+    reference = rng.normal(size=n_ref)
+    current = rng.normal(loc=shift, size=n_cur).round(1)  # ties, as real data has
+    exact = float(stats.ks_2samp(reference, current).statistic)
+    assert exact == pytest.approx(exact_ks(reference, current), abs=1e-12)
+    ks, bound = binned_ks(stats_of(reference), stats_of(current))
+    assert ks - 1e-12 <= exact <= bound + 1e-12
+    described = stats.describe(current, ddof=0)
+    running = stats_of(current)
+    assert running.count == described.nobs
+    assert running.mean == pytest.approx(described.mean, rel=1e-9, abs=1e-12)
+    assert running.var == pytest.approx(described.variance, rel=1e-9, abs=1e-12)
+    assert (running.min, running.max) == tuple(described.minmax)
+
+
 def test_identical_data_has_zero_psi_and_ks() -> None:
     data = np.random.default_rng(3).normal(size=1000)
     assert psi(stats_of(data), stats_of(data)) == 0.0
