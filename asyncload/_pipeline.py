@@ -268,6 +268,16 @@ class Epoch:
         if self.failure is not None:
             return  # nothing after a failure may reach the consumer
         batcher, ready = self.batcher, self._ready
+        if type(batcher) is CountBatcher and len(outcomes) > 1:
+            for outcome in outcomes:
+                if outcome is DROPPED or outcome is SKIPPED or type(outcome) is Failure:
+                    break
+            else:  # all values, the common case: batched in slices, not one by one
+                batches = batcher.extend(outcomes, positions)
+                if batches:
+                    ready.extend(batches)
+                    self._notify_sender()
+                return
         dropped = 0
         for position, outcome in zip(positions, outcomes, strict=True):
             if outcome is DROPPED or outcome is SKIPPED:

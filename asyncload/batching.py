@@ -139,6 +139,19 @@ class CountBatcher:
             return self._take()
         return None
 
+    def extend(self, values: list[Any], positions: list[int]) -> list[Batch]:
+        """:meth:`add` for several samples at once (a chunk with nothing dropped)."""
+        done = []
+        i, n = 0, len(values)
+        while i < n:
+            room = self.size - len(self.values)
+            self.values += values[i : i + room]
+            self.positions += positions[i : i + room]
+            i += room
+            if len(self.values) == self.size:
+                done.append(self._take())
+        return done
+
     def skip(self, position: int) -> Batch | None:
         self.positions.append(position)
         return None

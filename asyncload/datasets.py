@@ -355,6 +355,13 @@ class SequenceDataset(AsyncDataset[T]):
 
     async def getitems(self, indices: Sequence[int]) -> list[T]:
         seq, n = self.sequence, len(self.sequence)
+        if type(seq) is list or type(seq) is tuple:
+            # Python's own indexing has normalize_index's meaning; only its errors are
+            # less clear, so they are raised again below. (The loader's hot path.)
+            try:
+                return [seq[i] for i in indices]
+            except (IndexError, TypeError):
+                pass
         return [seq[normalize_index(i, n)] for i in indices]
 
 

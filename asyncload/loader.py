@@ -270,7 +270,7 @@ class Loader:
             sampler=self.sampler,
         )
         if self._excluded:
-            order = [order[q] for q in remaining_positions(len(order), self._excluded)]
+            order = [int(order[q]) for q in remaining_positions(len(order), self._excluded)]
         drop_last = self.drop_last
         if self._costs is not None:
             # Planned batches: already dealt and padded to equal counts per rank.

@@ -138,8 +138,26 @@ class Plan(Sequence[int]):
     def indices(self, start: int, stop: int) -> list[int]:
         """Dataset indices at positions ``[start, stop)``."""
         order, n, w, r = self.order, len(self.order), self.world_size, self.rank
-        rp = self._rank_position
-        return [int(order[(rp(p) * w + r) % n]) for p in range(start, stop)]
+        out: list[int] = []
+        p = start
+        # Positions within one batch (all of them, without workers) are consecutive rank
+        # positions, i.e. a strided slice of the order: one slice per batch, not one
+        # lookup per sample (this runs on the loader's hot path).
+        while p < stop:
+            end = (
+                stop
+                if self.num_workers == 1
+                else min(stop, (p // self.batch_size + 1) * self.batch_size)
+            )
+            q0 = self._rank_position(p) * w + r
+            q1 = q0 + (end - p - 1) * w + 1
+            if q1 <= n:
+                part = order[q0:q1:w]
+                out += part.tolist() if isinstance(part, np.ndarray) else part
+            else:  # the padding wraps around to the start of the order
+                out += [int(order[q % n]) for q in range(q0, q1, w)]
+            p = end
+        return out
 
 
 class Progress:
