@@ -7,5 +7,6 @@ bash scripts/setup.sh
 .venv/bin/ruff check asyncload tests benchmarks
 .venv/bin/ruff format --check asyncload tests benchmarks
 .venv/bin/mypy
+.venv/bin/mkdocs build --strict --site-dir "$(mktemp -d)"  # docs site: zero warnings
 .venv/bin/python -m pytest -q -p no:cacheprovider
 .venv/bin/python benchmarks/run_all.py --quick
