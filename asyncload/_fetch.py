@@ -65,7 +65,9 @@ class ErrorPolicy:
         self.max_errors = max_errors
         self.stats = stats
         self.attempted = 0
-        self._checked = False  # the fraction was checked after the first 100 attempts
+        # A fraction is checked once after the first 100 attempts (other budgets at each
+        # failure): True once there is nothing left to check there.
+        self._checked = not isinstance(max_errors, float)
         self._causes: list[BaseException] = []
 
     async def failed(self, index: int, key: Hashable | None, exc: Exception) -> Any:

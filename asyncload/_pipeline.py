@@ -13,12 +13,14 @@ Nothing here sleeps or polls: every wait is on an event.
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
+import sniffio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._background import BackgroundTask
@@ -37,8 +39,45 @@ __all__ = ["Epoch", "MapUnits", "StreamUnits"]
 Item = tuple[Any, list[int], int]
 
 
+class Signal(Protocol):
+    """A one-shot wake-up: ``set()`` from the loop's thread, ``await wait()``."""
+
+    def set(self) -> None: ...
+    def wait(self) -> Awaitable[Any]: ...
+
+
+class _FutureSignal:
+    """:class:`Signal` on asyncio: a bare future. An ``anyio.Event`` costs a backend lookup
+    and two objects per wait, and a worker waits once per sample while the consumer is the
+    bottleneck."""
+
+    __slots__ = ("_future",)
+
+    def __init__(self, future: asyncio.Future[None]) -> None:
+        self._future = future
+
+    def set(self) -> None:
+        if not self._future.done():  # cancelled with its waiter
+            self._future.set_result(None)
+
+    def wait(self) -> asyncio.Future[None]:
+        return self._future
+
+
+def signal_factory() -> Callable[[], Signal]:
+    """How this event loop makes a :class:`Signal` (call in the loop)."""
+    if sniffio.current_async_library() == "asyncio":
+        create_future = asyncio.get_running_loop().create_future
+        return lambda: _FutureSignal(create_future())
+    return anyio.Event
+
+
 class MapUnits:
-    """Hands out chunks of a map-style plan, skipping positions already delivered (resume)."""
+    """Hands out chunks of a map-style plan, skipping positions already delivered (resume).
+
+    Dataset indices are looked up a block of chunks at a time: one plan lookup per block,
+    not per chunk (with chunks of one sample, it was a visible part of the per-sample cost).
+    """
 
     def __init__(
         self, plan: Plan, chunk: int, progress: Progress | None, *, holes: bool = False
@@ -48,16 +87,26 @@ class MapUnits:
         self.holes = holes  # a planned epoch: some indices are HOLE, not to be fetched
         self.done = progress.done if progress is not None else set()
         self.next = progress.watermark if progress is not None else 0
+        self.end = len(plan)
+        self._block: list[int] = []  # dataset indices of positions [_block_start, ...)
+        self._block_start = self._block_stop = self.next
+        self._block_size = chunk * -(-256 // chunk)  # whole chunks
 
     def take(self) -> tuple[list[int], list[int]] | None:
         """(positions, dataset indices) of the next chunk, or None at the end of the plan."""
-        start, end = self.next, len(self.plan)
+        start, end = self.next, self.end
         if start >= end:
             return None
         stop = min(start + self.chunk, end)
         self.next = stop
         if not self.done:
-            return list(range(start, stop)), self.plan.indices(start, stop)
+            if stop > self._block_stop:
+                self._block_start, self._block_stop = start, min(start + self._block_size, end)
+                self._block = self.plan.indices(start, self._block_stop)
+            offset = start - self._block_start
+            if stop - start == 1:
+                return [start], [self._block[offset]]
+            return list(range(start, stop)), self._block[offset : offset + stop - start]
         positions = [p for p in range(start, stop) if p not in self.done]
         if not positions:
             return self.take()
@@ -121,14 +170,15 @@ class Epoch:
         self._parked: dict[int, tuple[list[int], list[Any]]] = {}
         self._ready: deque[tuple[list[Any], list[int]]] = deque()
         self._fetch_done = False
-        self._space_waiters: deque[anyio.Event] = deque()  # workers waiting for room
-        self._wake_sender: anyio.Event | None = None
+        self._space_waiters: deque[Signal] = deque()  # workers waiting for room
+        self._wake_sender: Signal | None = None
         self._workers_scope: anyio.CancelScope | None = None
         self.task = BackgroundTask(self._run)
 
     # -- the background task ---------------------------------------------------------------
 
     async def _run(self) -> None:
+        self._signal = signal_factory()
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._sender)
@@ -268,7 +318,18 @@ class Epoch:
         if self.failure is not None:
             return  # nothing after a failure may reach the consumer
         batcher, ready = self.batcher, self._ready
-        if type(batcher) is CountBatcher and len(outcomes) > 1:
+        if len(outcomes) == 1:
+            outcome = outcomes[0]
+            if not (outcome is DROPPED or outcome is SKIPPED or type(outcome) is Failure):
+                batch = batcher.add(outcome, positions[0])
+                if batch is not None:
+                    if isinstance(batch, tuple):
+                        ready.append(batch)
+                    else:
+                        ready.extend(batch)
+                    self._notify_sender()
+                return
+        elif type(batcher) is CountBatcher:
             for outcome in outcomes:
                 if outcome is DROPPED or outcome is SKIPPED or type(outcome) is Failure:
                     break
@@ -307,7 +368,7 @@ class Epoch:
             if not ready:
                 if self._fetch_done:
                     return
-                event = self._wake_sender = anyio.Event()
+                event = self._wake_sender = self._signal()
                 await event.wait()
                 continue
             values, positions = ready.popleft()
@@ -323,7 +384,7 @@ class Epoch:
     # -- events ------------------------------------------------------------------------------
 
     async def _wait_space(self) -> None:
-        event = anyio.Event()
+        event = self._signal()
         self._space_waiters.append(event)
         await event.wait()
 

@@ -51,8 +51,46 @@ class Loader:
 
     Iterate with ``async for`` in your event loop, with a plain ``for`` (a background event
     loop thread), or through ``torch.utils.data.DataLoader(loader.to_torch(), batch_size=None)``.
-    See the class-level docs for the keywords; bad values raise ``ValueError``/``TypeError``
-    naming the argument.
+    Bad values raise ``ValueError``/``TypeError`` naming the argument. docs/api.md gives
+    each keyword's full contract.
+
+    :param dataset: an ``AsyncDataset`` (map-style) or ``AsyncIterableDataset`` (a stream).
+    :param batch_size: samples per batch; ``None`` yields single samples, uncollated. With
+        ``batch_budget`` or ``bucket``, the most samples a batch may hold.
+    :param shuffle: a permutation (streams: shard order and a shuffle buffer) that is a
+        pure function of ``(seed, epoch)``, the same on every rank.
+    :param seed: the shuffle seed.
+    :param sampler: a re-iterable of dataset indices instead of ``shuffle`` (map-style).
+    :param drop_last: drop the last incomplete batch, and trim rank shares instead of
+        padding them by wrapping around.
+    :param concurrency: samples being fetched at once, at most (map-style).
+    :param prefetch: collated batches buffered ahead of the consumer, at most.
+    :param ordered: batches in sampler order (``True``) or as fetches complete.
+    :param transform: sync or async ``fn(sample)``, applied after the fetch and the cache.
+    :param collate_fn: ``fn(samples)``; default :func:`asyncload.default_collate`.
+    :param retry: an ``al.Retry`` around each fetch attempt.
+    :param breaker: an ``al.CircuitBreaker`` around each attempt (map-style).
+    :param cache: an ``al.LRUCache``, ``al.DiskCache`` or ``al.TieredCache`` (map-style).
+    :param timeout: seconds for each fetch attempt.
+    :param validate: sync or async ``fn(sample)`` (an ``al.Schema`` fits); raising or
+        returning false fails the sample.
+    :param on_error: ``"raise"``, ``"skip"`` or ``fn(index, exc) -> substitute``.
+    :param max_errors: with ``"skip"`` or a callable: failed samples allowed per epoch, a
+        count (int) or a fraction of those attempted (float in (0, 1)).
+    :param rank: this process's rank; default from ``torch.distributed`` when initialised.
+    :param world_size: the number of ranks; default from ``torch.distributed``.
+    :param throttle: lower the concurrency when the store says "slow down" (``True``, or an
+        ``al.Throttle``); ``False`` turns it off.
+    :param shuffle_buffer: samples held by a stream's shuffle buffer.
+    :param drift: an ``al.DriftMonitor`` observing each sample, checked at the epoch's end.
+    :param batch_budget: the most total cost a batch may hold.
+    :param batch_cost: a sample's cost, ``fn(sample) -> int`` (default its bytes), or one
+        cost per dataset index, which plans equal batch counts on every rank.
+    :param bucket: a window of samples sorted by cost before batches are cut.
+    :param progress: show a tqdm progress bar.
+    :param on_statistics: ``fn(snapshot)``, called with :meth:`statistics` every
+        ``statistics_every`` batches and when the epoch is left.
+    :param statistics_every: batches between ``on_statistics`` calls.
     """
 
     def __init__(

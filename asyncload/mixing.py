@@ -151,9 +151,9 @@ async def _map_share(
 class StratifiedSampler:
     """An epoch order (a ``sampler=`` for the Loader) in which each run of ``batch_size``
     indices keeps the class proportions of ``labels``: position by position, the next
-    index comes from the class furthest behind its share (each class's indices in a
-    seeded random order), so every prefix of the epoch holds each class's share to within
-    one sample, and every batch to within two (most often one).
+    index comes from the class whose share is most urgent (Tijdeman's chairman assignment;
+    each class's indices in a seeded random order), so every prefix of the epoch holds each
+    class's share to within one sample, and every batch to within two (most often one).
 
     Implements ``set_epoch`` (the Loader calls it), so each epoch is a new arrangement,
     a pure function of ``(seed, epoch)``.
@@ -188,11 +188,22 @@ class StratifiedSampler:
             members.append(group.tolist())
         shares = np.array([len(m) for m in members], dtype=float) / max(n, 1)
         taken = np.zeros(len(members))
+        # Tijdeman's chairman assignment: of the classes at least 1/(2m - 2) behind their
+        # quota, the one whose deadline (when it would fall a whole `slack` behind) comes
+        # first. Every prefix then holds each class's share to within slack < 1 sample, so
+        # every batch to within two. (Plain "furthest behind first" can fall a whole sample
+        # behind.)
+        m = len(members)
+        slack = 1.0 - 1.0 / (2 * m - 2) if m > 1 else 0.0
         order: list[int] = []
         for k in range(1, n + 1):
-            # The class furthest behind its quota of the first k: every prefix holds each
-            # class's share to within one sample, so every batch to within two.
-            c = int(np.argmax(k * shares - taken))
+            deficit = k * shares - taken
+            eligible = deficit >= (1.0 - slack) - 1e-9
+            if m == 1 or not eligible.any():
+                c = int(np.argmax(deficit))
+            else:
+                deadlines = np.where(eligible, (taken + slack) / shares, np.inf)
+                c = int(np.argmin(deadlines))
             order.append(members[c][int(taken[c])])
             taken[c] += 1
         return iter(order)

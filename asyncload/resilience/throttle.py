@@ -175,7 +175,9 @@ class ConcurrencyGate:
         throttle = self.throttle
 
         async def admitted(arg: Any) -> T:
-            if self.in_use + self._woken >= throttle.slots:
+            # At the ceiling (not throttled) the loader's workers alone bound what is in
+            # flight: the common case skips the count.
+            if throttle.limit < throttle.ceiling and self.in_use + self._woken >= throttle.slots:
                 await self.wait_turn()
             self.in_use += 1
             ticket = throttle.admit()
