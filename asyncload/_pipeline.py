@@ -25,7 +25,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ._background import BackgroundTask
 from ._fetch import SKIPPED, Failure, Fetcher
-from .batching import HOLE, BudgetBatcher, CountBatcher, SlotBatcher
+from .batching import HOLE, Batch, BudgetBatcher, CountBatcher, SlotBatcher
 from .datasets import DROPPED, AsyncIterableDataset
 from .errors import SampleError
 from .progress import Reporter
@@ -168,7 +168,7 @@ class Epoch:
         self._next_seq = 0  # ordered: sequence number of the next unit to release
         self._taken_seq = 0
         self._parked: dict[int, tuple[list[int], list[Any]]] = {}
-        self._ready: deque[tuple[list[Any], list[int]]] = deque()
+        self._ready: deque[Batch] = deque()
         self._fetch_done = False
         self._space_waiters: deque[Signal] = deque()  # workers waiting for room
         self._wake_sender: Signal | None = None
@@ -317,17 +317,13 @@ class Epoch:
     def _release(self, positions: list[int], outcomes: list[Any]) -> None:
         if self.failure is not None:
             return  # nothing after a failure may reach the consumer
-        batcher, ready = self.batcher, self._ready
+        batcher = self.batcher
         if len(outcomes) == 1:
             outcome = outcomes[0]
             if not (outcome is DROPPED or outcome is SKIPPED or type(outcome) is Failure):
                 batch = batcher.add(outcome, positions[0])
                 if batch is not None:
-                    if isinstance(batch, tuple):
-                        ready.append(batch)
-                    else:
-                        ready.extend(batch)
-                    self._notify_sender()
+                    self._queue(batch)
                 return
         elif type(batcher) is CountBatcher:
             for outcome in outcomes:
@@ -336,8 +332,7 @@ class Epoch:
             else:  # all values, the common case: batched in slices, not one by one
                 batches = batcher.extend(outcomes, positions)
                 if batches:
-                    ready.extend(batches)
-                    self._notify_sender()
+                    self._queue(batches)
                 return
         dropped = 0
         for position, outcome in zip(positions, outcomes, strict=True):
@@ -345,22 +340,25 @@ class Epoch:
                 dropped += 1
                 closed = batcher.skip(position)  # a planned batch may end on a hole
                 if closed is not None:
-                    ready.append(closed)
-                    self._notify_sender()
+                    self._queue(closed)
                 continue
             if type(outcome) is Failure:
                 self._fail(outcome.exc)
                 return
             batch = batcher.add(outcome, position)
             if batch is not None:
-                if isinstance(batch, tuple):
-                    ready.append(batch)
-                else:
-                    ready.extend(batch)
-                self._notify_sender()
+                self._queue(batch)
         if dropped:
             self._held -= dropped
             self._notify_space()
+
+    def _queue(self, batch: Batch | list[Batch]) -> None:
+        """Queue a complete batch (or a bucket's batches) for the sender."""
+        if isinstance(batch, tuple):
+            self._ready.append(batch)
+        else:
+            self._ready.extend(batch)
+        self._notify_sender()
 
     async def _sender(self) -> None:
         ready, collate = self._ready, self.collate
