@@ -252,6 +252,7 @@ class Loader:
         self.batch_cost = batch_cost
         # batch_cost as one cost per dataset index: batches are planned before fetching.
         self._costs = costs
+        self._slots: tuple[tuple[int, str], Sequence[int]] | None = None  # (epoch, plan)
         self.bucket = bucket
         self.progress = progress
         self.on_statistics = on_statistics
@@ -326,6 +327,11 @@ class Loader:
 
     def _plan_slots(self, order: Sequence[int]) -> Sequence[int]:
         assert self._costs is not None and self.batch_size is not None
+        # len(loader) and the epoch both ask for the plan: cut it once per epoch (a
+        # sampler may answer differently each time it is asked, so it is not cached).
+        key = (self._epoch, repr(self._excluded))
+        if self.sampler is None and self._slots is not None and self._slots[0] == key:
+            return self._slots[1]
         slots: Sequence[int] = plan_slots(  # type: ignore[assignment]
             order,
             self._costs,
@@ -337,6 +343,7 @@ class Loader:
             world_size=self.world_size,
             drop_last=self.drop_last,
         )
+        self._slots = (key, slots)
         return slots
 
     def _stream_epoch(self) -> StreamEpoch:
