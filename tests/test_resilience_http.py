@@ -652,10 +652,10 @@ async def test_error_budget_count_is_exact(
     the epoch completes; one more raises ErrorBudgetExceeded at that sample's place.
 
     Deterministic at concurrency 2: the failing samples are further apart than the ordered
-    window (``max(2c, c + batch_size)`` = 4 samples), so a later one cannot be taken before
-    an earlier one has completed, and the (N+1)-th failure is always sample 27."""
-    n, budget = 32, 4
-    bad = [3, 9, 15, 21] + ([27] if over else [])
+    window (``max(4c, c + batch_size)`` = 8 samples), so a later one cannot be taken before
+    an earlier one has completed, and the (N+1)-th failure is always sample 39."""
+    n, budget = 48, 4
+    bad = [3, 12, 21, 30] + ([39] if over else [])
     server.plan = FaultPlan(always=dict.fromkeys(bad, NOT_FOUND))
     loader = al.Loader(
         al.sources.HTTPSource(server.urls(n)),
@@ -680,7 +680,7 @@ async def test_error_budget_count_is_exact(
     )
     assert error.errors == budget + 1
     assert all(isinstance(c, al.HTTPStatusError) and c.status == 404 for c in error.causes)
-    assert got == [body(i) for i in range(27) if i not in bad]
+    assert got == [body(i) for i in range(39) if i not in bad]
     assert stats["skipped"] == budget
 
 
