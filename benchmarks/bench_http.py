@@ -14,7 +14,15 @@ requests in flight:
 * ``plain-asyncio``: hand-written aiohttp client, C worker coroutines over a shared index
   iterator, one ``ClientSession`` with connector limit C, batches of 32 as lists, uvloop;
 * ``dataloader``: ``torch.utils.data.DataLoader`` over a map-style Dataset doing a blocking
-  ``http.client`` GET (keep-alive, one connection per worker), ``num_workers`` = W.
+  ``http.client`` GET (keep-alive, one connection per worker), ``num_workers`` = W;
+* ``torchdata``: ``torchdata.nodes`` ``ParallelMapper(method="thread", num_workers=C)``
+  over the same blocking GET (one keep-alive connection per thread), then ``Batcher(32)``;
+* ``spdl``: Meta's SPDL pipeline (``spdl.pipeline.PipelineBuilder``): an async aiohttp
+  fetch stage at ``concurrency=C`` in SPDL's background event loop, ``aggregate(32)``,
+  consumed synchronously with ``for batch in pipeline.get_iterator()``.
+
+torchdata and SPDL are installed with ``pip install --no-deps`` (``scripts/setup.sh``);
+where one does not import, its rows are left out and the section says why.
 
 Each child process imports torch, as a training process would. What is measured, and
 the options, are the harness's (``benchmarks/harness.py``). ``--render`` also draws
@@ -37,15 +45,28 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import harness
-from benchmarks.common import RunConfig, RunResult, SampleChecker, Tally, sample_urls
+from benchmarks.common import (
+    RunConfig,
+    RunResult,
+    SampleChecker,
+    Tally,
+    package_versions,
+    sample_urls,
+)
 from benchmarks.page import Column, command_block, failed_runs, num, results_table, run_line
 from benchmarks.server import run_event_loop, start_server, stop_server
 
 BATCH_SIZE = 32
 SAMPLE_BYTES = 16384
 LATENCIES_MS = (0.0, 20.0)
-PEERS = ("asyncload-sync", "asyncload-async", "plain-asyncio", "dataloader")
+PEERS = ("asyncload-sync", "asyncload-async", "plain-asyncio", "dataloader", "torchdata", "spdl")
 ASYNCLOAD_PEERS = ("asyncload-sync", "asyncload-async")
+# Peers next to plain asyncio in the ratio table.
+RATIO_PEERS = (*ASYNCLOAD_PEERS, "torchdata", "spdl")
+# Peers that need a package installed apart (``pip install --no-deps``): the module to import.
+OPTIONAL_PEERS = {"torchdata": "torchdata.nodes", "spdl": "spdl.pipeline"}
+# The issue's target for the time to the first batch, in request latencies.
+FIRST_BATCH_TARGET = 3.0
 PLOTS = {
     "samples_per_s": ("http-samples-per-s.png", "samples/s against requests in flight"),
     "peak_rss_mib": ("http-rss.png", "peak summed RSS against requests in flight"),
@@ -68,14 +89,16 @@ def measured_samples(requests_in_flight: int, latency_ms: float, quick: bool) ->
     return max(min_n, min(max_n, n))
 
 
-def plan(quick: bool, with_dataloader_64: bool) -> list[RunConfig]:
-    """The configurations of one round."""
+def plan(quick: bool, with_dataloader_64: bool, skip: Sequence[str] = ()) -> list[RunConfig]:
+    """The configurations of one round (without the peers in ``skip``)."""
     if quick:
         grid = {
             "asyncload-sync": (64,),
             "asyncload-async": (64,),
             "plain-asyncio": (64,),
             "dataloader": (0, 8),
+            "torchdata": (64,),
+            "spdl": (64,),
         }
     else:
         grid = {
@@ -83,7 +106,11 @@ def plan(quick: bool, with_dataloader_64: bool) -> list[RunConfig]:
             "asyncload-async": (64, 256),
             "plain-asyncio": (64, 256),
             "dataloader": (0, 8, 16, 64) if with_dataloader_64 else (0, 8, 16),
+            "torchdata": (64, 256),
+            "spdl": (64, 256),
         }
+    for peer in skip:
+        grid.pop(peer, None)
     return [
         RunConfig(
             peer,
@@ -95,8 +122,21 @@ def plan(quick: bool, with_dataloader_64: bool) -> list[RunConfig]:
         )
         for latency in LATENCIES_MS
         for peer in PEERS
-        for in_flight in grid[peer]
+        for in_flight in grid.get(peer, ())
     ]
+
+
+def unavailable_peers() -> dict[str, str]:
+    """The optional peers that cannot run here, with why (their import error)."""
+    import importlib
+
+    out = {}
+    for peer, module in OPTIONAL_PEERS.items():
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # any import failure: the peer is left out, with the reason
+            out[peer] = f"`import {module}` failed: {type(exc).__name__}: {exc}"
+    return out
 
 
 # --------------------------------------------------------------------------- peers
@@ -224,13 +264,89 @@ def run_dataloader(cfg: RunConfig, urls: list[str], tally: Tally) -> dict[str, A
     return {"requests_in_flight": max(1, cfg.in_flight)}
 
 
+def run_torchdata(cfg: RunConfig, urls: list[str], tally: Tally) -> dict[str, Any]:
+    """torchdata.nodes: ``ParallelMapper`` with ``cfg.in_flight`` threads over a blocking
+    ``http.client`` GET (a keep-alive connection per thread), in order, then ``Batcher``."""
+    from torchdata.nodes import Batcher, IterableWrapper, ParallelMapper
+    from torchdata.nodes import Loader as NodesLoader
+
+    from benchmarks.blocking_http import ThreadLocalGetter
+
+    tally.start()
+    getter = ThreadLocalGetter(urls)
+    try:
+        node = ParallelMapper(
+            IterableWrapper(range(len(urls))),
+            map_fn=getter,
+            num_workers=cfg.in_flight,
+            method="thread",
+            in_order=True,
+        )
+        for batch in NodesLoader(Batcher(node, batch_size=cfg.batch_size, drop_last=False)):
+            tally.batch(batch)
+    finally:
+        getter.close()
+    return {"threads": cfg.in_flight}
+
+
+SPDL_THREADS = 4  # SPDL's thread pool, for its synchronous stages (aggregate, sink)
+
+
+def run_spdl(cfg: RunConfig, urls: list[str], tally: Tally) -> dict[str, Any]:
+    """SPDL: an async aiohttp fetch stage at ``concurrency=cfg.in_flight`` in SPDL's own
+    event loop thread, ``aggregate(batch_size)``, consumed with a synchronous ``for``."""
+    import aiohttp
+    from spdl.pipeline import PipelineBuilder
+
+    total = len(urls)
+    # The session is made on the first call, in SPDL's event loop (a session belongs to
+    # the loop it was made in), and closed by the fetch that completes the last sample.
+    state: dict[str, Any] = {"session": None, "done": 0}
+
+    async def fetch(i: int) -> bytes:
+        session = state["session"]
+        if session is None:
+            connector = aiohttp.TCPConnector(limit=cfg.in_flight)
+            session = state["session"] = aiohttp.ClientSession(connector=connector)
+        async with session.get(urls[i]) as resp:
+            resp.raise_for_status()
+            body = await resp.read()
+        state["done"] += 1
+        if state["done"] == total:
+            await session.close()
+        return body
+
+    tally.start()
+    pipeline = (
+        PipelineBuilder()
+        .add_source(range(total))
+        .pipe(fetch, concurrency=cfg.in_flight)
+        .aggregate(cfg.batch_size)
+        .add_sink(max(2, cfg.in_flight // cfg.batch_size))
+        .build(num_threads=SPDL_THREADS)
+    )
+    with pipeline.auto_stop():
+        for batch in pipeline.get_iterator(timeout=120):
+            tally.batch(batch)
+    return {"num_threads": SPDL_THREADS, "sink_buffer": max(2, cfg.in_flight // cfg.batch_size)}
+
+
 RUNNERS: dict[str, Runner] = {
     "asyncload-sync": run_asyncload_sync,
     "asyncload-async": run_asyncload_async,
     "plain-asyncio": run_plain_asyncio,
     "dataloader": run_dataloader,
+    "torchdata": run_torchdata,
+    "spdl": run_spdl,
 }
-ORDERED = {"asyncload-sync": True, "asyncload-async": True, "plain-asyncio": False}
+# Ordered peers' batches are checked position by position; the others yield in completion order.
+ORDERED = {
+    "asyncload-sync": True,
+    "asyncload-async": True,
+    "plain-asyncio": False,
+    "torchdata": True,
+    "spdl": False,
+}
 
 
 def run_one(cfg: RunConfig, context: dict[str, Any]) -> RunResult:
@@ -256,7 +372,10 @@ def run(args: argparse.Namespace) -> harness.Report:
 
     # 64 DataLoader workers take about 11 GiB of summed RSS: only where memory allows.
     with_dl64 = not args.quick and psutil.virtual_memory().available > 8 * 1024**3
-    configs = plan(args.quick, with_dl64)
+    skipped = unavailable_peers()
+    for peer, why in skipped.items():
+        print(f"left out {peer}: {why}", file=sys.stderr)
+    configs = plan(args.quick, with_dl64, skip=tuple(skipped))
     base_url, server = start_server(
         latency_ms=0, size=SAMPLE_BYTES, count=max(c.total for c in configs)
     )
@@ -281,6 +400,9 @@ def run(args: argparse.Namespace) -> harness.Report:
             "sample_bytes": SAMPLE_BYTES,
             "latencies_ms": list(LATENCIES_MS),
             "dataloader_64_workers": with_dl64,
+            "skipped_peers": skipped,
+            "versions": package_versions(("torchdata", "spdl", "spdl_core", "spdl_io")),
+            "spdl_threads": SPDL_THREADS,
         },
         "summary": summary,
         "ratios": compute_ratios(summary),
@@ -289,7 +411,8 @@ def run(args: argparse.Namespace) -> harness.Report:
 
 
 def compute_ratios(summary: list[harness.Row]) -> list[dict[str, Any]]:
-    """asyncload samples/s over plain asyncio samples/s at each (latency, in flight)."""
+    """asyncload's (and the other peers') samples/s over plain asyncio samples/s at each
+    (latency, in flight)."""
     by = {(row["peer"], row["latency_ms"], row["in_flight"]): row for row in summary}
     out = []
     for row in summary:
@@ -297,7 +420,7 @@ def compute_ratios(summary: list[harness.Row]) -> list[dict[str, Any]]:
             continue
         lat, c = row["latency_ms"], row["in_flight"]
         entry: dict[str, Any] = {"latency_ms": lat, "in_flight": c}
-        for peer in ASYNCLOAD_PEERS:
+        for peer in RATIO_PEERS:
             other = by.get((peer, lat, c))
             mine = other["samples_per_s"] if other else None
             entry[peer] = harness.ratio(mine, row["samples_per_s"])
@@ -317,12 +440,16 @@ LOADER_NAMES = {
     "asyncload-async": "asyncload, `async for` (uvloop)",
     "plain-asyncio": "plain asyncio + aiohttp (uvloop)",
     "dataloader": "torch DataLoader, {w} workers",
+    "torchdata": "torchdata.nodes ParallelMapper, {w} threads",
+    "spdl": "SPDL pipeline, async fetch stage",
 }
 SHORT_NAMES = {
     "asyncload-sync": "asyncload, for (sync bridge)",
     "asyncload-async": "asyncload, async for",
     "plain-asyncio": "plain asyncio + aiohttp",
     "dataloader": "torch DataLoader (workers)",
+    "torchdata": "torchdata.nodes ParallelMapper (threads)",
+    "spdl": "SPDL pipeline",
 }
 
 
@@ -336,14 +463,34 @@ def console(report: harness.Report) -> str:
         harness.console_table(
             report["summary"], lambda r: f"{r['latency_ms']:g} ms  {r['peer']} {r['in_flight']}"
         ),
-        "\nasyncload / plain asyncio (samples/s):",
+        "\nover plain asyncio (samples/s):",
     ]
     for entry in report["ratios"]:
-        parts = [f"{peer} {num(entry[peer], '.3f')}" for peer in ASYNCLOAD_PEERS]
+        parts = [f"{peer} {num(entry.get(peer), '.3f')}" for peer in RATIO_PEERS if peer in entry]
         lines.append(
             f"  {entry['latency_ms']:g} ms, {entry['in_flight']} in flight: " + ", ".join(parts)
         )
+    for row in first_batch_rows(report["summary"]):
+        lines.append(
+            f"first batch at {row['latency_ms']:g} ms, {row['peer']} {row['in_flight']}: "
+            f"{num(row['first_batch_s'], '.3f')} s = "
+            f"{num(first_batch_latencies(row), '.1f')} x the latency"
+        )
     return "\n".join(lines)
+
+
+def first_batch_latencies(row: harness.Row) -> float | None:
+    """The time to the first batch in request latencies (``None`` at 0 ms)."""
+    if not row["latency_ms"] or row["first_batch_s"] is None:
+        return None
+    return float(row["first_batch_s"]) / (row["latency_ms"] / 1000.0)
+
+
+def first_batch_rows(summary: list[harness.Row]) -> list[harness.Row]:
+    """The rows with latency of asyncload (the first-batch target is about them) and of
+    plain asyncio (for reference)."""
+    peers = (*ASYNCLOAD_PEERS, "plain-asyncio")
+    return [r for r in summary if r["latency_ms"] > 0 and r["peer"] in peers]
 
 
 def _headlines(summary: list[harness.Row]) -> list[str]:
@@ -370,6 +517,30 @@ def _headlines(summary: list[harness.Row]) -> list[str]:
             f"{best_dl['samples_per_s']:,.0f} samples/s){mem}, with its first batch after "
             f"{best['first_batch_s']:.2f} s instead of {best_dl['first_batch_s']:.2f} s."
         )
+        firsts = [
+            r
+            for r in first_batch_rows(summary)
+            if r["latency_ms"] == lat and r["peer"] in ASYNCLOAD_PEERS
+        ]
+        ratios = [x for x in map(first_batch_latencies, firsts) if x is not None]
+        if ratios:
+            met = "within" if max(ratios) <= FIRST_BATCH_TARGET else "not all within"
+            lines.append(
+                f"- Time to the first batch at {lat:g} ms: {min(ratios):.1f} to "
+                f"{max(ratios):.1f} request latencies over asyncload's rows ({met} the "
+                f"target of {FIRST_BATCH_TARGET:g}; table above)."
+            )
+        for peer in ("torchdata", "spdl"):
+            for c in sorted({r["in_flight"] for r in rows if r["peer"] == peer}):
+                theirs = next(r for r in rows if r["peer"] == peer and r["in_flight"] == c)
+                mine = [r for r in ours if r["in_flight"] == c]
+                if mine:
+                    top = max(mine, key=lambda r: r["samples_per_s"])
+                    lines.append(
+                        f"- At {lat:g} ms and {c} in flight, {SHORT_NAMES[peer]} loads "
+                        f"{theirs['samples_per_s']:,.0f} samples/s; asyncload "
+                        f"{top['samples_per_s']:,.0f} ({top['samples_per_s'] / theirs['samples_per_s']:.2f}x)."
+                    )
     return lines
 
 
@@ -381,9 +552,11 @@ def render(report: harness.Report) -> str:
     lines = [
         "## HTTP: samples from a server with injected latency",
         "",
-        "asyncload against the two ways a PyTorch user loads samples from slow HTTP storage "
-        "today: a hand-written asyncio + aiohttp client, and `torch.utils.data.DataLoader` "
-        "worker processes over a Dataset that does a blocking GET. All of them fetch the "
+        "asyncload against the ways a PyTorch user loads samples from slow HTTP storage "
+        "today: a hand-written asyncio + aiohttp client, `torch.utils.data.DataLoader` "
+        "worker processes over a Dataset that does a blocking GET, a thread pool "
+        "(torchdata.nodes `ParallelMapper`), and Meta's SPDL pipeline (an asyncio engine "
+        "with a synchronous consumer, the closest existing design). All of them fetch the "
         f"same {meta['sample_bytes'] // 1024} KiB samples from the same local server "
         f"(`benchmarks/server.py`), which waits a fixed latency ({latencies} ms) before each "
         f"answer, and yield "
@@ -398,6 +571,23 @@ def render(report: harness.Report) -> str:
         "- torch DataLoader: a map-style Dataset doing a blocking `http.client` GET "
         "(keep-alive, one connection per worker): W workers keep W requests in flight "
         "(`num_workers=0`: one).",
+        "- torchdata.nodes (torchdata "
+        f"{meta.get('versions', {}).get('torchdata') or 'n/a'}): "
+        "`ParallelMapper(IterableWrapper(range(n)), map_fn=get, num_workers=C, "
+        'method="thread", in_order=True)`, then `Batcher(32)`, iterated with '
+        "`torchdata.nodes.Loader`; `get` is the same blocking GET, one keep-alive connection "
+        "per thread.",
+        "- SPDL (Meta's pipeline, spdl "
+        f"{meta.get('versions', {}).get('spdl') or 'n/a'}): `PipelineBuilder().add_source(range(n))"
+        ".pipe(fetch, concurrency=C).aggregate(32).add_sink(max(2, C // 32))"
+        f".build(num_threads={meta.get('spdl_threads', SPDL_THREADS)})`, where `fetch` is an "
+        "`async def` aiohttp GET (one session, connector limit C) run in SPDL's background "
+        "event loop (plain asyncio); consumed with a synchronous "
+        "`for batch in pipeline.get_iterator()`, batches in completion order.",
+        *[
+            f"- {SHORT_NAMES.get(peer, peer)}: not run here: {why}."
+            for peer, why in meta.get("skipped_peers", {}).items()
+        ],
         "",
         *command_block(meta),
         "",
@@ -405,18 +595,39 @@ def render(report: harness.Report) -> str:
         "",
         "### asyncload / plain asyncio",
         "",
-        "Samples/s of asyncload divided by samples/s of the plain asyncio client at the same "
-        "latency and number of requests in flight, in the same run (1.0: no overhead).",
+        "Samples/s of asyncload (and of the other peers with the same number of requests "
+        "in flight) divided by samples/s of the plain asyncio client at the same latency "
+        "and number of requests in flight, in the same run (1.0: no overhead).",
         "",
-        "| latency | in flight | asyncload `for` / plain | asyncload `async for` / plain |",
-        "| ---: | ---: | ---: | ---: |",
+        "| latency | in flight | asyncload `for` / plain | asyncload `async for` / plain "
+        "| torchdata / plain | SPDL / plain |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in report["ratios"]:
         lines.append(
-            f"| {r['latency_ms']:g} ms | {r['in_flight']} | {num(r['asyncload-sync'], '.3f')} "
-            f"| {num(r['asyncload-async'], '.3f')} |"
+            f"| {r['latency_ms']:g} ms | {r['in_flight']} | "
+            + " | ".join(num(r.get(peer), ".3f") for peer in RATIO_PEERS)
+            + " |"
         )
     lines.append("")
+    firsts = first_batch_rows(summary)
+    if firsts:
+        lines += [
+            "### Time to the first batch",
+            "",
+            "From building the loader to the first batch of 32, in request latencies "
+            f"(target for asyncload: at most {FIRST_BATCH_TARGET:g}; plain asyncio for "
+            "reference). It includes opening the connections.",
+            "",
+            "| loader | latency | in flight | first batch (s) | in latencies |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        for row in firsts:
+            lines.append(
+                f"| {label(row)} | {row['latency_ms']:g} ms | {row['in_flight']} | "
+                f"{num(row['first_batch_s'], '.3f')} | {num(first_batch_latencies(row), '.1f')} |"
+            )
+        lines.append("")
     lines += [f"![{alt}](img/{name})\n" for name, alt in PLOTS.values()]
     for lat in sorted({row["latency_ms"] for row in summary}):
         lines += [f"### {lat:g} ms per request", ""]

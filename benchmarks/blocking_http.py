@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -82,3 +83,56 @@ class BlockingHTTPDataset(torch.utils.data.Dataset[Any]):
 def _path_of(url: str) -> str:
     parts = urlsplit(url)
     return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+
+
+class ThreadLocalGetter:
+    """``getter(i)`` GETs ``urls[i]`` over a keep-alive ``http.client`` connection of the
+    calling thread's own (opened on first use): the map function of a thread pool such as
+    torchdata's ``ParallelMapper(method="thread")``, where one shared connection would be
+    used from many threads at once. A non-200 answer raises ``OSError``."""
+
+    def __init__(self, urls: Sequence[str], timeout: float = 30.0) -> None:
+        self.urls = list(urls)
+        parts = urlsplit(self.urls[0]) if self.urls else urlsplit("http://127.0.0.1")
+        self._host = parts.hostname or "127.0.0.1"
+        self._port = parts.port or 80
+        self._paths = [_path_of(u) for u in self.urls]
+        self.timeout = timeout
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._connections: list[http.client.HTTPConnection] = []
+
+    def __call__(self, index: int) -> bytes:
+        path = self._paths[index]
+        for attempt in (0, 1):
+            conn = self._connection()
+            try:
+                conn.request("GET", path)
+                resp = conn.getresponse()
+                body = resp.read()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                conn.close()
+                self._local.conn = None
+                if attempt:
+                    raise
+                continue
+            if resp.status != 200:
+                raise OSError(f"GET {path}: HTTP {resp.status}")
+            return body
+        raise AssertionError("unreachable")
+
+    def _connection(self) -> http.client.HTTPConnection:
+        conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
+            self._local.conn = conn
+            with self._lock:
+                self._connections.append(conn)
+        return conn
+
+    def close(self) -> None:
+        """Close every thread's connection."""
+        with self._lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()

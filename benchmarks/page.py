@@ -20,7 +20,7 @@ from benchmarks.common import write_atomic
 INTRO = "intro"
 CONTENTS = "contents"
 # Where a section goes when the page does not have it yet; unknown names go last.
-ORDER = (INTRO, CONTENTS, "http", "s3", "tar", "images", "padding", "cache")
+ORDER = (INTRO, CONTENTS, "http", "memory", "scaling", "s3", "tar", "images", "padding", "cache")
 
 _BEGIN = re.compile(
     # The canonical form is "<!-- NAME:begin -->"; the older "<!-- NAME-benchmark: begin
@@ -148,7 +148,7 @@ def intro(machine: dict[str, Any] | None) -> str:
             "arrive exactly once; a wrong answer fails the command, slowness never does.",
             where,
             "",
-            "Every benchmark, one after the other (about 15 minutes on 2 cores); the raw "
+            "Every benchmark, one after the other (about 30 minutes on 2 cores); the raw "
             "results are in `benchmarks/results/*.json`:",
             "",
             "```sh",

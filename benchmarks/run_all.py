@@ -1,6 +1,6 @@
 """The whole comparison in one command: every benchmark, one after the other.
 
-    .venv/bin/python benchmarks/run_all.py                  # full: about 15 minutes on 2 cores
+    .venv/bin/python benchmarks/run_all.py                  # full: about 30 minutes on 2 cores
     .venv/bin/python benchmarks/run_all.py --quick          # smoke run, what CI runs: about 1-2 minutes
     .venv/bin/python benchmarks/run_all.py --from-results   # run nothing: re-render the page
 
@@ -53,6 +53,8 @@ class Entry:
 
 BENCHMARKS = (
     Entry("http", "bench_http.py"),
+    Entry("memory", "bench_memory.py"),
+    Entry("scaling", "bench_scaling.py"),
     Entry("s3", "bench_s3.py"),
     Entry("tar", "bench_tar.py"),
     Entry("images", "bench_images.py"),
