@@ -149,7 +149,7 @@ class Epoch:
         self.ordered = ordered
         self.collate = collate
         self._unit = units.chunk if isinstance(units, MapUnits) else 1
-        self.workers = concurrency // self._unit
+        self.workers = max(1, concurrency // self._unit)
         # Room for every worker's unit plus what the batcher may hold back (a whole batch, or
         # a bucket), so a batch can always complete, and slack for out-of-order completions:
         # in order, a slow sample holds back all that completes after it, and with only
@@ -468,6 +468,18 @@ class EpochIterator(AsyncIterator[Any]):
         if epoch.failure is not None:
             raise epoch.failure
         raise StopAsyncIteration
+
+    def take_ready(self, limit: int) -> list[Item]:
+        """Up to ``limit`` more items that are ready now, without waiting (the end of the
+        epoch and its errors are left to :meth:`next_item`)."""
+        items: list[Item] = []
+        receive = self._epoch.receive
+        while len(items) < limit and not self._ended:
+            try:
+                items.append(receive.receive_nowait())
+            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                break
+        return items
 
     def end(self) -> None:
         """The consumer has seen the end of the epoch: record it, if the epoch completed."""

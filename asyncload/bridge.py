@@ -1,10 +1,16 @@
 """Synchronous use of a Loader: a plain ``for`` loop (DataLoader workers use it too).
 
-There is one async implementation; this module only drives it from another thread. Each
-synchronous iteration runs the epoch in a background thread with its own event loop
-(uvloop when installed). A pump task in that loop hands batches to the consuming thread
-through a queue of at most ``prefetch`` batches (credits the consumer returns as it takes
-them), so a hand-off costs one ``get`` and one non-blocking wake-up per batch.
+There is one async implementation; this module only drives it. Each synchronous
+iteration runs the epoch in a background thread with its own event loop (uvloop when
+installed): a pump task in that loop hands batches to the consuming thread through a
+queue of at most ``prefetch`` batches (credits the consumer returns as it takes them), so
+a hand-off costs one ``get`` and one non-blocking wake-up per batch.
+
+A dataset that awaits no I/O (``dataset.in_memory``) has nothing to overlap with the
+training step, and there the two threads only pass the GIL back and forth, once per
+batch (measured: the thread hand-off cost more than the whole epoch's async work on 1 KiB
+in-memory arrays). Its epoch runs in the calling thread instead (:class:`InlineIterator`):
+each ``next()`` runs a private event loop until the next batch is ready.
 """
 
 from __future__ import annotations
@@ -13,18 +19,20 @@ import asyncio
 import contextlib
 import queue
 import threading
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import sniffio
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 if TYPE_CHECKING:
     from .loader import Loader
 
-__all__ = ["SyncIterator"]
+__all__ = ["InlineIterator", "SyncIterator"]
 
 _END = object()
 
@@ -35,6 +43,28 @@ def _backend_options() -> dict[str, Any]:
     except ImportError:
         return {}
     return {"use_uvloop": True}
+
+
+def runs_inline(loader: Loader) -> bool:
+    """Whether a plain ``for`` over ``loader`` runs its epoch in the calling thread: the
+    dataset awaits no I/O, nor do ``transform``/``validate``, there is no cache (a disk
+    tier does I/O), and no event loop runs in this thread already (a notebook's)."""
+    from ._callables import is_async_callable
+
+    if not getattr(loader.dataset, "in_memory", False) or loader.cache is not None:
+        return False
+    if any(is_async_callable(fn) for fn in (loader.transform, loader.validate) if fn):
+        return False
+    return not _loop_running_here()
+
+
+def _loop_running_here() -> bool:
+    """Whether an event loop (asyncio's, trio's) runs in this thread."""
+    try:
+        sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        return False
+    return True
 
 
 class _Raised:
@@ -152,3 +182,101 @@ class SyncIterator(Iterator[Any]):
     def __del__(self) -> None:
         if hasattr(self, "_task"):
             self.close()
+
+
+class InlineIterator(Iterator[Any]):
+    """One epoch of an in-memory ``loader`` for a plain ``for`` loop, in the calling
+    thread: each ``next()`` runs a private event loop until the next batch is ready (the
+    epoch's tasks pause in between; with no I/O there is nothing for them to wait on).
+    The same interface as :class:`SyncIterator`; ``close()`` may come from any thread.
+
+    The loop is asyncio's own, not uvloop: uvloop sets up its signal wake-up (a socket
+    pair) each time it starts running in the main thread, and this loop starts once per
+    few batches. Each run takes the batch it waited for and those already ready behind
+    it (at most ``prefetch``), which are committed only as ``next()`` returns them."""
+
+    def __init__(self, loader: Loader) -> None:
+        self._closed = False
+        self.last_positions: list[int] = []
+        self._loader = loader
+        # Held while the loop runs: close() from another thread waits for the next() in
+        # progress, since a loop runs in one thread at a time.
+        self._lock = threading.RLock()
+        self._loop = asyncio.new_event_loop()
+        self._ready: deque[Any] = deque()
+        self._drain = max(1, loader.prefetch)
+        try:
+            self._iterator = self._loop.run_until_complete(self._start())
+        except BaseException:
+            self._loop.close()
+            raise
+
+    async def _start(self) -> Any:
+        return self._loader._start_epoch(prefetch=self._loader.prefetch)
+
+    async def _fill(self) -> list[Any]:
+        first = await self._iterator.next_item()
+        return [first, *self._iterator.take_ready(self._drain)]
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def buffered(self) -> int:
+        """Batches taken from the epoch, not yet returned."""
+        return len(self._ready)
+
+    def __iter__(self) -> InlineIterator:
+        return self
+
+    def __next__(self) -> Any:
+        with self._lock:
+            if self._closed:
+                raise StopIteration
+            try:
+                if not self._ready:
+                    self._ready.extend(self._loop.run_until_complete(self._fill()))
+                item = self._ready.popleft()
+            except StopAsyncIteration:
+                self._iterator.end()
+                self.close()
+                raise StopIteration from None
+            except BaseException:
+                self.close()
+                raise
+            self._iterator.commit(item)
+            self.last_positions = item[1]
+            return item[0]
+
+    def close(self) -> None:
+        """Cancel the epoch, release the dataset's resources, and close the loop."""
+        with self._lock:
+            if self._closed or self._loop.is_running():
+                return  # (running: called back from inside next(), which will see the end)
+            self._closed = True
+            self._iterator.report_end()
+            if _loop_running_here():
+                # Another loop runs in this thread (close() from async code): ours cannot
+                # run here, but it may in a thread of its own.
+                finisher = threading.Thread(target=self._finish, name="asyncload-close")
+                finisher.start()
+                finisher.join()
+            else:
+                self._finish()
+
+    def _finish(self) -> None:
+        try:
+            self._loop.run_until_complete(self._shutdown())
+        finally:
+            self._loop.close()
+
+    async def _shutdown(self) -> None:
+        with anyio.CancelScope(shield=True):
+            await self._iterator.aclose(report=False)
+            await self._loader.dataset.aclose()
+
+    def __del__(self) -> None:
+        if hasattr(self, "_iterator") and not self._closed:
+            with contextlib.suppress(Exception):
+                self.close()

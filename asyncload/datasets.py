@@ -117,6 +117,14 @@ class AsyncDataset(ABC, Generic[T]):
         """True when :meth:`getitems` is overridden, i.e. cheaper than per-index fetches."""
         return type(self).getitems is not AsyncDataset.getitems
 
+    @property
+    def in_memory(self) -> bool:
+        """True when fetching awaits no I/O (an in-memory sequence, and views of one with
+        synchronous functions). A plain ``for`` over a Loader then runs the epoch in the
+        calling thread: with nothing to overlap, a background loop thread would only add
+        a thread hand-off per batch. False unless a dataset says otherwise."""
+        return False
+
     async def _getitems_partial(self, indices: Sequence[int]) -> list[T | _Dropped]:
         return list(await self.getitems(indices))
 
@@ -180,6 +188,10 @@ class MappedDataset(AsyncDataset[U], Generic[T, U]):
         # An async fn may do I/O: fetch per sample so the Loader overlaps the calls.
         return self.dataset.batched and not self._async
 
+    @property
+    def in_memory(self) -> bool:
+        return self.dataset.in_memory and not self._async
+
     def key_of(self, index: int) -> Hashable | None:
         return self.dataset.key_of(index)
 
@@ -222,6 +234,10 @@ class FilteredDataset(AsyncDataset[T]):
     def batched(self) -> bool:
         return self.dataset.batched
 
+    @property
+    def in_memory(self) -> bool:
+        return self.dataset.in_memory and not is_async_callable(self.pred)
+
     def key_of(self, index: int) -> Hashable | None:
         return self.dataset.key_of(index)
 
@@ -256,6 +272,10 @@ class Subset(AsyncDataset[T]):
     @property
     def batched(self) -> bool:
         return self.dataset.batched
+
+    @property
+    def in_memory(self) -> bool:
+        return self.dataset.in_memory
 
     def key_of(self, index: int) -> Hashable | None:
         return self.dataset.key_of(self.indices[normalize_index(index, len(self.indices))])
@@ -325,6 +345,10 @@ class ConcatDataset(AsyncDataset[T]):
     def batched(self) -> bool:
         return all(d.batched for d in self.datasets)
 
+    @property
+    def in_memory(self) -> bool:
+        return all(d.in_memory for d in self.datasets)
+
     def key_of(self, index: int) -> Hashable | None:
         d, local = self.locate(index)
         key = self.datasets[d].key_of(local)
@@ -349,6 +373,10 @@ class SequenceDataset(AsyncDataset[T]):
 
     def __len__(self) -> int:
         return len(self.sequence)
+
+    @property
+    def in_memory(self) -> bool:
+        return True
 
     async def __getitem__(self, index: int) -> T:
         return self.sequence[normalize_index(index, len(self.sequence))]

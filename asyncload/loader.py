@@ -438,7 +438,10 @@ class Loader:
         batch_size = self.batch_size or 1
         units: MapUnits | StreamUnits
         if isinstance(self.dataset, AsyncDataset):
-            chunk = min(batch_size, self.concurrency) if fetcher.batched else 1
+            # A chunk is one getitems call. In memory nothing is in flight, so a whole batch
+            # per call (one pass through the pipeline per batch, not one per concurrency).
+            limit = batch_size if self.dataset.in_memory else self.concurrency
+            chunk = min(batch_size, limit) if fetcher.batched else 1
             units = MapUnits(self.plan(), chunk, resume, holes=self._costs is not None)
         else:
             spec = replace(self._stream_epoch(), on_retry=stats.count_retry)
@@ -496,10 +499,11 @@ class Loader:
             self.drift.check()
 
     def __iter__(self) -> Iterator[Any]:
-        """One epoch from synchronous code, through a background event loop thread."""
-        from .bridge import SyncIterator
+        """One epoch from synchronous code, through a background event loop thread (or, for
+        a dataset that awaits no I/O, ``dataset.in_memory``, in this thread)."""
+        from .bridge import InlineIterator, SyncIterator, runs_inline
 
-        iterator = SyncIterator(self)
+        iterator = InlineIterator(self) if runs_inline(self) else SyncIterator(self)
         self._iterators.add(iterator)
         return iterator
 

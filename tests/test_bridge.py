@@ -284,3 +284,112 @@ def test_async_iteration_inside_a_running_loop_is_unaffected() -> None:
         return await anyio.to_thread.run_sync(lambda: as_lists(list(loader)))
 
     assert anyio.run(main) == [[0, 1, 2], [3, 4, 5]]
+
+
+# -- in-memory datasets: the epoch in the calling thread ----------------------------------------
+
+
+class InMemoryIndexed(Indexed):
+    """``Indexed`` that declares it awaits no I/O (its checkpoints are only reordering)."""
+
+    @property
+    def in_memory(self) -> bool:
+        return True
+
+
+def test_in_memory_loaders_run_in_the_calling_thread() -> None:
+    ds = InMemoryIndexed(50)
+    loader = al.Loader(ds, batch_size=4, shuffle=True, seed=3, concurrency=8)
+    before = set(threading.enumerate())
+    inline = as_lists(list(loader))
+    assert set(threading.enumerate()) == before  # no thread was started
+    assert ds.threads == {threading.get_ident()}
+    assert "uvloop" not in ds.loops  # asyncio's own loop (uvloop's start-up costs per run)
+
+    async def async_epoch() -> list[list[int]]:
+        return as_lists([b async for b in al.Loader(ds, batch_size=4, shuffle=True, seed=3)])
+
+    assert inline == asyncio.run(async_epoch())  # the same epoch as async for
+
+
+def test_in_memory_views_and_what_turns_the_thread_back_on() -> None:
+    seq = al.from_sequence(list(range(10)))
+
+    async def double(x: int) -> int:
+        return 2 * x
+
+    assert seq.in_memory and seq.map(str).in_memory and seq.filter(bool).in_memory
+    assert (seq + seq).in_memory and al.Subset(seq, [1, 2]).in_memory
+    assert not seq.map(double).in_memory and not seq.filter(double).in_memory
+    assert not Indexed(3).in_memory  # a user dataset may do I/O unless it says otherwise
+    from asyncload.bridge import runs_inline
+
+    assert runs_inline(al.Loader(seq))
+    assert not runs_inline(al.Loader(seq, transform=double))
+    assert not runs_inline(al.Loader(seq, cache=al.LRUCache(max_bytes=1 << 20)))
+
+
+def test_inline_break_counts_only_the_batches_taken() -> None:
+    loader = al.Loader(al.from_sequence(list(range(100))), batch_size=5, prefetch=4)
+    iterator = iter(loader)
+    taken = [next(iterator) for _ in range(3)]
+    assert iterator.buffered > 0  # batches taken from the epoch, not yet returned
+    assert loader.statistics()["buffered"] >= iterator.buffered
+    state = loader.state_dict()
+    assert state["progress"]["watermark"] == 15
+    del iterator
+    gc.collect()
+    resumed = al.Loader(al.from_sequence(list(range(100))), batch_size=5, prefetch=4)
+    resumed.load_state_dict(state)
+    rest = [int(x) for batch in resumed for x in batch]
+    assert [int(x) for batch in taken for x in batch] + rest == list(range(100))
+
+
+def test_inline_close_from_another_thread_and_from_async_code() -> None:
+    loader = al.Loader(al.from_sequence(list(range(100))), batch_size=5)
+    iterator = iter(loader)
+    next(iterator)
+    closer = threading.Thread(target=iterator.close)
+    closer.start()
+    closer.join()
+    assert iterator.closed
+    assert list(iterator) == []
+
+    second = iter(loader)
+    next(second)
+
+    async def close_from_async() -> None:
+        second.close()  # another loop runs here: ours is shut down in a thread of its own
+
+    asyncio.run(close_from_async())
+    assert second.closed and second._loop.is_closed()  # type: ignore[attr-defined]
+
+
+def test_inline_errors_reach_the_loop_and_close_the_epoch() -> None:
+    def fail_on_seven(x: int) -> int:
+        if x == 7:
+            raise ValueError("seven")
+        return x
+
+    loader = al.Loader(al.from_sequence(list(range(20))), batch_size=4, transform=fail_on_seven)
+    iterator = iter(loader)
+    assert [int(x) for x in next(iterator)] == [0, 1, 2, 3]
+    with pytest.raises(al.SampleError, match="seven"):
+        next(iterator)
+    assert iterator.closed
+    assert list(iterator) == []
+
+
+def test_inside_a_running_loop_the_bridge_thread_is_used() -> None:
+    loader = al.Loader(al.from_sequence(list(range(12))), batch_size=4)
+
+    async def sync_iteration_inside_trio() -> list[list[int]]:
+        iterator = iter(loader)
+        assert type(iterator).__name__ == "SyncIterator"
+        return as_lists(list(iterator))
+
+    assert anyio.run(sync_iteration_inside_trio, backend="trio") == [
+        [0, 1, 2, 3],
+        [4, 5, 6, 7],
+        [8, 9, 10, 11],
+    ]
