@@ -61,6 +61,12 @@ def runs_inline(loader: Loader) -> bool:
 def _loop_running_here() -> bool:
     """Whether an event loop (asyncio's, trio's) runs in this thread."""
     try:
+        asyncio.get_running_loop()  # also inside a callback, outside any task
+    except RuntimeError:
+        pass
+    else:
+        return True
+    try:
         sniffio.current_async_library()
     except sniffio.AsyncLibraryNotFoundError:
         return False
