@@ -416,7 +416,7 @@ def render(report: harness.Report) -> str:
         f"{meta['epochs']} times over, in order, in batches of {meta['batch_size']}. The "
         "DataLoader is `torch.utils.data.DataLoader(list, batch_size=32, num_workers=0)`; "
         "asyncload is `al.Loader(al.from_sequence(list), batch_size=32, ...)`, consumed "
-        "with `for batch in loader` (the sync bridge: a background event loop thread) or "
+        "with `for batch in loader` (in memory, the epoch runs in the calling thread: no bridge thread) or "
         "`async for` on uvloop. Both sides collate alike: with torch's `default_collate` "
         "(what a DataLoader does by default: tensor batches), or stacking into numpy "
         "(`collate_fn=np.stack` for the DataLoader; asyncload's default collate, which "
