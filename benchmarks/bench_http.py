@@ -77,13 +77,14 @@ PLOTS = {
 
 
 def measured_samples(requests_in_flight: int, latency_ms: float, quick: bool) -> int:
-    """Samples to measure after the first batch. With latency: 4,096 (512 in quick mode)
+    """Samples to measure after the first batch. With latency: 16,384 (512 in quick mode)
     unless the latency bound ``in_flight / latency`` would make that take longer than
-    about 8 s (1.5 s quick), never fewer than 256 (64 quick). Without latency the runs
+    about 8 s (1.5 s quick), never fewer than 256 (64 quick): at 256 in flight and 20 ms,
+    4,096 samples took half a second, mostly ramp-up and drain. Without latency the runs
     are CPU-bound and fast: 16,384 (2,048 quick). Always a multiple of 32."""
-    max_n, target_s, min_n = (512, 1.5, 64) if quick else (4096, 8.0, 256)
+    max_n, target_s, min_n = (512, 1.5, 64) if quick else (16384, 8.0, 256)
     if latency_ms <= 0:
-        return 4 * max_n
+        return 16384 if not quick else 4 * max_n
     bound = max(1, requests_in_flight) / (latency_ms / 1000.0) * target_s
     n = int(bound) // BATCH_SIZE * BATCH_SIZE
     return max(min_n, min(max_n, n))
