@@ -6,12 +6,14 @@ import asyncio
 import functools
 import inspect
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Generic, TypeVar
 
+import anyio
 import sniffio
 
 T = TypeVar("T")
+U = TypeVar("U")
 
 
 def is_async_callable(fn: Callable[..., Any]) -> bool:
@@ -22,6 +24,29 @@ def is_async_callable(fn: Callable[..., Any]) -> bool:
         return True
     call = getattr(type(fn), "__call__", None)  # noqa: B004 - we want the class attribute
     return call is not None and inspect.iscoroutinefunction(call)
+
+
+async def gather(fetch: Callable[[U], Awaitable[T]], args: Iterable[U]) -> list[T]:
+    """``[await fetch(a) for a in args]``, all at once, in that order. The first failure is
+    raised as itself (not in an exception group) and the other calls are cancelled."""
+    args = list(args)
+    out: list[Any] = [None] * len(args)
+    errors: list[Exception] = []
+
+    async def one(slot: int, arg: U) -> None:
+        try:
+            out[slot] = await fetch(arg)
+        except Exception as exc:
+            if not errors:
+                errors.append(exc)
+                tg.cancel_scope.cancel()
+
+    async with anyio.create_task_group() as tg:
+        for slot, arg in enumerate(args):
+            tg.start_soon(one, slot, arg)
+    if errors:
+        raise errors[0]
+    return out
 
 
 async def call_maybe_async(fn: Callable[..., Any], *args: Any) -> Any:

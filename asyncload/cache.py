@@ -199,6 +199,16 @@ class _Flight:
         self.error: Exception | None = None
         self.traceback: TracebackType | None = None
 
+    async def join(self) -> bool:
+        """Wait for the load to end: True when it stored ``value``, False when the loading
+        caller was cancelled (look again, and maybe load in its place); its error raised."""
+        await self.done.wait()
+        if self.error is not None:
+            # Restart from the loader's traceback, as asyncio.Future does, so waiters do
+            # not pile their frames onto one shared exception.
+            raise self.error.with_traceback(self.traceback)
+        return self.ok
+
 
 def _check_limit(name: str, value: object) -> int | None:
     if value is None:
@@ -373,16 +383,10 @@ class LRUCache:
             flight = self._flights.get(key)
             if flight is None:
                 break
-            await flight.done.wait()
-            if flight.error is not None:
-                # Restart from the loader's traceback, as asyncio.Future does, so waiters do
-                # not pile their frames onto one shared exception.
-                raise flight.error.with_traceback(flight.traceback)
-            if flight.ok:
+            if await flight.join():
                 self._hits += 1
                 self._coalesced += 1
                 return cast(T, flight.value)
-            # The loading caller was cancelled: look again, and maybe load in its place.
 
         self._misses += 1
         flight = self._flights[key] = _Flight()

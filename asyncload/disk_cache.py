@@ -427,16 +427,10 @@ class DiskCache:
             flight = self._flights.get(name)
             if flight is None:
                 break
-            await flight.done.wait()
-            if flight.error is not None:
-                # Restart from the loader's traceback, so waiters do not pile their frames
-                # onto one shared exception.
-                raise flight.error.with_traceback(flight.traceback)
-            if flight.ok:
+            if await flight.join():
                 self._hits += 1
                 self._coalesced += 1
                 return cast(bytes, flight.value)
-            # The loading caller was cancelled: look again, and maybe load in its place.
 
         flight = self._flights[name] = _Flight()
         try:

@@ -22,7 +22,7 @@ import anyio
 import anyio.to_thread
 import numpy as np
 
-from ._callables import PerLoop
+from ._callables import PerLoop, gather
 from ._redact import redact_key
 from .datasets import AsyncDataset, normalize_index
 from .sources.files import FileSource, StrPath
@@ -446,24 +446,7 @@ class ImageFolder(AsyncDataset[tuple[Any, Any]]):
             return [await source[where[0]]]
         if self._source_getitems:
             return list(await source.getitems(where))
-        out: list[bytes] = [b""] * len(where)
-        failure: list[Exception] = []
-
-        async def fetch(slot: int, index: int) -> None:
-            try:
-                out[slot] = await source[index]
-            except Exception as exc:
-                # Keep the error itself, not an exception group; the rest is not needed.
-                if not failure:
-                    failure.append(exc)
-                    tg.cancel_scope.cancel()
-
-        async with anyio.create_task_group() as tg:
-            for slot, index in enumerate(where):
-                tg.start_soon(fetch, slot, index)
-        if failure:
-            raise failure[0]
-        return out
+        return await gather(source.__getitem__, where)
 
     def _load_files(self, positions: list[int]) -> list[tuple[Any, Any]]:
         # In a worker thread.

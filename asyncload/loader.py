@@ -325,6 +325,11 @@ class Loader:
             num_workers=self.num_workers,
         )
 
+    @property
+    def _budget(self) -> int:
+        """The cost a batch may hold (no limit: count batching within buckets)."""
+        return self.batch_budget if self.batch_budget is not None else sys.maxsize
+
     def _plan_slots(self, order: Sequence[int]) -> Sequence[int]:
         assert self._costs is not None and self.batch_size is not None
         # len(loader) and the epoch both ask for the plan: cut it once per epoch (a
@@ -335,7 +340,7 @@ class Loader:
         slots: Sequence[int] = plan_slots(  # type: ignore[assignment]
             order,
             self._costs,
-            budget=self.batch_budget if self.batch_budget is not None else sys.maxsize,
+            budget=self._budget,
             max_count=self.batch_size,
             bucket=self.bucket,
             # The same on every rank and worker: they deal from one plan.
@@ -482,7 +487,7 @@ class Loader:
         if self.batch_budget is None and self.bucket is None:
             return CountBatcher(size)
         return BudgetBatcher(
-            budget=self.batch_budget if self.batch_budget is not None else sys.maxsize,
+            budget=self._budget,
             max_count=size,
             cost=self.batch_cost if callable(self.batch_cost) else sample_cost,
             bucket=self.bucket,

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import sniffio
 
-from .._callables import PerLoop
+from .._callables import PerLoop, gather
 from .._redact import redact_url
 from ..datasets import AsyncDataset, AsyncIterableDataset, normalize_index
 from ..errors import HTTPStatusError, ObjectTooLargeError, TruncatedBodyError
@@ -442,22 +442,7 @@ class S3Source(AsyncDataset[bytes]):
         n, client = len(self.keys), self._client
         keys = [self.keys[normalize_index(i, n)] for i in indices]
         store = client.store()
-        out: list[bytes] = [b""] * len(keys)
-        errors: list[Exception] = []
-
-        async def fetch(position: int, key: str) -> None:
-            try:
-                out[position] = await client.get(key, store)
-            except Exception as exc:  # raised below, unwrapped from any exception group
-                errors.append(exc)
-                tg.cancel_scope.cancel()
-
-        async with anyio.create_task_group() as tg:
-            for position, key in enumerate(keys):
-                tg.start_soon(fetch, position, key)
-        if errors:
-            raise errors[0]
-        return out
+        return await gather(lambda key: client.get(key, store), keys)
 
     @property
     def batched(self) -> bool:
