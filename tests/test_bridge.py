@@ -302,7 +302,7 @@ def test_in_memory_loaders_run_in_the_calling_thread() -> None:
     loader = al.Loader(ds, batch_size=4, shuffle=True, seed=3, concurrency=8)
     before = set(threading.enumerate())
     inline = as_lists(list(loader))
-    assert set(threading.enumerate()) == before  # no thread was started
+    assert not set(threading.enumerate()) - before  # no thread was started
     assert ds.threads == {threading.get_ident()}
     assert "uvloop" not in ds.loops  # asyncio's own loop (uvloop's start-up costs per run)
 
