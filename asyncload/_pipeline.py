@@ -4,7 +4,9 @@ Workers take *units* (a chunk of plan positions, or one sample of a stream), fet
 outcomes with the :class:`~asyncload._fetch.Fetcher`, and hand them to the assembler, which
 releases them in plan order (``ordered=True``) or as they complete, groups values into
 batches, and queues full batches for the sender. The sender collates and puts batches into
-a memory object stream of ``prefetch`` slots, which the consumer reads.
+a memory object stream of ``prefetch`` slots, which the consumer reads. That is
+:class:`Epoch`; :class:`InlineEpoch` does the same steps one after the other in the
+consumer's task, for in-memory data under a synchronous ``for``.
 
 Backpressure: at most ``window`` samples are held between being taken and leaving in a
 batch, so a slow consumer fills the ready buffer, then the window, then stalls the workers.
@@ -24,7 +26,7 @@ import sniffio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._background import BackgroundTask
-from ._fetch import SKIPPED, Failure, Fetcher
+from ._fetch import SKIPPED, Failure, Fetcher, Values
 from .batching import HOLE, Batch, BudgetBatcher, CountBatcher, SlotBatcher
 from .datasets import DROPPED, AsyncIterableDataset
 from .errors import SampleError
@@ -33,7 +35,7 @@ from .sampling import Plan, Progress
 from .stats import LoaderStats
 from .streaming import StreamEpoch, StreamError, close_stream
 
-__all__ = ["Epoch", "MapUnits", "StreamUnits"]
+__all__ = ["Epoch", "EpochIterator", "InlineEpoch", "MapUnits", "StreamUnits"]
 
 # What the consumer receives: (collated batch, plan positions it covers, number of samples).
 Item = tuple[Any, list[int], int]
@@ -125,8 +127,164 @@ class StreamUnits:
         self.progress = progress
 
 
-class Epoch:
-    """One pass over a plan or a stream, running as a background task."""
+def holds_back(batcher: CountBatcher | BudgetBatcher | SlotBatcher) -> int:
+    """The most samples ``batcher`` may hold before it gives out a batch."""
+    if isinstance(batcher, (CountBatcher, SlotBatcher)):
+        return batcher.size
+    return batcher.max_count + (batcher.bucket or 0)
+
+
+def window(
+    concurrency: int, batcher: CountBatcher | BudgetBatcher | SlotBatcher, *, ordered: bool
+) -> int:
+    """How many samples an epoch holds at most between taking them and sending them on."""
+    # Room for every worker's unit plus what the batcher may hold back (a whole batch, or a
+    # bucket), so a batch can always complete, and slack for out-of-order completions: in
+    # order, a slow sample holds back all that completes after it, and with only twice the
+    # concurrency a store with uneven latencies stalled the fetchers (HTTP at 256 in
+    # flight: about 10 % slower than four times).
+    return max((4 if ordered else 2) * concurrency, concurrency + holds_back(batcher))
+
+
+class _Assembly:
+    """What both ways of running an epoch share: fetching a unit, releasing outcomes in
+    plan order (or as they complete) into the batcher, and the end of the fetches."""
+
+    def __init__(
+        self,
+        units: MapUnits | StreamUnits,
+        fetcher: Fetcher,
+        *,
+        stats: LoaderStats,
+        batcher: CountBatcher | BudgetBatcher | SlotBatcher,
+        drop_last: bool,
+        ordered: bool,
+        collate: Callable[[list[Any]], Any],
+    ) -> None:
+        self.units = units
+        self.fetcher = fetcher
+        self.stats = stats
+        self.batcher = batcher
+        self.drop_last = drop_last
+        self.ordered = ordered
+        self.collate = collate
+        self.failure: BaseException | None = None
+        self.completed = False  # ran to the end of its plan or stream (not cancelled)
+        self._held = 0  # samples taken and not yet sent on (or dropped)
+        self._next_seq = 0  # ordered: sequence number of the next unit to release
+        self._taken_seq = 0
+        self._parked: dict[int, tuple[list[int], list[Any]]] = {}
+        self._ready: deque[Batch] = deque()
+        self._fetch_done = False
+        self._holes = isinstance(units, MapUnits) and units.holes
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.failure is None:
+            self.failure = exc
+        self._fetch_done = True
+        self._notify_sender()
+
+    async def _fetch_unit(self, indices: list[int]) -> list[Any]:
+        """The outcomes of a map-style unit's dataset indices."""
+        fetcher = self.fetcher
+        if self._holes and HOLE in indices:
+            return await self._fetch_around_holes(indices)
+        if fetcher.batched:
+            return await fetcher.chunk(indices)
+        return [await fetcher.one(indices[0])]
+
+    async def _fetch_around_holes(self, indices: list[int]) -> list[Any]:
+        """Outcomes of a planned epoch's unit: its holes are dropped, never fetched."""
+        real = [i for i in indices if i != HOLE]
+        fetcher = self.fetcher
+        if fetcher.batched:
+            fetched = await fetcher.chunk(real) if real else []
+        else:
+            fetched = [await fetcher.one(i) for i in real]
+        got = iter(fetched)
+        return [DROPPED if i == HOLE else next(got) for i in indices]
+
+    def _end_fetching(self) -> None:
+        """Every unit is fetched: settle the error budget, flush the last partial batch."""
+        settled = self.fetcher.policy.settle()
+        if settled is not None:
+            self._fail(settled.exc)
+        if self.failure is None and not (self.drop_last and isinstance(self.batcher, CountBatcher)):
+            self._ready.extend(self.batcher.flush())
+        self._fetch_done = True
+        self._notify_sender()
+
+    def _complete(self, seq: int, positions: list[int], outcomes: list[Any]) -> None:
+        if not self.ordered:
+            self._release(positions, outcomes)
+            return
+        if seq != self._next_seq:
+            self._parked[seq] = (positions, outcomes)
+            return
+        self._release(positions, outcomes)
+        self._next_seq += 1
+        parked = self._parked
+        while parked:
+            unit = parked.pop(self._next_seq, None)
+            if unit is None:
+                break
+            self._release(*unit)
+            self._next_seq += 1
+
+    def _release(self, positions: list[int], outcomes: list[Any]) -> None:
+        if self.failure is not None:
+            return  # nothing after a failure may reach the consumer
+        batcher = self.batcher
+        if len(outcomes) == 1:
+            outcome = outcomes[0]
+            if not (outcome is DROPPED or outcome is SKIPPED or type(outcome) is Failure):
+                batch = batcher.add(outcome, positions[0])
+                if batch is not None:
+                    self._queue(batch)
+                return
+        elif type(outcomes) is Values and type(batcher) is CountBatcher:
+            # All samples, the common case: batched in slices, not one by one.
+            batches = batcher.extend(outcomes, positions)
+            if batches:
+                self._queue(batches)
+            return
+        dropped = 0
+        for position, outcome in zip(positions, outcomes, strict=True):
+            if outcome is DROPPED or outcome is SKIPPED:
+                dropped += 1
+                closed = batcher.skip(position)  # a planned batch may end on a hole
+                if closed is not None:
+                    self._queue(closed)
+                continue
+            if type(outcome) is Failure:
+                self._fail(outcome.exc)
+                return
+            batch = batcher.add(outcome, position)
+            if batch is not None:
+                self._queue(batch)
+        if dropped:
+            self._held -= dropped
+            self._notify_space()
+
+    def _queue(self, batch: Batch | list[Batch]) -> None:
+        """Queue a complete batch (or a bucket's batches) for the sender."""
+        if isinstance(batch, tuple):
+            self._ready.append(batch)
+        else:
+            self._ready.extend(batch)
+        self._notify_sender()
+
+    def _notify_space(self) -> None:
+        """Room was freed in the window (a hook: nobody waits for it here)."""
+
+    def _notify_sender(self) -> None:
+        """A batch is ready, or fetching ended (a hook: nobody waits for it here)."""
+
+
+class Epoch(_Assembly):
+    """One pass over a plan or a stream, running as a background task: fetch workers keep
+    ``concurrency`` samples in flight and a sender collates ready batches into a stream of
+    ``prefetch`` slots, while the consumer does its own work."""
 
     def __init__(
         self,
@@ -141,37 +299,22 @@ class Epoch:
         concurrency: int,
         prefetch: int,
     ) -> None:
-        self.units = units
-        self.fetcher = fetcher
-        self.stats = stats
-        self.batcher = batcher
-        self.drop_last = drop_last
-        self.ordered = ordered
-        self.collate = collate
+        super().__init__(
+            units,
+            fetcher,
+            stats=stats,
+            batcher=batcher,
+            drop_last=drop_last,
+            ordered=ordered,
+            collate=collate,
+        )
         self._unit = units.chunk if isinstance(units, MapUnits) else 1
         self.workers = max(1, concurrency // self._unit)
-        # Room for every worker's unit plus what the batcher may hold back (a whole batch, or
-        # a bucket), so a batch can always complete, and slack for out-of-order completions:
-        # in order, a slow sample holds back all that completes after it, and with only
-        # twice the concurrency a store with uneven latencies stalled the fetchers (HTTP at
-        # 256 in flight: about 10 % slower than four times).
-        if isinstance(batcher, (CountBatcher, SlotBatcher)):
-            holds = batcher.size
-        else:
-            holds = batcher.max_count + (batcher.bucket or 0)
-        self.window = max((4 if ordered else 2) * concurrency, concurrency + holds)
-        self.failure: BaseException | None = None
-        self.completed = False  # ran to the end of its plan or stream (not cancelled)
+        self.window = window(concurrency, batcher, ordered=ordered)
 
         self._send: MemoryObjectSendStream[Item]
         self.receive: MemoryObjectReceiveStream[Item]
         self._send, self.receive = anyio.create_memory_object_stream[Item](prefetch)
-        self._held = 0  # samples taken and not yet sent on (or dropped)
-        self._next_seq = 0  # ordered: sequence number of the next unit to release
-        self._taken_seq = 0
-        self._parked: dict[int, tuple[list[int], list[Any]]] = {}
-        self._ready: deque[Batch] = deque()
-        self._fetch_done = False
         self._space_waiters: deque[Signal] = deque()  # workers waiting for room
         self._wake_sender: Signal | None = None
         self._workers_scope: anyio.CancelScope | None = None
@@ -191,15 +334,7 @@ class Epoch:
                             workers.start_soon(self._map_worker)
                     else:
                         workers.start_soon(self._stream_worker, workers.start_soon)
-                settled = self.fetcher.policy.settle()
-                if settled is not None:
-                    self._fail(settled.exc)
-                if self.failure is None and not (
-                    self.drop_last and isinstance(self.batcher, CountBatcher)
-                ):
-                    self._ready.extend(self.batcher.flush())
-                self._fetch_done = True
-                self._notify_sender()
+                self._end_fetching()
             self.completed = True
         except Exception as exc:  # a bug of ours: report it rather than hang the consumer
             self._fail(exc)
@@ -207,18 +342,13 @@ class Epoch:
             self._send.close()
 
     def _fail(self, exc: BaseException) -> None:
-        if self.failure is None:
-            self.failure = exc
-        self._fetch_done = True
+        super()._fail(exc)
         if self._workers_scope is not None:
             self._workers_scope.cancel()
-        self._notify_sender()
 
     async def _map_worker(self) -> None:
         units = self.units
         assert isinstance(units, MapUnits)
-        fetcher = self.fetcher
-        batched = fetcher.batched
         while True:
             while self._held >= self.window:
                 await self._wait_space()
@@ -234,24 +364,7 @@ class Epoch:
                 # once) must not hold the event loop for a whole epoch.
                 await anyio.lowlevel.checkpoint()
             self._held += len(positions)
-            if units.holes and HOLE in indices:
-                outcomes = await self._fetch_around_holes(indices)
-            elif batched:
-                outcomes = await fetcher.chunk(indices)
-            else:
-                outcomes = [await fetcher.one(indices[0])]
-            self._complete(seq, positions, outcomes)
-
-    async def _fetch_around_holes(self, indices: list[int]) -> list[Any]:
-        """Outcomes of a planned epoch's unit: its holes are dropped, never fetched."""
-        real = [i for i in indices if i != HOLE]
-        fetcher = self.fetcher
-        if fetcher.batched:
-            fetched = await fetcher.chunk(real) if real else []
-        else:
-            fetched = [await fetcher.one(i) for i in real]
-        got = iter(fetched)
-        return [DROPPED if i == HOLE else next(got) for i in indices]
+            self._complete(seq, positions, await self._fetch_unit(indices))
 
     async def _stream_worker(self, start_soon: Callable[..., Any]) -> None:
         units = self.units
@@ -297,70 +410,7 @@ class Epoch:
             with anyio.CancelScope(shield=True):
                 await close_stream(stream)
 
-    # -- assembly ----------------------------------------------------------------------------
-
-    def _complete(self, seq: int, positions: list[int], outcomes: list[Any]) -> None:
-        if not self.ordered:
-            self._release(positions, outcomes)
-            return
-        if seq != self._next_seq:
-            self._parked[seq] = (positions, outcomes)
-            return
-        self._release(positions, outcomes)
-        self._next_seq += 1
-        parked = self._parked
-        while parked:
-            unit = parked.pop(self._next_seq, None)
-            if unit is None:
-                break
-            self._release(*unit)
-            self._next_seq += 1
-
-    def _release(self, positions: list[int], outcomes: list[Any]) -> None:
-        if self.failure is not None:
-            return  # nothing after a failure may reach the consumer
-        batcher = self.batcher
-        if len(outcomes) == 1:
-            outcome = outcomes[0]
-            if not (outcome is DROPPED or outcome is SKIPPED or type(outcome) is Failure):
-                batch = batcher.add(outcome, positions[0])
-                if batch is not None:
-                    self._queue(batch)
-                return
-        elif type(batcher) is CountBatcher:
-            for outcome in outcomes:
-                if outcome is DROPPED or outcome is SKIPPED or type(outcome) is Failure:
-                    break
-            else:  # all values, the common case: batched in slices, not one by one
-                batches = batcher.extend(outcomes, positions)
-                if batches:
-                    self._queue(batches)
-                return
-        dropped = 0
-        for position, outcome in zip(positions, outcomes, strict=True):
-            if outcome is DROPPED or outcome is SKIPPED:
-                dropped += 1
-                closed = batcher.skip(position)  # a planned batch may end on a hole
-                if closed is not None:
-                    self._queue(closed)
-                continue
-            if type(outcome) is Failure:
-                self._fail(outcome.exc)
-                return
-            batch = batcher.add(outcome, position)
-            if batch is not None:
-                self._queue(batch)
-        if dropped:
-            self._held -= dropped
-            self._notify_space()
-
-    def _queue(self, batch: Batch | list[Batch]) -> None:
-        """Queue a complete batch (or a bucket's batches) for the sender."""
-        if isinstance(batch, tuple):
-            self._ready.append(batch)
-        else:
-            self._ready.extend(batch)
-        self._notify_sender()
+    # -- events (the consumer, the sender and the workers wait on each other) ----------
 
     async def _sender(self) -> None:
         ready, collate = self._ready, self.collate
@@ -380,8 +430,6 @@ class Epoch:
             await self._send.send((batch, positions, len(values)))
             self._held -= len(values)
             self._notify_space()
-
-    # -- events ------------------------------------------------------------------------------
 
     async def _wait_space(self) -> None:
         event = self._signal()
@@ -404,13 +452,160 @@ class Epoch:
 
     # -- the consumer's side -----------------------------------------------------------------
 
+    @property
+    def buffered(self) -> int:
+        """Collated batches waiting for the consumer."""
+        return self.receive.statistics().current_buffer_used
+
+    async def next_item(self) -> Item | None:
+        """The next batch, or None at the end of the epoch (then see :meth:`finish`)."""
+        try:
+            return await self.receive.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            return None
+        except BaseException:
+            self.cancel()  # the consumer was cancelled: stop fetching for it
+            raise
+
+    def take_ready(self, limit: int | None = None) -> list[Item]:
+        """Up to ``limit`` (default: all) more batches that are ready now, without waiting."""
+        items: list[Item] = []
+        receive = self.receive
+        while limit is None or len(items) < limit:
+            try:
+                items.append(receive.receive_nowait())
+            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                break
+        return items
+
+    async def finish(self) -> None:
+        """After the last batch: wait for the task's end and raise the epoch's failure."""
+        self.receive.close()
+        await self.task.wait()
+        self.stats.stop()
+        if self.failure is not None:
+            raise self.failure
+
     def cancel(self) -> None:
         self.task.cancel()
+
+    def discard(self) -> None:
+        """Cancel, from a finalizer: nothing more may be received."""
+        self.task.cancel()
+        self.receive.close()
 
     async def aclose(self) -> None:
         self.task.cancel()
         await self.task.wait()
         self.receive.close()
+
+
+class InlineEpoch(_Assembly):
+    """One pass over an in-memory map-style plan, fetched when the consumer asks: a
+    :meth:`next_item` that finds no batch ready fetches, batches and collates the next few
+    (as many as an :class:`Epoch` would hold) in the consumer's own task, with no worker
+    tasks, no sender and no stream between them.
+
+    For the synchronous ``for`` over a dataset that awaits no I/O (see
+    :class:`~asyncload.bridge.InlineIterator`): there the event loop runs only inside
+    ``next()``, so background tasks could not overlap anything with the training step,
+    and handing each batch from task to task was most of the cost."""
+
+    def __init__(
+        self,
+        units: MapUnits,
+        fetcher: Fetcher,
+        *,
+        stats: LoaderStats,
+        batcher: CountBatcher | BudgetBatcher | SlotBatcher,
+        drop_last: bool,
+        ordered: bool,
+        collate: Callable[[list[Any]], Any],
+        concurrency: int,
+        prefetch: int,
+    ) -> None:
+        super().__init__(
+            units,
+            fetcher,
+            stats=stats,
+            batcher=batcher,
+            drop_last=drop_last,
+            ordered=ordered,
+            collate=collate,
+        )
+        # Batches made ahead in one go: those an Epoch would hold at most, collated (its
+        # prefetch) and in its window. Each go is one run of the consumer's event loop,
+        # which costs about as much as making a batch of 32 small arrays.
+        span = window(concurrency, batcher, ordered=ordered) // holds_back(batcher)
+        self._ahead = prefetch + max(1, span)
+        self._items: deque[Item] = deque()  # collated, not yet taken
+
+    @property
+    def buffered(self) -> int:
+        return len(self._items)
+
+    async def next_item(self) -> Item | None:
+        """The next batch, or None at the end of the epoch (then see :meth:`finish`)."""
+        items = self._items
+        if not items:
+            try:
+                await self._produce(1 + self._ahead)
+            except BaseException:
+                self.cancel()  # interrupted mid-unit: the epoch cannot go on
+                raise
+        return items.popleft() if items else None
+
+    def take_ready(self, limit: int | None = None) -> list[Item]:
+        """Up to ``limit`` (default: all) more batches already collated."""
+        items = self._items
+        count = len(items) if limit is None else min(limit, len(items))
+        return [items.popleft() for _ in range(count)]
+
+    async def _produce(self, count: int) -> None:
+        ready, items, units = self._ready, self._items, self.units
+        assert isinstance(units, MapUnits)
+        while len(items) < count:
+            if ready:
+                values, positions = ready.popleft()
+                try:
+                    batch = self.collate(values)
+                except Exception as exc:
+                    self._fail(exc)
+                    ready.clear()  # nothing after a failure may reach the consumer
+                    return
+                items.append((batch, positions, len(values)))
+                self._held -= len(values)
+                continue
+            if self._fetch_done:
+                return
+            unit = units.take()
+            if unit is None:
+                self._end_fetching()
+                self.completed = True
+                continue
+            positions, indices = unit
+            seq = self._taken_seq
+            self._taken_seq += 1
+            if not seq & 63:
+                await anyio.lowlevel.checkpoint()  # let the loop's other tasks run
+            self._held += len(positions)
+            self._complete(seq, positions, await self._fetch_unit(indices))
+
+    async def finish(self) -> None:
+        """After the last batch: raise the epoch's failure."""
+        self.stats.stop()
+        if self.failure is not None:
+            raise self.failure
+
+    def cancel(self) -> None:
+        self._fetch_done = True
+        self._ready.clear()
+        self._items.clear()
+
+    discard = cancel
+
+    async def aclose(self) -> None:
+        self.cancel()
 
 
 class EpochIterator(AsyncIterator[Any]):
@@ -422,7 +617,7 @@ class EpochIterator(AsyncIterator[Any]):
 
     def __init__(
         self,
-        epoch: Epoch,
+        epoch: Epoch | InlineEpoch,
         progress: Progress,
         *,
         on_end: Callable[[], None],
@@ -452,34 +647,19 @@ class EpochIterator(AsyncIterator[Any]):
     async def next_item(self) -> Item:
         """The next (batch, positions, count), not yet counted as delivered: the sync
         bridge hands it to another thread and commits it when that thread takes it."""
-        epoch = self._epoch
         if self._ended:
             raise StopAsyncIteration
-        try:
-            return await epoch.receive.receive()
-        except (anyio.EndOfStream, anyio.ClosedResourceError):
-            self._ended = True
-        except BaseException:
-            epoch.cancel()  # the consumer was cancelled: stop fetching for it
-            raise
-        epoch.receive.close()
-        await epoch.task.wait()
-        epoch.stats.stop()
-        if epoch.failure is not None:
-            raise epoch.failure
+        item = await self._epoch.next_item()
+        if item is not None:
+            return item
+        self._ended = True
+        await self._epoch.finish()
         raise StopAsyncIteration
 
-    def take_ready(self, limit: int) -> list[Item]:
-        """Up to ``limit`` more items that are ready now, without waiting (the end of the
-        epoch and its errors are left to :meth:`next_item`)."""
-        items: list[Item] = []
-        receive = self._epoch.receive
-        while len(items) < limit and not self._ended:
-            try:
-                items.append(receive.receive_nowait())
-            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
-                break
-        return items
+    def take_ready(self, limit: int | None = None) -> list[Item]:
+        """Up to ``limit`` (default: all) more items that are ready now, without waiting
+        (the end of the epoch and its errors are left to :meth:`next_item`)."""
+        return [] if self._ended else self._epoch.take_ready(limit)
 
     def end(self) -> None:
         """The consumer has seen the end of the epoch: record it, if the epoch completed."""
@@ -518,5 +698,4 @@ class EpochIterator(AsyncIterator[Any]):
             self._report_end()
 
     def __del__(self) -> None:
-        self._epoch.cancel()
-        self._epoch.receive.close()
+        self._epoch.discard()

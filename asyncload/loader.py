@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ._fetch import ErrorPolicy, Fetcher
-from ._pipeline import Epoch, EpochIterator, MapUnits, StreamUnits
+from ._pipeline import Epoch, EpochIterator, InlineEpoch, MapUnits, StreamUnits
 from .batching import BudgetBatcher, CountBatcher, SlotBatcher, plan_slots, sample_cost
 from .collate import default_collate
 from .datasets import AsyncDataset, AsyncIterableDataset
@@ -274,7 +274,7 @@ class Loader:
         # epoch's plan is dealt from the rest. ``[start, end)`` runs.
         self._excluded: list[list[int]] = []
         self._stats = LoaderStats()
-        self._current: Epoch | None = None
+        self._current: Epoch | InlineEpoch | None = None
         # Sync iterators, so close() can stop their threads; weak, so that leaving a for
         # loop drops (and stops) its iterator.
         self._iterators: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -409,8 +409,9 @@ class Loader:
         """One epoch in the running event loop (asyncio, uvloop or trio)."""
         return self._start_epoch(self.prefetch)
 
-    def _start_epoch(self, prefetch: int) -> EpochIterator:
+    def _start_epoch(self, prefetch: int, *, inline: bool = False) -> EpochIterator:
         # The sync bridge buffers ready batches on its side of the thread hand-off instead.
+        # inline: fetch in the consumer's task (InlineEpoch; an in-memory map dataset).
         reporter = self._reporter()  # first: it may fail (no tqdm) before anything starts
         resume = self._resume
         self._resume = None
@@ -451,17 +452,32 @@ class Loader:
         else:
             spec = replace(self._stream_epoch(), on_retry=stats.count_retry)
             units = StreamUnits(self.dataset, spec, resume)
-        epoch = Epoch(
-            units,
-            fetcher,
-            stats=stats,
-            batcher=self._batcher(),
-            drop_last=self.drop_last,
-            ordered=self.ordered,
-            collate=_first if self.batch_size is None else (self.collate_fn or default_collate),
-            concurrency=self.concurrency,
-            prefetch=prefetch,
-        )
+        collate = _first if self.batch_size is None else (self.collate_fn or default_collate)
+        epoch: Epoch | InlineEpoch
+        if inline and isinstance(units, MapUnits):
+            epoch = InlineEpoch(
+                units,
+                fetcher,
+                stats=stats,
+                batcher=self._batcher(),
+                drop_last=self.drop_last,
+                ordered=self.ordered,
+                collate=collate,
+                concurrency=self.concurrency,
+                prefetch=prefetch,
+            )
+        else:
+            epoch = Epoch(
+                units,
+                fetcher,
+                stats=stats,
+                batcher=self._batcher(),
+                drop_last=self.drop_last,
+                ordered=self.ordered,
+                collate=collate,
+                concurrency=self.concurrency,
+                prefetch=prefetch,
+            )
         self._current = epoch
         return EpochIterator(epoch, progress, on_end=self._on_end, reporter=reporter)
 
@@ -692,7 +708,7 @@ class Loader:
         ``throttled`` and ``throttle_decreases`` (totals over the loader's life); and with a
         breaker, its ``breaker_state`` and ``breaker_opened`` count."""
         current = self._current
-        buffered = current.receive.statistics().current_buffer_used if current is not None else 0
+        buffered = current.buffered if current is not None else 0
         # Under a plain for loop, ready batches wait in the bridge's queue instead.
         buffered += sum(iterator.buffered for iterator in list(self._iterators))
         snapshot = self._stats.snapshot(buffered)

@@ -6,6 +6,7 @@ import asyncio
 import gc
 import pickle
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import anyio
@@ -393,3 +394,75 @@ def test_inside_a_running_loop_the_bridge_thread_is_used() -> None:
         [4, 5, 6, 7],
         [8, 9, 10, 11],
     ]
+
+
+class CountedSequence(al.AsyncDataset[int]):
+    """An in-memory dataset that counts the samples fetched so far."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.fetched = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def in_memory(self) -> bool:
+        return True
+
+    async def __getitem__(self, index: int) -> int:
+        self.fetched += 1
+        return index
+
+    async def getitems(self, indices: Sequence[int]) -> list[int]:
+        self.fetched += len(indices)
+        return list(indices)
+
+
+@pytest.mark.parametrize(("concurrency", "prefetch", "batch_size"), [(16, 2, 4), (4, 0, 8)])
+def test_inline_epoch_holds_no_more_than_an_async_epoch(
+    concurrency: int, prefetch: int, batch_size: int
+) -> None:
+    """In memory, batches are made a few at a time, never more than a background epoch
+    would hold: its window (4x concurrency, ordered) plus ``prefetch`` collated batches."""
+    ds = CountedSequence(2000)
+    loader = al.Loader(ds, batch_size=batch_size, concurrency=concurrency, prefetch=prefetch)
+    bound = max(4 * concurrency, concurrency + batch_size) + (prefetch + 1) * batch_size
+    iterator = iter(loader)
+    seen: list[int] = []
+    for batch in iterator:
+        seen += [int(x) for x in batch]
+        assert ds.fetched - len(seen) <= bound
+    assert seen == list(range(2000))
+
+
+def test_inline_collate_error_ends_the_epoch_after_the_batches_before_it() -> None:
+    def collate(samples: list[int]) -> list[int]:
+        if 8 in samples:
+            raise ValueError("cannot collate 8")
+        return samples
+
+    loader = al.Loader(al.from_sequence(list(range(20))), batch_size=4, collate_fn=collate)
+    iterator = iter(loader)
+    assert [next(iterator), next(iterator)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    with pytest.raises(ValueError, match="cannot collate 8"):
+        next(iterator)
+    assert iterator.closed and list(iterator) == []
+    assert loader.state_dict()["progress"]["watermark"] == 8
+
+
+def test_inline_filtered_and_skipped_samples() -> None:
+    """Chunks with dropped and skipped samples take the per-sample path, in order."""
+
+    def fail_on_fives(x: int) -> int:
+        if x % 5 == 0:
+            raise ValueError("five")
+        return x
+
+    seq = al.from_sequence(list(range(40))).filter(lambda x: x % 3)
+    loader = al.Loader(seq, batch_size=4, transform=fail_on_fives, on_error="skip")
+    got = [int(x) for batch in loader for x in batch]
+    assert got == [x for x in range(40) if x % 3 and x % 5]
+    stats = loader.statistics()
+    assert stats["filtered"] == len([x for x in range(40) if not x % 3])
+    assert stats["skipped"] == len([x for x in range(40) if x % 3 and not x % 5])

@@ -120,3 +120,27 @@ def test_collate_needs_no_torch() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_numpy_stacking_matches_np_stack() -> None:
+    """The fast path gives np.stack's result: dtype promotion, shape, a fresh copy."""
+    mixed = [np.arange(3, dtype=np.uint8), np.arange(3, dtype=np.int64)]
+    for samples in (mixed, [np.float32(2) * np.ones((2, 2), np.float32)] * 3):
+        batch, expected = collate(samples), np.stack(samples)
+        assert batch.dtype == expected.dtype and batch.shape == expected.shape
+        np.testing.assert_array_equal(batch, expected)
+    source = [np.zeros(2), np.ones(2)]
+    batch = collate(source)
+    batch[0, 0] = 5
+    assert source[0][0] == 0  # a copy, not a view of a sample
+
+
+def test_numpy_arrays_of_different_shapes_raise_np_stack_error() -> None:
+    with pytest.raises(ValueError, match="same shape"):
+        collate([np.zeros(2), np.zeros(3)])
+
+
+def test_object_arrays_are_stacked_as_np_stack_does() -> None:
+    samples = [np.array([[1, 2], [3]], dtype=object), np.array([[4], [5, 6]], dtype=object)]
+    batch = collate(samples)
+    assert batch.shape == (2, 2) and batch[1, 1] == [5, 6]
