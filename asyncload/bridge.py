@@ -16,9 +16,12 @@ each ``next()`` runs a private event loop until the next batch is ready.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import queue
+import sys
 import threading
+import weakref
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -36,6 +39,17 @@ if TYPE_CHECKING:
 __all__ = ["InlineIterator", "SyncIterator"]
 
 _END = object()
+
+# Iterators still open, closed at exit: while the interpreter finalizes, a loop thread
+# (a daemon) is frozen, and closing through it from a finalizer would hang the exit.
+_OPEN: weakref.WeakSet[SyncIterator | InlineIterator] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_iterators() -> None:
+    for iterator in list(_OPEN):
+        with contextlib.suppress(Exception):
+            iterator.close()
 
 
 def _backend_options() -> dict[str, Any]:
@@ -140,6 +154,7 @@ class SyncIterator(Iterator[Any]):
         except BaseException:
             self._cm.__exit__(None, None, None)
             raise
+        _OPEN.add(self)
 
     @property
     def closed(self) -> bool:
@@ -179,6 +194,8 @@ class SyncIterator(Iterator[Any]):
         self._pump.iterator.report_end()
         if threading.get_ident() == self._pump.thread:
             return  # dropped inside its own loop (a GC cycle): that loop is ending anyway
+        if sys.is_finalizing():
+            return  # the loop thread is frozen (see _OPEN); the process is ending anyway
         try:
             self._task.cancel()
             with contextlib.suppress(BaseException):
@@ -265,6 +282,7 @@ class InlineIterator(Iterator[Any]):
             self._loop.close()
             raise
         self._iterator = self._maker.iterator
+        _OPEN.add(self)
 
     async def _start(self) -> _Maker:
         return _Maker(self._loader._start_epoch(prefetch=self._loader.prefetch, inline=True))
@@ -313,6 +331,8 @@ class InlineIterator(Iterator[Any]):
                 return  # (running: called back from inside next(), which will see the end)
             self._closed = True
             self._iterator.report_end()
+            if sys.is_finalizing():
+                return  # too late to run a loop; the process is ending anyway
             if _loop_running_here():
                 # Another loop runs in this thread (close() from async code): ours cannot
                 # run here, but it may in a thread of its own.

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import pickle
+import subprocess
+import sys
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -466,3 +468,38 @@ def test_inline_filtered_and_skipped_samples() -> None:
     stats = loader.statistics()
     assert stats["filtered"] == len([x for x in range(40) if not x % 3])
     assert stats["skipped"] == len([x for x in range(40) if x % 3 and not x % 5])
+
+
+EXIT_SCRIPT = """
+import asyncload as al
+
+class Data(al.AsyncDataset):
+    def __len__(self):
+        return {samples}
+
+    @property
+    def in_memory(self):
+        return {in_memory}
+
+    async def __getitem__(self, index):
+        return index
+
+    async def aclose(self):
+        print("dataset closed", flush=True)
+
+iterator = iter(al.Loader(Data(), batch_size=32))
+print(int(next(iterator)[0]), flush=True)
+"""
+
+
+@pytest.mark.parametrize("samples", [64, 640])  # the epoch's end already queued, or not
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_a_script_that_leaves_an_iterator_open_exits(samples: int, in_memory: bool) -> None:
+    """Left open at exit, an iterator is closed by an atexit hook, while its loop thread
+    still runs: closing it later, from a finalizer, waited on a frozen thread forever."""
+    script = EXIT_SCRIPT.format(samples=samples, in_memory=in_memory)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:2] == ["0", "dataset closed"]
