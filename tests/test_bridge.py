@@ -502,4 +502,7 @@ def test_a_script_that_leaves_an_iterator_open_exits(samples: int, in_memory: bo
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split("\n")[:2] == ["0", "dataset closed"]
+    # (A whole epoch fetched already closes the dataset in the loop thread, while the
+    # main thread prints: the two lines may interleave.)
+    assert result.stdout.count("dataset closed") == 1
+    assert result.stdout.replace("dataset closed", "").split() == ["0"]
