@@ -330,7 +330,15 @@ class Epoch(_Assembly):
                 async with anyio.create_task_group() as workers:
                     self._workers_scope = workers.cancel_scope
                     if isinstance(self.units, MapUnits):
-                        for _ in range(self.workers):
+                        # The first batch's units go out one loop iteration ahead of
+                        # the rest: started all at once, the first batch came in later
+                        # (at 256 in flight and 20 ms, about 130 against 85 ms; plain
+                        # asyncio, which takes the first 32 to complete, about 80 ms).
+                        first = min(self.workers, -(-holds_back(self.batcher) // self._unit))
+                        for _ in range(first):
+                            workers.start_soon(self._map_worker)
+                        await anyio.lowlevel.checkpoint()
+                        for _ in range(self.workers - first):
                             workers.start_soon(self._map_worker)
                     else:
                         workers.start_soon(self._stream_worker, workers.start_soon)
@@ -349,6 +357,7 @@ class Epoch(_Assembly):
     async def _map_worker(self) -> None:
         units = self.units
         assert isinstance(units, MapUnits)
+        batched, holes, one = self.fetcher.batched, self._holes, self.fetcher.one
         while True:
             while self._held >= self.window:
                 await self._wait_space()
@@ -364,7 +373,11 @@ class Epoch(_Assembly):
                 # once) must not hold the event loop for a whole epoch.
                 await anyio.lowlevel.checkpoint()
             self._held += len(positions)
-            self._complete(seq, positions, await self._fetch_unit(indices))
+            if batched or holes:
+                outcomes = await self._fetch_unit(indices)
+            else:  # one sample: one coroutine less on every resumption of the fetch
+                outcomes = [await one(indices[0])]
+            self._complete(seq, positions, outcomes)
 
     async def _stream_worker(self, start_soon: Callable[..., Any]) -> None:
         units = self.units

@@ -21,6 +21,7 @@ import numpy as np
 from ._fetch import ErrorPolicy, Fetcher
 from ._pipeline import Epoch, EpochIterator, InlineEpoch, MapUnits, StreamUnits
 from .batching import BudgetBatcher, CountBatcher, SlotBatcher, plan_slots, sample_cost
+from .bridge import InlineIterator, SyncIterator, runs_inline
 from .collate import default_collate
 from .datasets import AsyncDataset, AsyncIterableDataset
 from .drift import DriftMonitor
@@ -522,8 +523,6 @@ class Loader:
     def __iter__(self) -> Iterator[Any]:
         """One epoch from synchronous code, through a background event loop thread (or, for
         a dataset that awaits no I/O, ``dataset.in_memory``, in this thread)."""
-        from .bridge import InlineIterator, SyncIterator, runs_inline
-
         iterator = InlineIterator(self) if runs_inline(self) else SyncIterator(self)
         self._iterators.add(iterator)
         return iterator

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import email.utils
 import logging
 import time
@@ -151,8 +150,12 @@ class HTTPSource(AsyncDataset[bytes]):
         return len(self.urls)
 
     async def __getitem__(self, index: int) -> bytes:
-        async with self._get(self.urls[normalize_index(index, len(self.urls))]) as (url, response):
-            return await self._read(url, response)
+        url, response = await self._open(self.urls[normalize_index(index, len(self.urls))])
+        async with response:
+            try:
+                return await self._read(url, response)
+            except aiohttp.ClientPayloadError as exc:
+                raise TruncatedBodyError(f"{redact_url(url)}: body cut short") from exc
 
     async def iter_chunks(self, url: str, chunk_size: int = 1 << 20) -> AsyncIterator[bytes]:
         """The body of a GET of ``url`` as it arrives, in chunks of at most ``chunk_size``
@@ -162,46 +165,49 @@ class HTTPSource(AsyncDataset[bytes]):
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=self.timeout, sock_read=self.timeout
         )
-        async with self._get(url, timeout=timeout) as (url, response):
+        url, response = await self._open(url, timeout=timeout)
+        async with response:
             expected = response.content_length
             received = 0
-            async for chunk in response.content.iter_chunked(chunk_size):
-                received += len(chunk)
-                yield chunk
+            try:
+                async for chunk in response.content.iter_chunked(chunk_size):
+                    received += len(chunk)
+                    yield chunk
+            except aiohttp.ClientPayloadError as exc:
+                raise TruncatedBodyError(f"{redact_url(url)}: body cut short") from exc
             if expected is not None and received != expected and not _encoded(response):
                 raise TruncatedBodyError(
                     f"{redact_url(url)}: body has {received} of {expected} bytes"
                 )
 
-    @contextlib.asynccontextmanager
-    async def _get(
+    async def _open(
         self, url: str, timeout: aiohttp.ClientTimeout | None = None
-    ) -> AsyncIterator[tuple[str, aiohttp.ClientResponse]]:
+    ) -> tuple[str, aiohttp.ClientResponse]:
         """A 2xx response to a GET of ``url``, after the redirects the policy allows, with
-        the URL it came from. Errors while reading it, in the ``async with`` body, are
-        mapped too: a cut-off body is a `TruncatedBodyError`."""
+        the URL it came from; its body not yet read: the caller reads it in ``async with
+        response``, which releases the connection. A plain coroutine rather than a
+        context manager: this is every sample's path, and each layer of coroutines costs
+        CPU at every resumption."""
         first = url
         session = self._sessions.get()
         headers: Mapping[str, str] | None = self.headers or None
         extra = {} if timeout is None else {"timeout": timeout}
         try:
             for _ in range(self.max_redirects + 1):
-                async with session.get(
-                    url, headers=headers, allow_redirects=False, **extra
-                ) as response:
+                response = await session.get(url, headers=headers, allow_redirects=False, **extra)
+                if 200 <= response.status < 300:
+                    return url, response
+                async with response:  # released: it is a redirect or an error
                     if response.status in _REDIRECT_STATUSES and "Location" in response.headers:
                         url = self._redirect_target(url, response)
                         if not _same_origin(first, url):
                             headers = None  # credentials stay with the origin they were for
                         continue
-                    if not 200 <= response.status < 300:
-                        raise HTTPStatusError(
-                            response.status,
-                            redact_url(url),
-                            retry_after=_retry_after(response.headers.get("Retry-After")),
-                        )
-                    yield url, response
-                    return
+                    raise HTTPStatusError(
+                        response.status,
+                        redact_url(url),
+                        retry_after=_retry_after(response.headers.get("Retry-After")),
+                    )
             raise HTTPStatusError(
                 response.status,
                 redact_url(first),
