@@ -425,6 +425,31 @@ class Epoch(_Assembly):
 
     # -- events (the consumer, the sender and the workers wait on each other) ----------
 
+    def _queue(self, batch: Batch | list[Batch]) -> None:
+        # With the sender idle and room in the stream (or the consumer waiting on it), the
+        # worker that completed the batch hands it over itself: waking the sender first
+        # queued it behind every other ready callback (the first batch at 64 in flight
+        # came ~4 ms after its last sample), and costs a task switch per batch.
+        if (
+            self._wake_sender is not None
+            and type(batch) is tuple
+            and not self._ready
+            and self.failure is None
+        ):
+            room = self._send.statistics()
+            if room.tasks_waiting_receive or room.current_buffer_used < room.max_buffer_size:
+                values, positions = batch
+                try:
+                    collated = self.collate(values)
+                except Exception as exc:
+                    self._fail(exc)
+                    return
+                self._send.send_nowait((collated, positions, len(values)))
+                self._held -= len(values)
+                self._notify_space()
+                return
+        super()._queue(batch)
+
     async def _sender(self) -> None:
         ready, collate = self._ready, self.collate
         while True:

@@ -918,3 +918,28 @@ async def test_stream_and_sampler_are_exclusive() -> None:
 async def test_len_matches_math() -> None:
     loader = al.Loader(al.from_sequence(list(range(101))), batch_size=10, world_size=4, rank=3)
     assert len(loader) == math.ceil(math.ceil(101 / 4) / 10)
+
+
+@pytest.mark.parametrize("concurrency", [1, 16])
+@pytest.mark.parametrize("prefetch", [0, 2])
+async def test_collate_error_ends_the_epoch_after_the_batches_before_it(
+    concurrency: int, prefetch: int
+) -> None:
+    """A collate_fn that raises ends the epoch with its error, after the batches before
+    it, whether the sender collated the batch or the worker that completed it did (when
+    the consumer was already waiting)."""
+
+    def collate(samples: list[int]) -> list[int]:
+        if 8 in samples:
+            raise ValueError("cannot collate 8")
+        return list(samples)
+
+    loader = al.Loader(
+        Indexed(20), batch_size=4, concurrency=concurrency, prefetch=prefetch, collate_fn=collate
+    )
+    got: list[list[int]] = []
+    with pytest.raises(ValueError, match="cannot collate 8"):
+        async for batch in loader:
+            got.append(batch)
+    assert got == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert loader.state_dict()["progress"]["watermark"] == 8
