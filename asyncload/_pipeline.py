@@ -160,6 +160,8 @@ class _Assembly:
         drop_last: bool,
         ordered: bool,
         collate: Callable[[list[Any]], Any],
+        concurrency: int,
+        prefetch: int,
     ) -> None:
         self.units = units
         self.fetcher = fetcher
@@ -177,6 +179,11 @@ class _Assembly:
         self._ready: deque[Batch] = deque()
         self._fetch_done = False
         self._holes = isinstance(units, MapUnits) and units.holes
+        self.window = window(concurrency, batcher, ordered=ordered)
+        self._begin(concurrency, prefetch)
+
+    def _begin(self, concurrency: int, prefetch: int) -> None:
+        """Set up this way of running the epoch (the last step of ``__init__``)."""
 
     def _fail(self, exc: BaseException) -> None:
         if self.failure is None:
@@ -286,32 +293,10 @@ class Epoch(_Assembly):
     ``concurrency`` samples in flight and a sender collates ready batches into a stream of
     ``prefetch`` slots, while the consumer does its own work."""
 
-    def __init__(
-        self,
-        units: MapUnits | StreamUnits,
-        fetcher: Fetcher,
-        *,
-        stats: LoaderStats,
-        batcher: CountBatcher | BudgetBatcher | SlotBatcher,
-        drop_last: bool,
-        ordered: bool,
-        collate: Callable[[list[Any]], Any],
-        concurrency: int,
-        prefetch: int,
-    ) -> None:
-        super().__init__(
-            units,
-            fetcher,
-            stats=stats,
-            batcher=batcher,
-            drop_last=drop_last,
-            ordered=ordered,
-            collate=collate,
-        )
+    def _begin(self, concurrency: int, prefetch: int) -> None:
+        units = self.units
         self._unit = units.chunk if isinstance(units, MapUnits) else 1
         self.workers = max(1, concurrency // self._unit)
-        self.window = window(concurrency, batcher, ordered=ordered)
-
         self._send: MemoryObjectSendStream[Item]
         self.receive: MemoryObjectReceiveStream[Item]
         self._send, self.receive = anyio.create_memory_object_stream[Item](prefetch)
@@ -549,32 +534,11 @@ class InlineEpoch(_Assembly):
     ``next()``, so background tasks could not overlap anything with the training step,
     and handing each batch from task to task was most of the cost."""
 
-    def __init__(
-        self,
-        units: MapUnits,
-        fetcher: Fetcher,
-        *,
-        stats: LoaderStats,
-        batcher: CountBatcher | BudgetBatcher | SlotBatcher,
-        drop_last: bool,
-        ordered: bool,
-        collate: Callable[[list[Any]], Any],
-        concurrency: int,
-        prefetch: int,
-    ) -> None:
-        super().__init__(
-            units,
-            fetcher,
-            stats=stats,
-            batcher=batcher,
-            drop_last=drop_last,
-            ordered=ordered,
-            collate=collate,
-        )
+    def _begin(self, concurrency: int, prefetch: int) -> None:
         # Batches made ahead in one go: those an Epoch would hold at most, collated (its
         # prefetch) and in its window. Each go is one run of the consumer's event loop,
         # which costs about as much as making a batch of 32 small arrays.
-        span = window(concurrency, batcher, ordered=ordered) // holds_back(batcher)
+        span = self.window // holds_back(self.batcher)
         self._ahead = prefetch + max(1, span)
         self._items: deque[Item] = deque()  # collated, not yet taken
 

@@ -454,31 +454,19 @@ class Loader:
             spec = replace(self._stream_epoch(), on_retry=stats.count_retry)
             units = StreamUnits(self.dataset, spec, resume)
         collate = _first if self.batch_size is None else (self.collate_fn or default_collate)
-        epoch: Epoch | InlineEpoch
-        if inline and isinstance(units, MapUnits):
-            epoch = InlineEpoch(
-                units,
-                fetcher,
-                stats=stats,
-                batcher=self._batcher(),
-                drop_last=self.drop_last,
-                ordered=self.ordered,
-                collate=collate,
-                concurrency=self.concurrency,
-                prefetch=prefetch,
-            )
-        else:
-            epoch = Epoch(
-                units,
-                fetcher,
-                stats=stats,
-                batcher=self._batcher(),
-                drop_last=self.drop_last,
-                ordered=self.ordered,
-                collate=collate,
-                concurrency=self.concurrency,
-                prefetch=prefetch,
-            )
+        # In memory under a plain for, the epoch's steps run on demand (see InlineEpoch).
+        kind = InlineEpoch if inline and isinstance(units, MapUnits) else Epoch
+        epoch = kind(
+            units,
+            fetcher,
+            stats=stats,
+            batcher=self._batcher(),
+            drop_last=self.drop_last,
+            ordered=self.ordered,
+            collate=collate,
+            concurrency=self.concurrency,
+            prefetch=prefetch,
+        )
         self._current = epoch
         return EpochIterator(epoch, progress, on_end=self._on_end, reporter=reporter)
 
