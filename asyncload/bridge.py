@@ -56,7 +56,8 @@ def _close_open_iterators() -> None:
 def _preload() -> dict[str, Any]:
     """The portal's backend options, with what its first start would import imported now:
     about 15 ms, which belongs to ``import asyncload`` rather than to the first batch."""
-    importlib.import_module("anyio._backends._asyncio")  # anyio imports it on first run
+    with contextlib.suppress(ImportError):  # (a private module: may move)
+        importlib.import_module("anyio._backends._asyncio")  # anyio's first run imports it
     try:
         import uvloop  # noqa: F401
     except ImportError:
@@ -232,13 +233,16 @@ class _Maker:
         while True:
             await self._wanted
             self._wanted = loop.create_future()
+            made: list[Any] | Exception
             try:
                 first = await iterator.next_item()
-                self._made = [first, *iterator.take_ready()]  # all the epoch made in one go
+                made = [first, *iterator.take_ready()]  # all the epoch made in one go
             except Exception as exc:  # StopAsyncIteration too: next() sorts them out
-                self._made = exc
-            finally:
-                loop.stop()
+                made = exc
+            # (Not on cancellation: that comes from close(), whose own run of the loop
+            # must not be stopped.)
+            self._made = made
+            loop.stop()
 
     def want(self) -> None:
         """Ask for batches (before running the loop, which the task stops when done)."""

@@ -506,3 +506,21 @@ def test_a_script_that_leaves_an_iterator_open_exits(samples: int, in_memory: bo
     # main thread prints: the two lines may interleave.)
     assert result.stdout.count("dataset closed") == 1
     assert result.stdout.replace("dataset closed", "").split() == ["0"]
+
+
+def test_inline_keyboard_interrupt_closes_the_epoch() -> None:
+    """Ctrl-C in the middle of making batches reaches the loop, closes the epoch, and the
+    loader can run again."""
+
+    def interrupt_on_six(x: int) -> int:
+        if x == 6:
+            raise KeyboardInterrupt
+        return x
+
+    loader = al.Loader(al.from_sequence(list(range(12))), batch_size=4, transform=interrupt_on_six)
+    iterator = iter(loader)
+    with pytest.raises(KeyboardInterrupt):
+        next(iterator)  # the first next() makes the whole epoch ahead: 6 is in it
+    assert iterator.closed and list(iterator) == []
+    again = al.Loader(al.from_sequence(list(range(12))), batch_size=4)
+    assert [int(x) for batch in again for x in batch] == list(range(12))
