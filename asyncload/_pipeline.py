@@ -422,7 +422,9 @@ class Epoch(_Assembly):
             and self.failure is None
         ):
             room = self._send.statistics()
-            if room.tasks_waiting_receive or room.current_buffer_used < room.max_buffer_size:
+            if room.open_receive_streams and (
+                room.tasks_waiting_receive or room.current_buffer_used < room.max_buffer_size
+            ):
                 values, positions = batch
                 try:
                     collated = self.collate(values)
