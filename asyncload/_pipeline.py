@@ -527,9 +527,9 @@ class Epoch(_Assembly):
 
 class InlineEpoch(_Assembly):
     """One pass over an in-memory map-style plan, fetched when the consumer asks: a
-    :meth:`next_item` that finds no batch ready fetches, batches and collates the next few
-    (as many as an :class:`Epoch` would hold) in the consumer's own task, with no worker
-    tasks, no sender and no stream between them.
+    :meth:`next_item` fetches and batches the next few batches (as many as an
+    :class:`Epoch`'s window holds) in the consumer's own task, with no worker tasks, no
+    sender and no stream between them, and each batch is collated as it is taken.
 
     For the synchronous ``for`` over a dataset that awaits no I/O (see
     :class:`~asyncload.bridge.InlineIterator`): there the event loop runs only inside
@@ -537,56 +537,54 @@ class InlineEpoch(_Assembly):
     and handing each batch from task to task was most of the cost."""
 
     def _begin(self, concurrency: int, prefetch: int) -> None:
-        # Batches made ahead in one go: those an Epoch would hold at most, collated (its
-        # prefetch) and in its window. Each go is one run of the consumer's event loop,
-        # which costs about as much as making a batch of 32 small arrays.
-        span = self.window // holds_back(self.batcher)
-        self._ahead = prefetch + max(1, span)
-        self._items: deque[Item] = deque()  # collated, not yet taken
+        # Batches fetched ahead in one go, uncollated: as many as an Epoch holds at most
+        # (its window, and its prefetch). Each go is one run of the consumer's event loop,
+        # which costs about as much as a batch of 32 small arrays; collating waits for
+        # take_ready(), so that no more than prefetch collated batches are buffered, as
+        # with an Epoch (uncollated, an in-memory batch holds references to its samples).
+        self._ahead = max(1, self.window // holds_back(self.batcher)) + prefetch
 
     @property
     def buffered(self) -> int:
-        return len(self._items)
+        return 0  # collated batches are made as the consumer takes them
 
     async def next_item(self) -> Item | None:
         """The next batch, or None at the end of the epoch (then see :meth:`finish`)."""
-        items = self._items
-        if not items:
-            try:
-                await self._produce(1 + self._ahead)
-            except BaseException:
-                self.cancel()  # interrupted mid-unit: the epoch cannot go on
-                raise
-        return items.popleft() if items else None
+        try:
+            await self._fetch_ahead()
+        except BaseException:
+            self.cancel()  # interrupted mid-unit: the epoch cannot go on
+            raise
+        items = self.take_ready(1)
+        return items[0] if items else None
 
     def take_ready(self, limit: int | None = None) -> list[Item]:
-        """Up to ``limit`` (default: all) more batches already collated."""
-        items = self._items
-        count = len(items) if limit is None else min(limit, len(items))
-        return [items.popleft() for _ in range(count)]
+        """Up to ``limit`` (default: all) more batches, collated now from those fetched
+        (no I/O: a synchronous ``for`` takes them without running the event loop)."""
+        ready = self._ready
+        items: list[Item] = []
+        while ready and (limit is None or len(items) < limit):
+            values, positions = ready.popleft()
+            try:
+                batch = self.collate(values)
+            except Exception as exc:
+                self._fail(exc)
+                ready.clear()  # nothing after a failure may reach the consumer
+                break
+            items.append((batch, positions, len(values)))
+            self._held -= len(values)
+        return items
 
-    async def _produce(self, count: int) -> None:
-        ready, items, units = self._ready, self._items, self.units
+    async def _fetch_ahead(self) -> None:
+        """Fetch units until ``_ahead`` batches are ready, or the plan ends."""
+        ready, units = self._ready, self.units
         assert isinstance(units, MapUnits)
-        while len(items) < count:
-            if ready:
-                values, positions = ready.popleft()
-                try:
-                    batch = self.collate(values)
-                except Exception as exc:
-                    self._fail(exc)
-                    ready.clear()  # nothing after a failure may reach the consumer
-                    return
-                items.append((batch, positions, len(values)))
-                self._held -= len(values)
-                continue
-            if self._fetch_done:
-                return
+        while len(ready) < self._ahead and not self._fetch_done:
             unit = units.take()
             if unit is None:
                 self._end_fetching()
                 self.completed = True
-                continue
+                return
             positions, indices = unit
             seq = self._taken_seq
             self._taken_seq += 1
@@ -604,7 +602,6 @@ class InlineEpoch(_Assembly):
     def cancel(self) -> None:
         self._fetch_done = True
         self._ready.clear()
-        self._items.clear()
 
     discard = cancel
 

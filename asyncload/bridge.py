@@ -221,8 +221,9 @@ class _Maker:
     time ``next()`` asks. Like :class:`_Pump`, it must not reference its iterator, so
     that dropping the iterator (``break``) closes it at once, not at the next GC."""
 
-    def __init__(self, iterator: EpochIterator) -> None:
+    def __init__(self, iterator: EpochIterator, prefetch: int) -> None:
         self.iterator = iterator
+        self._prefetch = prefetch
         self._loop = asyncio.get_running_loop()
         self._wanted = self._loop.create_future()
         self._made: list[Any] | Exception | None = None
@@ -236,7 +237,7 @@ class _Maker:
             made: list[Any] | Exception
             try:
                 first = await iterator.next_item()
-                made = [first, *iterator.take_ready()]  # all the epoch made in one go
+                made = [first, *iterator.take_ready(self._prefetch)]
             except Exception as exc:  # StopAsyncIteration too: next() sorts them out
                 made = exc
             # (Not on cancellation: that comes from close(), whose own run of the loop
@@ -267,10 +268,11 @@ class _Maker:
 
 class InlineIterator(Iterator[Any]):
     """One epoch of an in-memory ``loader`` for a plain ``for`` loop, in the calling
-    thread: each ``next()`` that finds no batch ready runs a private event loop while the
-    epoch makes the next few (:class:`~asyncload._pipeline.InlineEpoch`); with no I/O
-    there is nothing to wait on in between. The same interface as :class:`SyncIterator`;
-    ``close()`` may come from any thread.
+    thread: a ``next()`` that finds no batch fetched runs a private event loop while the
+    epoch fetches the next few (:class:`~asyncload._pipeline.InlineEpoch`), and batches
+    are collated as ``next()`` takes them, at most ``1 + prefetch`` at a time; with no
+    I/O there is nothing to wait on in between. The same interface as
+    :class:`SyncIterator`; ``close()`` may come from any thread.
 
     One task serves the whole epoch, woken by each ``next()`` that needs batches: a task
     per ``next()`` (``run_until_complete``) cost twice as much loop overhead, about a
@@ -296,7 +298,8 @@ class InlineIterator(Iterator[Any]):
         _OPEN.add(self)
 
     async def _start(self) -> _Maker:
-        return _Maker(self._loader._start_epoch(prefetch=self._loader.prefetch, inline=True))
+        prefetch = self._loader.prefetch
+        return _Maker(self._loader._start_epoch(prefetch=prefetch, inline=True), prefetch)
 
     @property
     def closed(self) -> bool:
@@ -315,6 +318,9 @@ class InlineIterator(Iterator[Any]):
             if self._closed:
                 raise StopIteration
             try:
+                if not self._ready:
+                    # Batches already fetched are collated here, without running the loop.
+                    self._ready.extend(self._iterator.take_ready(1 + self._loader.prefetch))
                 if not self._ready:
                     self._ready.extend(self._run())
                 item = self._ready.popleft()
