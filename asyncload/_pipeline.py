@@ -492,11 +492,11 @@ class Epoch(_Assembly):
             self.cancel()  # the consumer was cancelled: stop fetching for it
             raise
 
-    def take_ready(self, limit: int | None = None) -> list[Item]:
-        """Up to ``limit`` (default: all) more batches that are ready now, without waiting."""
+    def take_ready(self, limit: int) -> list[Item]:
+        """Up to ``limit`` more batches that are ready now, without waiting."""
         items: list[Item] = []
         receive = self.receive
-        while limit is None or len(items) < limit:
+        while len(items) < limit:
             try:
                 items.append(receive.receive_nowait())
             except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
@@ -558,12 +558,12 @@ class InlineEpoch(_Assembly):
         items = self.take_ready(1)
         return items[0] if items else None
 
-    def take_ready(self, limit: int | None = None) -> list[Item]:
-        """Up to ``limit`` (default: all) more batches, collated now from those fetched
-        (no I/O: a synchronous ``for`` takes them without running the event loop)."""
+    def take_ready(self, limit: int) -> list[Item]:
+        """Up to ``limit`` more batches, collated now from those fetched (no I/O: a
+        synchronous ``for`` takes them without running the event loop)."""
         ready = self._ready
         items: list[Item] = []
-        while ready and (limit is None or len(items) < limit):
+        while ready and len(items) < limit:
             values, positions = ready.popleft()
             try:
                 batch = self.collate(values)
@@ -657,9 +657,9 @@ class EpochIterator(AsyncIterator[Any]):
         await self._epoch.finish()
         raise StopAsyncIteration
 
-    def take_ready(self, limit: int | None = None) -> list[Item]:
-        """Up to ``limit`` (default: all) more items that are ready now, without waiting
-        (the end of the epoch and its errors are left to :meth:`next_item`)."""
+    def take_ready(self, limit: int) -> list[Item]:
+        """Up to ``limit`` more items that are ready now, without waiting (the end of the
+        epoch and its errors are left to :meth:`next_item`)."""
         return [] if self._ended else self._epoch.take_ready(limit)
 
     def end(self) -> None:

@@ -34,10 +34,7 @@ class BlockingHTTPDataset(torch.utils.data.Dataset[Any]):
         self.urls = list(urls)
         self.transform = transform
         self.timeout = timeout
-        parts = urlsplit(self.urls[0]) if self.urls else urlsplit("http://127.0.0.1")
-        self._host = parts.hostname or "127.0.0.1"
-        self._port = parts.port or 80
-        self._paths = [_path_of(u) for u in self.urls]
+        self._host, self._port, self._paths = _target(self.urls)
         self._conn: http.client.HTTPConnection | None = None
         self._pid = -1
 
@@ -45,7 +42,7 @@ class BlockingHTTPDataset(torch.utils.data.Dataset[Any]):
         return len(self.urls)
 
     def __getitem__(self, index: int) -> Any:
-        body = self._get(self._paths[index])
+        body = _get(self._connection, self._forget, self._paths[index])
         return body if self.transform is None else self.transform(body)
 
     def _connection(self) -> http.client.HTTPConnection:
@@ -55,23 +52,8 @@ class BlockingHTTPDataset(torch.utils.data.Dataset[Any]):
             self._pid = os.getpid()
         return self._conn
 
-    def _get(self, path: str) -> bytes:
-        for attempt in (0, 1):
-            conn = self._connection()
-            try:
-                conn.request("GET", path)
-                resp = conn.getresponse()
-                body = resp.read()
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
-                conn.close()
-                self._conn = None
-                if attempt:
-                    raise
-                continue
-            if resp.status != 200:
-                raise OSError(f"GET {path}: HTTP {resp.status}")
-            return body
-        raise AssertionError("unreachable")
+    def _forget(self) -> None:
+        self._conn = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -85,6 +67,35 @@ def _path_of(url: str) -> str:
     return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
 
+def _target(urls: list[str]) -> tuple[str, int, list[str]]:
+    """(host, port) of the first URL (every URL is on one server), and each URL's path."""
+    parts = urlsplit(urls[0]) if urls else urlsplit("http://127.0.0.1")
+    return parts.hostname or "127.0.0.1", parts.port or 80, [_path_of(u) for u in urls]
+
+
+def _get(
+    connection: Callable[[], http.client.HTTPConnection], forget: Callable[[], None], path: str
+) -> bytes:
+    """GET ``path`` over ``connection()``; a stale keep-alive connection is dropped
+    (``forget()``) and the request sent once more on a new one."""
+    for attempt in (0, 1):
+        conn = connection()
+        try:
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            body = resp.read()
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+            conn.close()
+            forget()
+            if attempt:
+                raise
+            continue
+        if resp.status != 200:
+            raise OSError(f"GET {path}: HTTP {resp.status}")
+        return body
+    raise AssertionError("unreachable")
+
+
 class ThreadLocalGetter:
     """``getter(i)`` GETs ``urls[i]`` over a keep-alive ``http.client`` connection of the
     calling thread's own (opened on first use): the map function of a thread pool such as
@@ -93,33 +104,17 @@ class ThreadLocalGetter:
 
     def __init__(self, urls: Sequence[str], timeout: float = 30.0) -> None:
         self.urls = list(urls)
-        parts = urlsplit(self.urls[0]) if self.urls else urlsplit("http://127.0.0.1")
-        self._host = parts.hostname or "127.0.0.1"
-        self._port = parts.port or 80
-        self._paths = [_path_of(u) for u in self.urls]
+        self._host, self._port, self._paths = _target(self.urls)
         self.timeout = timeout
         self._local = threading.local()
         self._lock = threading.Lock()
         self._connections: list[http.client.HTTPConnection] = []
 
     def __call__(self, index: int) -> bytes:
-        path = self._paths[index]
-        for attempt in (0, 1):
-            conn = self._connection()
-            try:
-                conn.request("GET", path)
-                resp = conn.getresponse()
-                body = resp.read()
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
-                conn.close()
-                self._local.conn = None
-                if attempt:
-                    raise
-                continue
-            if resp.status != 200:
-                raise OSError(f"GET {path}: HTTP {resp.status}")
-            return body
-        raise AssertionError("unreachable")
+        return _get(self._connection, self._forget, self._paths[index])
+
+    def _forget(self) -> None:
+        self._local.conn = None
 
     def _connection(self) -> http.client.HTTPConnection:
         conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
