@@ -349,9 +349,9 @@ async def test_user_sampler() -> None:
 
 
 async def test_ordered_output_follows_sampler_not_completion() -> None:
-    n = 6
-    ds = Gated(n, expect=n)
-    loader = al.Loader(ds, batch_size=2, concurrency=n, ordered=True)
+    n, batch_size = 6, 2
+    ds = Gated(n, expect=batch_size)
+    loader = al.Loader(ds, batch_size=batch_size, concurrency=n, ordered=True)
     got: list[list[int]] = []
 
     async def consume() -> None:
@@ -360,19 +360,26 @@ async def test_ordered_output_follows_sampler_not_completion() -> None:
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(consume)
+        # The first batch's fetches go out first (slow start), the rest once they are done.
         await ds.started.wait()
-        for i in reversed(range(n)):
+        await ds.release(1)
+        await ds.release(0)
+        await anyio.wait_all_tasks_blocked()
+        assert ds.waiting == n
+        for i in reversed(range(batch_size, n)):
             await ds.release(i)
     await loader.aclose()
-    assert ds.completed == list(reversed(range(n)))
+    assert ds.completed == [1, 0, 5, 4, 3, 2]
     assert got == [[0, 1], [2, 3], [4, 5]]
 
 
 @pytest.mark.parametrize("batch_size", [1, 2])
 async def test_unordered_output_follows_completion(batch_size: int) -> None:
     n = 6
-    release_order = [3, 0, 5, 1, 4, 2]
-    ds = Gated(n, expect=n)
+    # The first batch's fetches go out alone (slow start): they complete first.
+    first = list(reversed(range(batch_size)))
+    rest = [i for i in [3, 0, 5, 1, 4, 2] if i >= batch_size]
+    ds = Gated(n, expect=batch_size)
     loader = al.Loader(ds, batch_size=batch_size, concurrency=n, ordered=False, prefetch=n)
     got: list[list[int]] = []
 
@@ -383,9 +390,14 @@ async def test_unordered_output_follows_completion(batch_size: int) -> None:
     async with anyio.create_task_group() as tg:
         tg.start_soon(consume)
         await ds.started.wait()
-        for i in release_order:
+        for i in first:
+            await ds.release(i)
+        await anyio.wait_all_tasks_blocked()
+        assert ds.waiting == n
+        for i in rest:
             await ds.release(i)
     await loader.aclose()
+    release_order = first + rest
     assert ds.completed == release_order
     expected = [release_order[i : i + batch_size] for i in range(0, n, batch_size)]
     assert got == expected
@@ -396,7 +408,7 @@ async def test_unordered_drop_last_drops_the_sampler_tail() -> None:
     the samples dropped are the tail of the sampler order (as torch's DataLoader with
     in_order=False), even when the tail completes first."""
     n, batch_size = 7, 3
-    ds = Gated(n, expect=n - 1)
+    ds = Gated(n, expect=batch_size)
     loader = al.Loader(ds, batch_size=batch_size, drop_last=True, concurrency=n, ordered=False)
     got: list[list[int]] = []
 
@@ -406,16 +418,54 @@ async def test_unordered_drop_last_drops_the_sampler_tail() -> None:
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(consume)
-        await ds.started.wait()
-        for i in reversed(range(n)):
+        await ds.started.wait()  # the first batch's fetches (slow start)
+        for i in [*reversed(range(batch_size)), *reversed(range(batch_size, n))]:
             ds.open(i)
             await anyio.wait_all_tasks_blocked()
     await loader.aclose()
+    assert ds.waiting == n - 1  # the tail past the last whole batch was never fetched
     assert len(got) == len(loader) == 2
     assert sorted(flat(got)) == list(range(6))
 
 
 # -- concurrency and backpressure -----------------------------------------------------------
+
+
+async def test_slow_start_first_batch_goes_out_alone() -> None:
+    """An epoch starts with the first batch's fetches alone (so their requests are not
+    queued behind every other fetch's connection setup), and the rest of the concurrency
+    joins once as many fetches have completed, whichever they were: a straggler among
+    the first holds nothing up."""
+    n, batch_size, concurrency = 40, 4, 12
+    ds = Gated(n, expect=batch_size)
+    loader = al.Loader(ds, batch_size=batch_size, concurrency=concurrency, prefetch=10)
+    got: list[int] = []
+
+    async def consume() -> None:
+        async for batch in loader:
+            got.extend(int(x) for x in batch)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(consume)
+        await ds.started.wait()
+        await anyio.wait_all_tasks_blocked()
+        assert ds.waiting == batch_size  # samples 0-3 only
+        for i in (1, 2, 3):  # 0 straggles
+            await ds.release(i)
+        await anyio.wait_all_tasks_blocked()
+        # Their workers went on to samples 4-6; three completions are not yet four.
+        assert ds.waiting == batch_size + 3
+        await ds.release(4)
+        await anyio.wait_all_tasks_blocked()
+        assert ds.waiting - len(ds.completed) == concurrency
+        assert loader.statistics()["in_flight"] == concurrency
+        for i in range(n):
+            ds.open(i)
+    await loader.aclose()
+    assert got == list(range(n))
+    # Fewer samples than the first batch: its spare workers end the slow start.
+    small = al.Loader(Indexed(3), batch_size=4, concurrency=8)
+    assert as_lists(await collect(small)) == [[0, 1, 2]]
 
 
 @pytest.mark.parametrize("batched", [False, True], ids=["per-sample", "getitems"])
@@ -433,10 +483,11 @@ async def test_concurrency_bound(concurrency: int, batch_size: int, batched: boo
     async with anyio.create_task_group() as tg:
         tg.start_soon(consume)
         await anyio.wait_all_tasks_blocked()
-        # Everything is waiting on the gate: the loader has filled its concurrency.
+        # Everything is waiting on the gate: the first batch's fetches went out alone
+        # (slow start: the rest join once as many have completed).
         assert 0 < ds.active <= concurrency
         if not batched:
-            assert ds.active == concurrency
+            assert ds.active == min(concurrency, batch_size)
         assert loader.statistics()["in_flight"] == ds.active
         ds.gate.set()
     await loader.aclose()
