@@ -278,13 +278,18 @@ async def test_order_with_requests_completing_in_reverse(
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(consume)
+        # The first batch's request goes out alone (slow start), the rest once it is done.
+        await anyio.to_thread.run_sync(http_server.wait_arrived, 1)
+        http_server.release(0)
+        await recorder.done(0).wait()
         await anyio.to_thread.run_sync(http_server.wait_arrived, n)
-        for i in reversed(range(n)):
+        for i in reversed(range(1, n)):
             http_server.release(i)
             await recorder.done(i).wait()
     await loader.aclose()
-    assert recorder.completed == list(reversed(range(n)))
-    assert got == (list(range(n)) if ordered else list(reversed(range(n))))
+    reverse = [0, *reversed(range(1, n))]
+    assert recorder.completed == reverse
+    assert got == (list(range(n)) if ordered else reverse)
 
 
 async def test_max_connections(http_server: HTTPServer) -> None:
@@ -299,9 +304,13 @@ async def test_max_connections(http_server: HTTPServer) -> None:
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(consume)
-        await anyio.to_thread.run_sync(http_server.wait_arrived, 2)
+        # The first batch's request goes out alone (slow start); then 5 fetches want
+        # requests, and 2 connections carry them.
+        await anyio.to_thread.run_sync(http_server.wait_arrived, 1)
+        http_server.release(0)
+        await anyio.to_thread.run_sync(http_server.wait_arrived, 3)
         await anyio.wait_all_tasks_blocked()
-        assert len(http_server.arrived) == 2
+        assert len(http_server.arrived) == 3
         http_server.release_all()
     await loader.aclose()
     assert got == [sample_body(i) for i in range(n)]
