@@ -322,7 +322,7 @@ class Epoch(_Assembly):
                         # workers join once as many units have completed. Started all at
                         # once, every fetch's connection setup ran in lock step, so no
                         # response came back before all the requests were out (at 256 in
-                        # flight and 20 ms, the first batch in about 85 ms against 50). A
+                        # flight and 20 ms, the first batch in about 85 ms against 35). A
                         # straggler among them holds nothing up: the others go on to
                         # later units, which count too.
                         first = min(self.workers, -(-holds_back(self.batcher) // self._unit))
