@@ -290,8 +290,9 @@ class _Assembly:
 
 class Epoch(_Assembly):
     """One pass over a plan or a stream, running as a background task: fetch workers keep
-    ``concurrency`` samples in flight and a sender collates ready batches into a stream of
-    ``prefetch`` slots, while the consumer does its own work."""
+    ``concurrency`` samples in flight (after a slow start: see :meth:`_run`) and a sender
+    collates ready batches into a stream of ``prefetch`` slots, while the consumer does
+    its own work."""
 
     def _begin(self, concurrency: int, prefetch: int) -> None:
         units = self.units
