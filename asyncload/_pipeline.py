@@ -185,6 +185,15 @@ class _Assembly:
     def _begin(self, concurrency: int, prefetch: int) -> None:
         """Set up this way of running the epoch (the last step of ``__init__``)."""
 
+    def _collated(self, values: list[Any], positions: list[int]) -> Item | None:
+        """The item for a batch's samples, or None when ``collate_fn`` failed (the epoch
+        has then failed with its error)."""
+        try:
+            return self.collate(values), positions, len(values)
+        except Exception as exc:
+            self._fail(exc)
+            return None
+
     def _fail(self, exc: BaseException) -> None:
         if self.failure is None:
             self.failure = exc
@@ -445,20 +454,15 @@ class Epoch(_Assembly):
             if room.open_receive_streams and (
                 room.tasks_waiting_receive or room.current_buffer_used < room.max_buffer_size
             ):
-                values, positions = batch
-                try:
-                    collated = self.collate(values)
-                except Exception as exc:
-                    self._fail(exc)
-                    return
-                self._send.send_nowait((collated, positions, len(values)))
-                self._held -= len(values)
-                self._notify_space()
+                item = self._collated(*batch)
+                if item is not None:
+                    self._send.send_nowait(item)
+                    self._sent(item)
                 return
         super()._queue(batch)
 
     async def _sender(self) -> None:
-        ready, collate = self._ready, self.collate
+        ready = self._ready
         while True:
             if not ready:
                 if self._fetch_done:
@@ -466,15 +470,16 @@ class Epoch(_Assembly):
                 event = self._wake_sender = self._signal()
                 await event.wait()
                 continue
-            values, positions = ready.popleft()
-            try:
-                batch = collate(values)
-            except Exception as exc:
-                self._fail(exc)
+            item = self._collated(*ready.popleft())
+            if item is None:
                 return
-            await self._send.send((batch, positions, len(values)))
-            self._held -= len(values)
-            self._notify_space()
+            await self._send.send(item)
+            self._sent(item)
+
+    def _sent(self, item: Item) -> None:
+        """``item`` is in the stream: its samples leave the window."""
+        self._held -= item[2]
+        self._notify_space()
 
     async def _wait_space(self) -> None:
         event = self._signal()
@@ -584,15 +589,12 @@ class InlineEpoch(_Assembly):
         ready = self._ready
         items: list[Item] = []
         while ready and len(items) < limit:
-            values, positions = ready.popleft()
-            try:
-                batch = self.collate(values)
-            except Exception as exc:
-                self._fail(exc)
+            item = self._collated(*ready.popleft())
+            if item is None:
                 ready.clear()  # nothing after a failure may reach the consumer
                 break
-            items.append((batch, positions, len(values)))
-            self._held -= len(values)
+            items.append(item)
+            self._held -= item[2]
         return items
 
     async def _fetch_ahead(self) -> None:
