@@ -16,7 +16,7 @@ same way (no length announced: only the chunked framing can tell).
 Everything is deterministic: the same plan gives the same answers to the same sequence of
 requests for each index, whatever the interleaving across indices. :meth:`FaultPlan.expect`
 predicts, for one index, the requests the server receives and the failed attempts the
-client sees; it models the one thing aiohttp does behind the caller's back: a GET whose
+client sees; it models the one thing HTTPSource's client does behind the caller's back: a GET whose
 connection is reset before the response headers arrive is sent once more, at once, inside
 the same call (RFC 9112 section 9.3.1.1; ``ClientSession`` has no public switch for it).
 """
@@ -105,7 +105,7 @@ class Expectation:
     requests: int  # requests the server receives for this index
     failures: tuple[Fault, ...]  # the fault each failed client attempt sees, in order
     ok: bool  # the sample arrives in the end
-    resent: int = 0  # reset requests that aiohttp sent again within the same attempt
+    resent: int = 0  # reset requests that the client sent again within the same attempt
 
     @property
     def retries(self) -> int:
@@ -142,7 +142,7 @@ class FaultPlan:
         """About ``rate`` of all the requests for ``n`` samples faulted, drawn from ``kinds``
         by ``random.Random(seed)``: runs of 1 to 3 consecutive failures on one sample
         (weights 6:3:1), each kind in turn so that all are well represented. Every other
-        reset comes twice in a row, so that aiohttp's resend meets a reset too and the
+        reset comes twice in a row, so that the client's resend meets a reset too and the
         client sees it; the others are absorbed by that resend. The samples in ``stalls``
         stall on their first request and fail no other way."""
         rng = random.Random(seed)
@@ -173,7 +173,7 @@ class FaultPlan:
 
     def expect(self, index: int, *, attempts: int, resend_after_reset: bool = True) -> Expectation:
         """Replay ``index``'s requests as a client with ``attempts`` attempts, asyncload's
-        default classification, and (``resend_after_reset``) aiohttp's single resend of a
+        default classification, and (``resend_after_reset``) the client's single resend of a
         GET that was reset before its response headers."""
         n = resent = 0
         failures: list[Fault] = []

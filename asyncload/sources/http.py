@@ -1,22 +1,24 @@
-"""HTTP(S) GETs as an :class:`~asyncload.AsyncDataset` of bytes, through aiohttp."""
+"""HTTP(S) GETs as an :class:`~asyncload.AsyncDataset` of bytes, through a lean HTTP/1.1
+client (:mod:`asyncload.sources._http1`)."""
 
 from __future__ import annotations
 
 import email.utils
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterator, Hashable, Iterable, Mapping
 from typing import Literal
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
-import aiohttp
+import anyio
 import sniffio
-import yarl
 
 from .._callables import PerLoop
 from .._redact import redact_url
 from ..datasets import AsyncDataset, normalize_index
 from ..errors import HTTPStatusError, ObjectTooLargeError, TruncatedBodyError
+from ._http1 import Pool, RequestError, Response
 
 __all__ = ["HTTPSource"]
 
@@ -45,9 +47,19 @@ def _same_origin(a: str, b: str) -> bool:
     return _origin(a) == _origin(b)
 
 
-def _encoded(response: aiohttp.ClientResponse) -> bool:
-    # A compressed body's Content-Length counts compressed bytes, not what we read.
-    return "Content-Encoding" in response.headers
+_TLS: dict[bool, ssl.SSLContext] = {}
+
+
+def _tls_context(verify: bool) -> ssl.SSLContext:
+    """One TLS context per process for each setting (loading the CA store costs ms)."""
+    context = _TLS.get(verify)
+    if context is None:
+        context = ssl.create_default_context()
+        if not verify:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        context = _TLS[verify] = context
+    return context
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -85,9 +97,10 @@ class HTTPSource(AsyncDataset[bytes]):
       ``"none"`` follows none. A refused redirect raises ``HTTPStatusError`` with the 3xx
       status, naming the keyword. At most ``max_redirects`` are followed.
 
-    Runs on asyncio (and uvloop) only, as aiohttp does. It keeps one pooled session per
+    Runs on asyncio (and uvloop) only. It keeps one pool of keep-alive connections per
     event loop; ``await source.aclose()`` (or the Loader's ``aclose``/``close``) closes the
-    running loop's session. Error messages never include query strings or credentials.
+    running loop's connections. It asks for uncompressed bodies (and decodes gzip or
+    deflate when a server compresses anyway); it sends no cookies and uses no proxy. Error messages never include query strings or credentials.
     """
 
     def __init__(
@@ -128,98 +141,96 @@ class HTTPSource(AsyncDataset[bytes]):
             _warn_unverified_once()
         self.timeout = timeout
         self.headers = dict(headers or {})
+        for field, text in self.headers.items():
+            if not isinstance(field, str) or not isinstance(text, str):
+                raise TypeError(f"HTTPSource: headers must map str to str, got {field!r}")
+            if not field or any(c in field for c in ":\r\n \t") or any(c in text for c in "\r\n"):
+                raise ValueError(f"HTTPSource: bad header {field!r}: no CR, LF (or ':' in names)")
         self.max_connections = max_connections
         self.max_bytes = max_bytes
         self.verify_tls = verify_tls
         self.redirects = redirects
         self.max_redirects = max_redirects
-        self._sessions: PerLoop[aiohttp.ClientSession] = PerLoop(self._new_session)
+        self._pools: PerLoop[Pool] = PerLoop(self._new_pool)
 
-    def _new_session(self) -> aiohttp.ClientSession:
+    def _new_pool(self) -> Pool:
         if sniffio.current_async_library() != "asyncio":
             raise RuntimeError(
-                "HTTPSource uses aiohttp, which runs on asyncio only: run this loader on "
-                "asyncio (or uvloop), e.g. anyio.run(main, backend='asyncio')"
+                "HTTPSource runs on asyncio only: run this loader on asyncio (or uvloop), "
+                "e.g. anyio.run(main, backend='asyncio')"
             )
-        return aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=self.max_connections, ssl=self.verify_tls),
-            timeout=aiohttp.ClientTimeout(total=self.timeout),
-        )
+        return Pool(self.max_connections, _tls_context(self.verify_tls), self.headers)
 
     def __len__(self) -> int:
         return len(self.urls)
 
     async def __getitem__(self, index: int) -> bytes:
-        url, response = await self._open(self.urls[normalize_index(index, len(self.urls))])
-        async with response:
-            try:
-                return await self._read(url, response)
-            except aiohttp.ClientPayloadError as exc:
-                raise TruncatedBodyError(f"{redact_url(url)}: body cut short") from exc
+        url = self.urls[normalize_index(index, len(self.urls))]
+        if self.timeout is None:
+            return await self._get(url)
+        with anyio.fail_after(self.timeout):
+            return await self._get(url)
+
+    async def _get(self, url: str) -> bytes:
+        response = await self._open(url)
+        try:
+            return await response.read(self.max_bytes)
+        except (TruncatedBodyError, ObjectTooLargeError) as exc:
+            raise type(exc)(f"{redact_url(response.url)}: {exc}") from exc.__cause__
+        finally:
+            response.release()
 
     async def iter_chunks(self, url: str, chunk_size: int = 1 << 20) -> AsyncIterator[bytes]:
         """The body of a GET of ``url`` as it arrives, in chunks of at most ``chunk_size``
         bytes: for streams (tar shards) too large to hold whole. The same checks as a
-        sample, but for ``max_bytes``; ``timeout`` bounds the connection and each read
-        rather than the whole body."""
-        timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=self.timeout, sock_read=self.timeout
-        )
-        url, response = await self._open(url, timeout=timeout)
-        async with response:
-            expected = response.content_length
-            received = 0
-            try:
-                async for chunk in response.content.iter_chunked(chunk_size):
-                    received += len(chunk)
-                    yield chunk
-            except aiohttp.ClientPayloadError as exc:
-                raise TruncatedBodyError(f"{redact_url(url)}: body cut short") from exc
-            if expected is not None and received != expected and not _encoded(response):
-                raise TruncatedBodyError(
-                    f"{redact_url(url)}: body has {received} of {expected} bytes"
-                )
+        sample, but for ``max_bytes``; ``timeout`` bounds the connection and each wait for
+        data rather than the whole body."""
+        response = await self._open(url, read_timeout=self.timeout)
+        try:
+            async for chunk in response.chunks(chunk_size):
+                yield chunk
+        except TruncatedBodyError as exc:
+            raise TruncatedBodyError(f"{redact_url(response.url)}: {exc}") from exc.__cause__
+        finally:
+            response.release()
 
-    async def _open(
-        self, url: str, timeout: aiohttp.ClientTimeout | None = None
-    ) -> tuple[str, aiohttp.ClientResponse]:
-        """A 2xx response to a GET of ``url``, after the redirects the policy allows, with
-        the URL it came from; its body not yet read: the caller reads it in ``async with
-        response``, which releases the connection. A plain coroutine rather than a
-        context manager: this is every sample's path, and each layer of coroutines costs
-        CPU at every resumption."""
+    async def _open(self, url: str, read_timeout: float | None = None) -> Response:
+        """A 2xx response to a GET of ``url``, after the redirects the policy allows; its
+        body not yet read: the caller reads it and must ``release()`` it on every path."""
         first = url
-        session = self._sessions.get()
-        headers: Mapping[str, str] | None = self.headers or None
-        extra = {} if timeout is None else {"timeout": timeout}
+        pool = self._pools.get()
+        with_headers = True
         try:
             for _ in range(self.max_redirects + 1):
-                response = await session.get(url, headers=headers, allow_redirects=False, **extra)
+                response = await pool.get(url, with_headers=with_headers, timeout=read_timeout)
                 if 200 <= response.status < 300:
-                    return url, response
-                async with response:  # released: it is a redirect or an error
-                    if response.status in _REDIRECT_STATUSES and "Location" in response.headers:
-                        url = self._redirect_target(url, response)
+                    return response
+                try:  # released: it is a redirect or an error
+                    location = response.headers.get("location")
+                    if response.status in _REDIRECT_STATUSES and location is not None:
+                        url = self._redirect_target(url, response.status, location)
                         if not _same_origin(first, url):
-                            headers = None  # credentials stay with the origin they were for
+                            with_headers = False  # credentials stay with their origin
                         continue
                     raise HTTPStatusError(
                         response.status,
                         redact_url(url),
-                        retry_after=_retry_after(response.headers.get("Retry-After")),
+                        retry_after=_retry_after(response.headers.get("retry-after")),
                     )
+                finally:
+                    response.release()
             raise HTTPStatusError(
                 response.status,
                 redact_url(first),
                 detail=f"more than {self.max_redirects} redirects",
             )
-        except aiohttp.ClientPayloadError as exc:
-            raise TruncatedBodyError(f"{redact_url(url)}: body cut short") from exc
-        except aiohttp.InvalidURL:
-            raise ValueError(f"HTTPSource: invalid URL {redact_url(url)}") from None
+        except TruncatedBodyError as exc:
+            raise TruncatedBodyError(f"{redact_url(url)}: {exc}") from exc.__cause__
+        except RequestError as exc:
+            raise ValueError(f"HTTPSource: {exc} ({redact_url(url)})") from None
 
-    def _redirect_target(self, url: str, response: aiohttp.ClientResponse) -> str:
-        target = str(response.url.join(yarl.URL(response.headers["Location"])))
+    def _redirect_target(self, url: str, status: int, location: str) -> str:
+        target = urljoin(url, location)
         scheme = target.split("://", 1)[0].lower()
         refused = ""
         if self.redirects == "none":
@@ -234,47 +245,19 @@ class HTTPSource(AsyncDataset[bytes]):
                 "allow it with HTTPSource(..., redirects='any')"
             )
         if refused:
-            raise HTTPStatusError(response.status, redact_url(url), detail=refused)
+            raise HTTPStatusError(status, redact_url(url), detail=refused)
         return target
-
-    async def _read(self, url: str, response: aiohttp.ClientResponse) -> bytes:
-        expected = response.content_length
-        encoded = _encoded(response)
-        if expected is not None and expected > self.max_bytes:
-            raise ObjectTooLargeError(
-                f"{redact_url(url)}: {expected} bytes, more than max_bytes={self.max_bytes}"
-            )
-        if expected is not None and not encoded:
-            # HTTP framing bounds the body by its Content-Length: read it in one go.
-            body = await response.read()
-            if len(body) != expected:
-                raise TruncatedBodyError(
-                    f"{redact_url(url)}: body has {len(body)} of {expected} bytes"
-                )
-            return body
-        # No length, or a compressed body: count as it arrives, so neither a chunked stream
-        # nor a decompression bomb can grow past the limit.
-        parts: list[bytes] = []
-        size = 0
-        async for part in response.content.iter_chunked(1 << 16):
-            size += len(part)
-            if size > self.max_bytes:
-                raise ObjectTooLargeError(
-                    f"{redact_url(url)}: body larger than max_bytes={self.max_bytes}"
-                )
-            parts.append(part)
-        return b"".join(parts)
 
     def key_of(self, index: int) -> Hashable:
         return self.urls[normalize_index(index, len(self.urls))]
 
     async def aclose(self) -> None:
-        """Close the running event loop's session (a no-op when it has none)."""
+        """Close the running event loop's connections (a no-op when it has none)."""
         if sniffio.current_async_library() != "asyncio":
             return
-        session = self._sessions.pop()
-        if session is not None:
-            await session.close()
+        pool = self._pools.pop()
+        if pool is not None:
+            await pool.aclose()
 
     def __repr__(self) -> str:
         return f"<HTTPSource of {len(self.urls)} URLs>"
