@@ -44,6 +44,7 @@ _DRAIN = 64 << 10  # an unread body up to this size, already here, is skipped to
 # Characters a request target may carry as they are; anything else is percent-encoded.
 _NEEDS_QUOTE = re.compile(r"[^A-Za-z0-9\-._~!$&'()*+,;=:@/?%]")
 _TARGET_SAFE = "-._~!$&'()*+,;=:@/?%"
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
@@ -197,11 +198,9 @@ class Response:
             self.chunked = True
             self._left = -1  # not known: chunk by chunk
         elif "content-length" in headers:
-            try:
-                lengths = {int(v) for v in headers["content-length"].split(",")}
-            except ValueError:
-                lengths = set()
-            if len(lengths) != 1 or min(lengths) < 0:
+            values = [v.strip() for v in headers["content-length"].split(",")]
+            lengths = {int(v) for v in values if v.isascii() and v.isdigit()}
+            if len(lengths) != 1 or len(values) != sum(v.isascii() and v.isdigit() for v in values):
                 raise ConnectionError(
                     f"malformed HTTP response: Content-Length {headers['content-length']!r}"
                 )
@@ -281,6 +280,8 @@ class Response:
             tail = decoder.flush()
             if tail:
                 yield tail
+            if not decoder.eof:  # the framing ended, the compressed stream did not
+                raise TruncatedBodyError("compressed body cut short")
 
     async def _raw(self, chunk_size: int) -> AsyncIterator[bytes]:
         """The body as framed on the wire (Content-Length, chunked, or until close)."""
@@ -289,10 +290,10 @@ class Response:
         if self.chunked:
             while True:
                 size_line = await conn.line(timeout)
-                try:
-                    size = int(size_line.split(b";", 1)[0].strip(), 16)
-                except ValueError:
-                    raise ConnectionError("malformed HTTP response: bad chunk size") from None
+                size_text = size_line.split(b";", 1)[0].strip()
+                if not _HEX.fullmatch(size_text):
+                    raise ConnectionError("malformed HTTP response: bad chunk size")
+                size = int(size_text, 16)
                 if size == 0:
                     while await conn.line(timeout):  # trailers, up to an empty line
                         pass
@@ -482,7 +483,7 @@ class Pool:
         idle = self._idle.get(origin)
         while idle:
             conn = idle.pop()
-            if conn.usable:
+            if conn.usable and not conn.buffer:  # (bytes on an idle connection: not ours)
                 return conn
             self._discard(conn, release_slot=False)
         return None
