@@ -410,6 +410,22 @@ def _split_url(url: str) -> tuple[str, str]:
     return url[:cut], target
 
 
+_TLS: dict[bool, ssl.SSLContext] = {}
+
+
+def _tls_context(verify: bool) -> ssl.SSLContext:
+    """One TLS context per process for each setting, made at the first https connection:
+    loading the CA store costs about 20 ms, which an http-only first batch must not wait."""
+    context = _TLS.get(verify)
+    if context is None:
+        context = ssl.create_default_context()
+        if not verify:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        _TLS[verify] = context
+    return context
+
+
 class Pool:
     """Keep-alive connections of one event loop, at most ``limit`` in use at once.
 
@@ -417,10 +433,10 @@ class Pool:
     idle is found stale on its next request and replaced (a GET is safe to send again).
     """
 
-    def __init__(self, limit: int, ssl_context: ssl.SSLContext, headers: Mapping[str, str]):
+    def __init__(self, limit: int, verify_tls: bool, headers: Mapping[str, str]) -> None:
         self._loop = asyncio.get_running_loop()
         self._slots = asyncio.Semaphore(limit)
-        self._ssl = ssl_context
+        self._verify_tls = verify_tls
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
         self._open: set[_Connection] = set()
         self._targets: dict[str, _Target] = {}
@@ -496,7 +512,7 @@ class Pool:
             lambda: _Connection(loop, target.origin),
             host,
             port,
-            ssl=self._ssl if tls else None,
+            ssl=_tls_context(self._verify_tls) if tls else None,
             server_hostname=host if tls else None,
         )
         if timeout is None:

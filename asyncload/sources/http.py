@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import email.utils
 import logging
-import ssl
 import time
 from collections.abc import AsyncIterator, Hashable, Iterable, Mapping
 from typing import Literal
@@ -45,21 +44,6 @@ def _origin(url: str) -> tuple[str, str | None, int | None]:
 
 def _same_origin(a: str, b: str) -> bool:
     return _origin(a) == _origin(b)
-
-
-_TLS: dict[bool, ssl.SSLContext] = {}
-
-
-def _tls_context(verify: bool) -> ssl.SSLContext:
-    """One TLS context per process for each setting (loading the CA store costs ms)."""
-    context = _TLS.get(verify)
-    if context is None:
-        context = ssl.create_default_context()
-        if not verify:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        context = _TLS[verify] = context
-    return context
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -159,7 +143,7 @@ class HTTPSource(AsyncDataset[bytes]):
                 "HTTPSource runs on asyncio only: run this loader on asyncio (or uvloop), "
                 "e.g. anyio.run(main, backend='asyncio')"
             )
-        return Pool(self.max_connections, _tls_context(self.verify_tls), self.headers)
+        return Pool(self.max_connections, self.verify_tls, self.headers)
 
     def __len__(self) -> int:
         return len(self.urls)
