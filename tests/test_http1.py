@@ -582,6 +582,14 @@ def test_header_names_and_values_must_be_str(headers: dict[Any, Any]) -> None:
         HTTPSource(["http://127.0.0.1/x"], headers=headers)
 
 
+def test_header_values_must_be_latin1() -> None:
+    """HTTP/1.1 header bytes are Latin-1: anything else is refused when the source is
+    built, not at its first request."""
+    with pytest.raises(ValueError, match="Latin-1"):
+        HTTPSource(["http://127.0.0.1/x"], headers={"X-Name": "caf\u00e9 \u2713"})
+    HTTPSource(["http://127.0.0.1/x"], headers={"X-Name": "caf\u00e9"})  # Latin-1: fine
+
+
 async def test_user_info_is_sent_as_basic_auth() -> None:
     async with raw_server(keep_alive({"/x": ok(b"hello")})) as server:
         host = server.base.removeprefix("http://")

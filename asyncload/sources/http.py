@@ -46,6 +46,14 @@ def _same_origin(a: str, b: str) -> bool:
     return _origin(a) == _origin(b)
 
 
+def _latin1(text: str) -> bool:
+    try:
+        text.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _retry_after(value: str | None) -> float | None:
     """Seconds from a Retry-After header (delta-seconds or an HTTP date)."""
     if not value:
@@ -130,6 +138,8 @@ class HTTPSource(AsyncDataset[bytes]):
                 raise TypeError(f"HTTPSource: headers must map str to str, got {field!r}")
             if not field or any(c in field for c in ":\r\n \t") or any(c in text for c in "\r\n"):
                 raise ValueError(f"HTTPSource: bad header {field!r}: no CR, LF (or ':' in names)")
+            if not (field + text).isascii() and not _latin1(field + text):
+                raise ValueError(f"HTTPSource: header {field!r} has characters outside Latin-1")
         self.max_connections = max_connections
         self.max_bytes = max_bytes
         self.verify_tls = verify_tls
