@@ -12,7 +12,6 @@ import ssl
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 import pytest
 import trustme
 from aiohttp import web
