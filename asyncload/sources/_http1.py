@@ -247,8 +247,7 @@ class Response:
                         await conn.more(self._timeout)
                 finally:
                     conn.high_water = _HIGH_WATER
-            body = bytes(buffer[:left]) if len(buffer) > left else bytes(buffer)
-            del buffer[:left]
+            body = _take(buffer, left)
             self._left = 0
             return body
         parts: list[bytes] = []
@@ -352,12 +351,15 @@ class Response:
 
 
 def _take(buffer: bytearray, n: int) -> bytes:
+    """The first ``n`` bytes of ``buffer`` (all of it if shorter), removed from it: one
+    copy (a slice of a bytearray would be a second one)."""
     if len(buffer) <= n:
         part = bytes(buffer)
         buffer.clear()
-    else:
-        part = bytes(buffer[:n])
-        del buffer[:n]
+        return part
+    with memoryview(buffer) as view:
+        part = bytes(view[:n])
+    del buffer[:n]
     return part
 
 
