@@ -792,3 +792,119 @@ def test_parse_head_status(head: str, status: int) -> None:
 def test_parse_head_refuses_malformed_heads(head: str) -> None:
     with pytest.raises(ConnectionError, match="malformed"):
         _parse_head(head)
+
+
+# -- found in review ------------------------------------------------------------------------
+
+
+async def test_a_multi_member_gzip_body_is_decoded_whole_and_trailing_garbage_refused() -> None:
+    members = gzip.compress(b"A" * 100) + gzip.compress(b"B" * 100)  # RFC 1952 allows this
+    garbage = gzip.compress(b"A" * 100) + b"GARBAGE"
+    answers = {
+        "/two": ok(members, b"Content-Encoding: gzip\r\n"),
+        "/garbage": ok(garbage, b"Content-Encoding: gzip\r\n"),
+    }
+    async with raw_server(keep_alive(answers)) as server:
+        assert await fetch_all(HTTPSource([server.url("/two")])) == [b"A" * 100 + b"B" * 100]
+        with pytest.raises(ConnectionError, match="compressed"):
+            await fetch_all(HTTPSource([server.url("/garbage")]))
+
+
+@pytest.mark.parametrize("coding", [b"gzip, chunked", b"gzip"])
+async def test_a_transfer_coding_other_than_chunked_is_refused(coding: bytes) -> None:
+    """Never the coded bytes as the sample: a transfer coding this client cannot undo is
+    an error (a bare ``gzip`` one is close-delimited)."""
+    body = gzip.compress(BODY)
+    answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: %s\r\nConnection: close\r\n\r\n%s" % (
+        coding,
+        body,
+    )
+
+    async def handler(conn: RawConnection) -> None:
+        if await conn.request() is not None:
+            await conn.send(answer)
+
+    async with raw_server(handler) as server:
+        with pytest.raises(ConnectionError, match="Transfer-Encoding"):
+            await fetch_all(HTTPSource([server.url("/x")]))
+
+
+async def test_an_error_status_with_an_unknown_coding_is_still_a_status_error() -> None:
+    answer = (
+        b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\nContent-Encoding: br\r\n"
+        b"Content-Length: 4\r\n\r\nbusy"
+    )
+    async with raw_server(keep_alive({"/x": answer})) as server:
+        with pytest.raises(al.HTTPStatusError) as info:
+            await fetch_all(HTTPSource([server.url("/x")]))
+    assert (info.value.status, info.value.retry_after) == (503, 5.0)
+    assert is_transient(info.value)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 204 No Content\r\nContent-Encoding: gzip\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Encoding:\r\nContent-Length: 2\r\n\r\nhi",
+    ],
+    ids=["204-gzip", "empty-gzip", "empty-coding-header"],
+)
+async def test_empty_bodies_and_empty_codings_read_as_they_are(answer: bytes) -> None:
+    async with raw_server(keep_alive({"/x": answer})) as server:
+        got = await fetch_all(HTTPSource([server.url("/x")]))
+    assert got == [b"hi" if answer.endswith(b"hi") else b""]
+
+
+async def test_max_connections_caps_open_connections_across_origins(site: Site) -> None:
+    """Idle connections count: opening one more closes the longest idle one, so many
+    origins (one per URL's host and port) never hold more than ``max_connections``."""
+    async with contextlib.AsyncExitStack() as stack:
+        servers = [
+            await stack.enter_async_context(raw_server(keep_alive({"/x": ok(b"hi")})))
+            for _ in range(6)
+        ]
+        source = HTTPSource([s.url("/x") for s in servers], max_connections=2)
+        try:
+            for i in range(len(servers)):
+                assert await source[i] == b"hi"
+                pool = source._pools.get()
+                assert len(pool._open) <= 2
+        finally:
+            await source.aclose()
+
+
+async def test_aclose_fails_requests_in_flight_instead_of_resending_them() -> None:
+    """A request waiting for its answer when the pool is closed fails with a
+    ConnectionError; nothing is sent again on a closed pool."""
+    got_request = anyio.Event()
+
+    async def handler(conn: RawConnection) -> None:
+        if await conn.request() is not None:
+            got_request.set()
+            await conn.server.stopping.wait()  # never answers
+
+    async with raw_server(handler) as server:
+        source = HTTPSource([server.url("/x")])
+        outcome: list[BaseException] = []
+
+        async def fetch() -> None:
+            try:
+                await source[0]
+            except BaseException as exc:
+                outcome.append(exc)
+
+        with anyio.fail_after(SAFETY):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(fetch)
+                await got_request.wait()
+                await source.aclose()
+        assert len(outcome) == 1 and isinstance(outcome[0], ConnectionError), outcome
+        assert server.targets() == ["/x"]  # sent once
+
+
+@pytest.mark.parametrize("value", ["a\x00b", "a\x0bb", "a\x7fb"])
+def test_control_characters_in_header_values_are_refused(value: str) -> None:
+    with pytest.raises(ValueError, match="bad header"):
+        HTTPSource(["http://127.0.0.1/x"], headers={"X-Token": value})
+    HTTPSource(["http://127.0.0.1/x"], headers={"X-Token": "a\tb"})  # a tab is fine

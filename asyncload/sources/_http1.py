@@ -27,6 +27,7 @@ import contextlib
 import re
 import ssl
 import warnings
+import weakref
 import zlib
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, cast
@@ -41,6 +42,7 @@ _MAX_HEAD = 64 << 10  # a status line and headers longer than this are refused
 _MAX_LINE = 8 << 10  # a chunk-size line or trailer
 _HIGH_WATER = 1 << 20  # bytes buffered per connection before reading pauses (streams)
 _DRAIN = 64 << 10  # an unread body up to this size, already here, is skipped to keep alive
+_MAX_ORIGINS = 4096  # request heads kept per origin before the cache starts over
 # Characters a request target may carry as they are; anything else is percent-encoded.
 _NEEDS_QUOTE = re.compile(r"[^A-Za-z0-9\-._~!$&'()*+,;=:@/?%]")
 _TARGET_SAFE = "-._~!$&'()*+,;=:@/?%"
@@ -62,9 +64,18 @@ class _Connection(asyncio.Protocol):
     """One TCP (or TLS) connection: bytes received are kept in ``buffer`` until the reader
     takes them; the reader waits on :meth:`more` when it needs more."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, origin: tuple[str, str, int]) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        origin: tuple[str, str, int],
+        lost: weakref.WeakMethod[Any],
+    ) -> None:
         self.loop = loop
         self.origin = origin
+        # Tells the pool, which then forgets this connection. Weak: the loop holds the
+        # transport, which holds this, and a dropped pool must still be collected (and
+        # warn that it was left open).
+        self._lost = lost
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
         self.eof = False
@@ -94,8 +105,12 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.eof = True
-        self.error = exc
+        if self.error is None:
+            self.error = exc
         self._wake()
+        forget = self._lost()
+        if forget is not None:
+            forget(self)
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -142,10 +157,21 @@ class _Connection(asyncio.Protocol):
                 raise TruncatedBodyError("body cut short")
             await self.more(timeout)
 
-    def close(self) -> None:
+    def close(self, error: BaseException | None = None) -> None:
+        """Close the connection; ``error`` wakes a reader waiting on it with that error
+        (otherwise the reader sees the end of the connection when the transport says so)."""
         if self.transport is not None:
-            self.transport.close()
+            if error is None:
+                self.transport.close()
+            else:
+                self.transport.abort()  # no TLS goodbye to wait for: the pool is closing
         self.eof = True
+        if error is not None:
+            self.error = error
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                self._waiter = None
+                waiter.set_exception(error)
 
 
 def _time_out(waiter: asyncio.Future[None]) -> None:
@@ -157,8 +183,8 @@ class Response:
     """A response whose status line and headers are read; its body is read on demand."""
 
     __slots__ = (
+        "_coding",
         "_conn",
-        "_decoder",
         "_keep_alive",
         "_left",
         "_pool",
@@ -192,39 +218,31 @@ class Response:
         self.content_length: int | None = None
         self.chunked = False
         self._until_close = False
+        transfer = headers.get("transfer-encoding")
         if status < 200 or status in (204, 304):
             self._left = 0
-        elif "chunked" in headers.get("transfer-encoding", "").lower():
+        elif transfer is not None:
+            if transfer.strip().lower() != "chunked":  # (a coding under chunked, or none)
+                raise ConnectionError(f"unsupported Transfer-Encoding {transfer!r}")
             self.chunked = True
             self._left = -1  # not known: chunk by chunk
+            if "content-length" in headers:
+                keep_alive = False  # both framings: RFC 9112 says close after this one
         elif "content-length" in headers:
-            values = [v.strip() for v in headers["content-length"].split(",")]
-            lengths = {int(v) for v in values if v.isascii() and v.isdigit()}
-            if len(lengths) != 1 or len(values) != sum(v.isascii() and v.isdigit() for v in values):
-                raise ConnectionError(
-                    f"malformed HTTP response: Content-Length {headers['content-length']!r}"
-                )
-            self.content_length = self._left = lengths.pop()
+            self.content_length = self._left = _content_length(headers["content-length"])
         else:
             self._until_close = True
             self._left = -1
             keep_alive = False
         self._keep_alive = keep_alive
-        coding = headers.get("content-encoding", "identity").strip().lower()
-        self._decoder: Any = None
-        if coding in ("gzip", "x-gzip"):
-            self._decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        elif coding == "deflate":
-            self._decoder = zlib.decompressobj()  # zlib-wrapped, as RFC 9110 says
-        elif coding != "identity":
-            self._left = 0
-            self._keep_alive = False
-            raise RequestError(f"unsupported Content-Encoding {coding!r} (asked for identity)")
+        # Checked when a body is read, not here: an error status or a redirect with an
+        # unknown coding must still say what it is.
+        self._coding = headers.get("content-encoding", "").strip().lower() or "identity"
 
     @property
     def encoded(self) -> bool:
         """The body has a content coding (its Content-Length counts the coded bytes)."""
-        return self._decoder is not None
+        return self._coding != "identity"
 
     async def read(self, max_bytes: int) -> bytes:
         """The whole body (decoded), at most ``max_bytes`` of it.
@@ -233,7 +251,7 @@ class Response:
         and :class:`ObjectTooLargeError` past ``max_bytes``.
         """
         conn, left = self._conn, self._left
-        if left >= 0 and self._decoder is None:
+        if left >= 0 and self._coding == "identity":
             # The common case: a body of known length, taken from the buffer in one piece.
             if left > max_bytes:
                 raise ObjectTooLargeError(f"{left} bytes, more than max_bytes={max_bytes}")
@@ -260,14 +278,23 @@ class Response:
         return b"".join(parts)
 
     async def chunks(self, chunk_size: int) -> AsyncIterator[bytes]:
-        """The body (decoded) as it arrives, in parts of at most ``chunk_size`` bytes."""
-        decoder = self._decoder
-        async for raw in self._raw(chunk_size):
-            if decoder is None:
+        """The body (decoded), as it arrives, in parts of at most ``chunk_size`` bytes."""
+        coding = self._coding
+        if coding == "identity":
+            async for raw in self._raw(chunk_size):
                 yield raw
-                continue
+            return
+        if coding not in ("gzip", "x-gzip", "deflate"):
+            raise RequestError(f"unsupported Content-Encoding {coding!r} (asked for identity)")
+        gzip = coding != "deflate"
+        decoder: Any = None  # made at the first byte: an empty body is just empty
+        async for raw in self._raw(chunk_size):
             data = raw
             while data:
+                if decoder is None:
+                    # gzip: one decoder per member (RFC 1952 allows several in a row);
+                    # deflate: zlib-wrapped, as RFC 9110 says.
+                    decoder = zlib.decompressobj(16 + zlib.MAX_WBITS if gzip else zlib.MAX_WBITS)
                 try:
                     out = decoder.decompress(data, chunk_size)
                 except zlib.error as exc:
@@ -275,6 +302,11 @@ class Response:
                 data = decoder.unconsumed_tail
                 if out:
                     yield out
+                if decoder.eof:
+                    data = decoder.unused_data + data
+                    if data and not gzip:
+                        raise ConnectionError("malformed compressed body: data after its end")
+                    decoder = None if gzip else decoder
         if decoder is not None:
             tail = decoder.flush()
             if tail:
@@ -340,7 +372,7 @@ class Response:
         self._released = True
         conn = self._conn
         left = self._left
-        if 0 < left <= _DRAIN and len(conn.buffer) >= left and self._decoder is None:
+        if 0 < left <= _DRAIN and len(conn.buffer) >= left:
             del conn.buffer[:left]  # an error page or a redirect's body: skipped
             left = 0
         if left == 0 and self._keep_alive and not conn.buffer:
@@ -348,6 +380,15 @@ class Response:
             self._pool._put_back(conn)
         else:
             self._pool._discard(conn)
+
+
+def _content_length(value: str) -> int:
+    if value.isdigit() and value.isascii():  # the common case: one plain number
+        return int(value)
+    values = {v.strip() for v in value.split(",")}  # repeated: all must be the same
+    if len(values) != 1 or not all(v.isdigit() and v.isascii() for v in values):
+        raise ConnectionError(f"malformed HTTP response: Content-Length {value!r}")
+    return int(values.pop())
 
 
 def _take(buffer: bytearray, n: int) -> bytes:
@@ -437,6 +478,7 @@ class Pool:
 
     def __init__(self, limit: int, verify_tls: bool, headers: Mapping[str, str]) -> None:
         self._loop = asyncio.get_running_loop()
+        self._limit = limit
         self._slots = asyncio.Semaphore(limit)
         self._verify_tls = verify_tls
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
@@ -479,10 +521,14 @@ class Pool:
         netloc_url, path = _split_url(url)
         target = self._targets.get(netloc_url)
         if target is None:
+            if len(self._targets) >= _MAX_ORIGINS:  # URLs over very many hosts
+                self._targets.clear()
+                self._heads.clear()
             target = self._targets[netloc_url] = _Target(netloc_url)
         request = b"GET " + path.encode("ascii") + self._head(netloc_url, target, with_headers)
         await self._slots.acquire()
         try:
+            self._check_open()
             conn = self._idle_connection(target.origin)
             if conn is None:
                 conn = await self._connect(target, timeout)
@@ -491,11 +537,16 @@ class Pool:
             except _Closed:
                 # Closed before the answer's head: a keep-alive connection the server
                 # dropped while idle, or a reset; a GET is safe to send again, once.
+                self._check_open()
                 conn = await self._connect(target, timeout)
                 return await self._exchange(conn, url, request, timeout)
         except BaseException:
             self._slots.release()
             raise
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("HTTPSource: the connection pool was closed")
 
     def _idle_connection(self, origin: tuple[str, str, int]) -> _Connection | None:
         idle = self._idle.get(origin)
@@ -508,10 +559,13 @@ class Pool:
 
     async def _connect(self, target: _Target, timeout: float | None) -> _Connection:
         loop = self._loop
+        if len(self._open) >= self._limit:
+            self._evict_idle()  # at most `limit` open: idle ones of other origins go first
         scheme, host, port = target.origin
         tls = scheme == "https"
+        forget = weakref.WeakMethod(self._forget)
         connecting = loop.create_connection(
-            lambda: _Connection(loop, target.origin),
+            lambda: _Connection(loop, target.origin, forget),
             host,
             port,
             ssl=_tls_context(self._verify_tls) if tls else None,
@@ -539,9 +593,11 @@ class Pool:
                 while end < 0:
                     if len(buffer) > _MAX_HEAD:
                         raise ConnectionError("malformed HTTP response: headers too long")
-                    if conn.eof:  # (errno: a reset says ECONNRESET)
-                        code = getattr(conn.error, "errno", None)
-                        raise _Closed(code, "the server closed the connection before answering")
+                    if conn.eof:
+                        message = "the server closed the connection before answering"
+                        code = getattr(conn.error, "errno", None)  # a reset: ECONNRESET
+                        closed = _Closed(message) if code is None else _Closed(code, message)
+                        raise closed from conn.error
                     await conn.more(timeout)
                     end = buffer.find(b"\r\n\r\n")
                 head = bytes(buffer[:end]).decode("latin-1")
@@ -555,6 +611,22 @@ class Pool:
         except BaseException:
             self._discard(conn, release_slot=False)
             raise
+
+    def _evict_idle(self) -> None:
+        """Close the longest idle connection (of any origin)."""
+        for origin, idle in self._idle.items():
+            if idle:
+                self._discard(idle.pop(0), release_slot=False)
+                if not idle:
+                    del self._idle[origin]
+                return
+
+    def _forget(self, conn: _Connection) -> None:
+        """A connection ended (the server closed it, or we did)."""
+        self._open.discard(conn)
+        idle = self._idle.get(conn.origin)
+        if idle is not None and conn in idle:
+            idle.remove(conn)
 
     def _put_back(self, conn: _Connection) -> None:
         self._slots.release()
@@ -570,16 +642,18 @@ class Pool:
         self._open.discard(conn)
 
     async def aclose(self) -> None:
-        """Close every connection (those in use too: their requests fail)."""
+        """Close every connection: requests in flight on them fail, and requests waiting
+        for a connection or yet to come raise ``RuntimeError``."""
         self._closed = True
         self._idle.clear()
         for conn in list(self._open):
-            conn.close()
+            # Aborted: a TLS goodbye could take seconds.
+            conn.close(ConnectionError("HTTPSource: the connection pool was closed"))
         self._open.clear()
-        await asyncio.sleep(0)  # let the transports finish closing in this loop
+        await asyncio.sleep(0)  # the transports' connection_lost run in this loop
 
     def __del__(self, _warn: Any = warnings.warn) -> None:
-        if self._closed or not self._open:
+        if getattr(self, "_closed", True) or not self._open:  # (True: __init__ failed)
             return
         _warn(
             f"unclosed HTTPSource connection pool with {len(self._open)} open "
@@ -598,7 +672,12 @@ def _parse_head(head: str) -> tuple[int, dict[str, str], bool]:
     lines = head.split("\r\n")
     version, _, rest = lines[0].partition(" ")
     code = rest[:3]
-    if not version.startswith("HTTP/1.") or len(code) != 3 or not code.isdigit():
+    if (
+        not version.startswith("HTTP/1.")
+        or len(code) != 3
+        or not code.isdigit()
+        or rest[3:4] not in ("", " ")
+    ):
         raise ConnectionError(f"malformed HTTP response: status line {lines[0][:80]!r}")
     headers: dict[str, str] = {}
     for line in lines[1:]:

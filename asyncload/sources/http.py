@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import email.utils
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Hashable, Iterable, Mapping
 from typing import Literal
@@ -23,6 +24,8 @@ __all__ = ["HTTPSource"]
 
 
 _REDIRECTS = ("same-origin", "any", "none")
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # a header name (RFC 9110)
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # in a header value (tab is fine)
 _REDIRECT_STATUSES = frozenset((301, 302, 303, 307, 308))
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _log = logging.getLogger("asyncload")
@@ -136,8 +139,11 @@ class HTTPSource(AsyncDataset[bytes]):
         for field, text in self.headers.items():
             if not isinstance(field, str) or not isinstance(text, str):
                 raise TypeError(f"HTTPSource: headers must map str to str, got {field!r}")
-            if not field or any(c in field for c in ":\r\n \t") or any(c in text for c in "\r\n"):
-                raise ValueError(f"HTTPSource: bad header {field!r}: no CR, LF (or ':' in names)")
+            if not _TOKEN.fullmatch(field) or _CONTROL.search(text):
+                raise ValueError(
+                    f"HTTPSource: bad header {field!r}: a name is a token (no spaces, ':' "
+                    "or controls), a value has no control characters (CR, LF, NUL...)"
+                )
             if not (field + text).isascii() and not _latin1(field + text):
                 raise ValueError(f"HTTPSource: header {field!r} has characters outside Latin-1")
         self.max_connections = max_connections
