@@ -26,7 +26,7 @@ from aiohttp import web
 
 import asyncload as al
 from asyncload.resilience import is_transient
-from asyncload.sources import HTTPSource
+from asyncload.sources import HTTPSource, _http1
 from asyncload.sources._http1 import _parse_head, _split_url, _Target
 
 pytestmark = pytest.mark.anyio
@@ -908,3 +908,48 @@ def test_control_characters_in_header_values_are_refused(value: str) -> None:
     with pytest.raises(ValueError, match="bad header"):
         HTTPSource(["http://127.0.0.1/x"], headers={"X-Token": value})
     HTTPSource(["http://127.0.0.1/x"], headers={"X-Token": "a\tb"})  # a tab is fine
+
+
+async def test_a_host_name_is_resolved_once_for_concurrent_connections(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """8 first connections to ``localhost`` at once share one lookup (its addresses are
+    tried in order: ``::1`` may come first and refuse), and later pools reuse it."""
+    lookups: list[str] = []
+    look_up = _http1.Pool._look_up
+
+    async def counted(self: _http1.Pool, host: str, port: int) -> list[str]:
+        lookups.append(host)
+        return await look_up(self, host, port)
+
+    monkeypatch.setattr(_http1.Pool, "_look_up", counted)
+    monkeypatch.setattr(_http1, "_resolved", {})
+    url = site.base.replace("127.0.0.1", "localhost") + "/body"
+    source = HTTPSource([url] * 8, max_connections=8)
+    try:
+        got: list[bytes] = []
+
+        async def fetch(index: int) -> None:
+            got.append(await source[index])
+
+        with anyio.fail_after(SAFETY):
+            async with anyio.create_task_group() as tg:
+                for index in range(8):
+                    tg.start_soon(fetch, index)
+        assert got == [BODY] * 8
+    finally:
+        await source.aclose()
+    assert lookups == ["localhost"]
+    assert len(set(site.ports)) > 1  # several connections did open
+    again = HTTPSource([url])
+    assert await fetch_all(again) == [BODY]
+    assert lookups == ["localhost"]  # from the process's cache
+
+
+async def test_a_host_that_does_not_resolve_is_an_os_error() -> None:
+    source = HTTPSource(["http://no-such-host.invalid/x"])
+    try:
+        with pytest.raises(OSError):
+            await source[0]
+    finally:
+        await source.aclose()

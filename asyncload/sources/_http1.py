@@ -24,8 +24,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import ipaddress
 import re
+import socket
 import ssl
+import time
 import warnings
 import weakref
 import zlib
@@ -407,7 +410,7 @@ def _take(buffer: bytearray, n: int) -> bytes:
 class _Target:
     """What a URL's requests need, parsed once per URL (cached by netloc for the origin)."""
 
-    __slots__ = ("auth", "host", "host_header", "origin", "scheme")
+    __slots__ = ("auth", "host", "host_header", "literal", "origin", "scheme")
 
     def __init__(self, netloc_url: str) -> None:
         parts = urlsplit(netloc_url)
@@ -425,6 +428,7 @@ class _Target:
             host = host.encode("idna").decode("ascii")
         self.scheme = scheme
         self.host = host
+        self.literal = _is_ip(host)  # nothing to resolve
         self.origin = (scheme, host, port)
         shown = f"[{host}]" if ":" in host else host
         self.host_header = shown if parts.port is None else f"{shown}:{parts.port}"
@@ -434,6 +438,21 @@ class _Target:
             password = unquote(parts.password or "")
             token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
             self.auth = f"Basic {token}"
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+# Resolved addresses by (host, port), for every pool of the process: an epoch of the sync
+# bridge opens its connections in a new event loop, and without this each of them (256
+# at 256 in flight) asked the resolver again, in the loop's thread pool.
+_DNS_TTL = 10.0  # seconds, as aiohttp's resolver cache
+_resolved: dict[tuple[str, int], tuple[float, list[str]]] = {}
 
 
 def _split_url(url: str) -> tuple[str, str]:
@@ -484,6 +503,7 @@ class Pool:
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
         self._open: set[_Connection] = set()
         self._targets: dict[str, _Target] = {}
+        self._resolving: dict[tuple[str, int], asyncio.Task[list[str]]] = {}
         self._closed = False
         # The request's header lines after the request line, by (netloc, with the user's
         # headers): built once, not per request.
@@ -564,17 +584,29 @@ class Pool:
         scheme, host, port = target.origin
         tls = scheme == "https"
         forget = weakref.WeakMethod(self._forget)
-        connecting = loop.create_connection(
-            lambda: _Connection(loop, target.origin, forget),
-            host,
-            port,
-            ssl=_tls_context(self._verify_tls) if tls else None,
-            server_hostname=host if tls else None,
-        )
-        if timeout is None:
-            _, conn = await connecting
+        addresses = [host] if target.literal else await self._resolve(host, port)
+        failure: OSError | None = None
+        for address in addresses:  # in the resolver's order, as create_connection would
+            connecting = loop.create_connection(
+                lambda: _Connection(loop, target.origin, forget),
+                address,
+                port,
+                ssl=_tls_context(self._verify_tls) if tls else None,
+                server_hostname=host if tls else None,
+            )
+            try:
+                if timeout is None:
+                    _, conn = await connecting
+                else:
+                    _, conn = await asyncio.wait_for(connecting, timeout)
+                break
+            except ssl.SSLError:
+                raise  # a certificate problem: another address will not fix it
+            except OSError as exc:
+                failure = exc
         else:
-            _, conn = await asyncio.wait_for(connecting, timeout)
+            assert failure is not None
+            raise failure
         self._open.add(conn)
         return conn
 
@@ -611,6 +643,29 @@ class Pool:
         except BaseException:
             self._discard(conn, release_slot=False)
             raise
+
+    async def _resolve(self, host: str, port: int) -> list[str]:
+        """The addresses of ``host``, from the process's cache while fresh; concurrent
+        first connections to a host share one lookup."""
+        key = (host, port)
+        cached = _resolved.get(key)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        pending = self._resolving.get(key)
+        if pending is None:
+            pending = self._resolving[key] = self._loop.create_task(self._look_up(host, port))
+            pending.add_done_callback(lambda _: self._resolving.pop(key, None))
+        return await asyncio.shield(pending)  # one waiter cancelled: the others still wait
+
+    async def _look_up(self, host: str, port: int) -> list[str]:
+        infos = await self._loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        if not addresses:
+            raise OSError(f"no address for {host}")
+        if len(_resolved) >= _MAX_ORIGINS:
+            _resolved.clear()
+        _resolved[(host, port)] = (time.monotonic() + _DNS_TTL, addresses)
+        return addresses
 
     def _evict_idle(self) -> None:
         """Close the longest idle connection (of any origin)."""
