@@ -95,7 +95,8 @@ class HTTPSource(AsyncDataset[bytes]):
     Runs on asyncio (and uvloop) only. It keeps one pool of keep-alive connections per
     event loop; ``await source.aclose()`` (or the Loader's ``aclose``/``close``) closes the
     running loop's connections. It asks for uncompressed bodies (and decodes gzip or
-    deflate when a server compresses anyway); it sends no cookies and uses no proxy. Error messages never include query strings or credentials.
+    deflate when a server compresses anyway); it sends no cookies and uses no proxy.
+    Error messages never include query strings or credentials.
     """
 
     def __init__(
