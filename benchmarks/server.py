@@ -8,8 +8,8 @@ aiohttp.web's 110 (64 in flight, 0 ms). The server shares the cores with the loa
 measures, and at hundreds of requests in flight aiohttp.web's cost made it, not the
 loaders, the bottleneck.
 
-With ``--files DIR`` the server is an aiohttp.web app that also answers ``GET
-/file/{name}``: the file ``DIR/name`` (tar shards, for ``bench_tar.py``) after the same
+With ``--files DIR`` the server is instead an aiohttp.web app that answers ``GET
+/health`` and ``GET /file/{name}``: the file ``DIR/name`` (tar shards, for ``bench_tar.py``) after the same
 latency, streamed from disk with ``sendfile`` at full speed, so the latency delays the
 first byte and nothing limits the bandwidth. The server binds
 127.0.0.1 only, runs on uvloop when installed, and listens with a deep backlog so that
@@ -80,33 +80,15 @@ def check_sample(data: object, size: int, index: int | None = None) -> int:
     return got
 
 
-def _make_app(
-    latency_s: float, size: int, count: int, files_dir: str | None = None
-) -> web.Application:
-    async def sample(request: web.Request) -> web.Response:
-        try:
-            index = int(request.match_info["index"])
-        except ValueError:
-            raise web.HTTPBadRequest(text="index must be an integer") from None
-        if not 0 <= index < count:
-            raise web.HTTPNotFound(text=f"no sample {index}")
-        delay = latency_s
-        override = request.query.get("latency_ms")
-        if override is not None:
-            delay = float(override) / 1000.0
-        if delay > 0:
-            await asyncio.sleep(delay)
-        # A bytes body: aiohttp sets Content-Length.
-        return web.Response(body=sample_bytes(index, size), content_type="application/octet-stream")
+def _files_app(latency_s: float, files_dir: str) -> web.Application:
+    """``--files``: ``/file/{name}`` and ``/health`` (``/sample`` is the protocol's)."""
 
     async def health(request: web.Request) -> web.Response:
         return web.Response(text="ok")
 
     app = web.Application()
-    app.router.add_get("/sample/{index}", sample)
     app.router.add_get("/health", health)
-    if files_dir is not None:
-        app.router.add_get("/file/{name}", _file_handler(Path(files_dir).resolve(), latency_s))
+    app.router.add_get("/file/{name}", _file_handler(Path(files_dir).resolve(), latency_s))
     return app
 
 
@@ -226,7 +208,7 @@ async def serve(
         bound = server.sockets[0].getsockname()[1]
     else:
         runner = web.AppRunner(
-            _make_app(latency_ms / 1000.0, size, count, files_dir),
+            _files_app(latency_ms / 1000.0, files_dir),
             access_log=None,
             handle_signals=False,
         )

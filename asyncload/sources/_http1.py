@@ -86,7 +86,6 @@ class _Connection(asyncio.Protocol):
         self.high_water = _HIGH_WATER
         self._paused = False
         self._waiter: asyncio.Future[None] | None = None
-        self.served = 0  # responses read to the end on this connection
 
     # -- protocol callbacks (the event loop calls these) ----------------------------------
 
@@ -195,7 +194,6 @@ class Response:
         "_timeout",
         "_until_close",
         "chunked",
-        "content_length",
         "headers",
         "status",
         "url",
@@ -218,7 +216,6 @@ class Response:
         self.url = url
         self.status = status
         self.headers = headers  # names in lower case; repeated headers joined with ", "
-        self.content_length: int | None = None
         self.chunked = False
         self._until_close = False
         transfer = headers.get("transfer-encoding")
@@ -232,7 +229,7 @@ class Response:
             if "content-length" in headers:
                 keep_alive = False  # both framings: RFC 9112 says close after this one
         elif "content-length" in headers:
-            self.content_length = self._left = _content_length(headers["content-length"])
+            self._left = _content_length(headers["content-length"])
         else:
             self._until_close = True
             self._left = -1
@@ -241,11 +238,6 @@ class Response:
         # Checked when a body is read, not here: an error status or a redirect with an
         # unknown coding must still say what it is.
         self._coding = headers.get("content-encoding", "").strip().lower() or "identity"
-
-    @property
-    def encoded(self) -> bool:
-        """The body has a content coding (its Content-Length counts the coded bytes)."""
-        return self._coding != "identity"
 
     async def read(self, max_bytes: int) -> bytes:
         """The whole body (decoded), at most ``max_bytes`` of it.
@@ -379,7 +371,6 @@ class Response:
             del conn.buffer[:left]  # an error page or a redirect's body: skipped
             left = 0
         if left == 0 and self._keep_alive and not conn.buffer:
-            conn.served += 1
             self._pool._put_back(conn)
         else:
             self._pool._discard(conn)
@@ -410,7 +401,7 @@ def _take(buffer: bytearray, n: int) -> bytes:
 class _Target:
     """What a URL's requests need, parsed once per URL (cached by netloc for the origin)."""
 
-    __slots__ = ("auth", "host", "host_header", "literal", "origin", "scheme")
+    __slots__ = ("auth", "host_header", "literal", "origin")
 
     def __init__(self, netloc_url: str) -> None:
         parts = urlsplit(netloc_url)
@@ -426,8 +417,6 @@ class _Target:
             raise RequestError(f"bad port in URL {redact_url(netloc_url)}") from None
         if not host.isascii():
             host = host.encode("idna").decode("ascii")
-        self.scheme = scheme
-        self.host = host
         self.literal = _is_ip(host)  # nothing to resolve
         self.origin = (scheme, host, port)
         shown = f"[{host}]" if ":" in host else host

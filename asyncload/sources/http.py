@@ -49,6 +49,15 @@ def _same_origin(a: str, b: str) -> bool:
     return _origin(a) == _origin(b)
 
 
+# What reading a body can raise, without the URL (the client does not know it).
+_BODY_ERRORS = (TruncatedBodyError, ObjectTooLargeError, RequestError)
+
+
+def _at(url: str, exc: Exception) -> Exception:
+    """``exc`` again, its message led by the (redacted) URL."""
+    return type(exc)(f"{redact_url(url)}: {exc}")
+
+
 def _latin1(text: str) -> bool:
     try:
         text.encode("latin-1")
@@ -145,7 +154,7 @@ class HTTPSource(AsyncDataset[bytes]):
                     f"HTTPSource: bad header {field!r}: a name is a token (no spaces, ':' "
                     "or controls), a value has no control characters (CR, LF, NUL...)"
                 )
-            if not (field + text).isascii() and not _latin1(field + text):
+            if not _latin1(field + text):
                 raise ValueError(f"HTTPSource: header {field!r} has characters outside Latin-1")
         self.max_connections = max_connections
         self.max_bytes = max_bytes
@@ -176,8 +185,8 @@ class HTTPSource(AsyncDataset[bytes]):
         response = await self._open(url)
         try:
             return await response.read(self.max_bytes)
-        except (TruncatedBodyError, ObjectTooLargeError) as exc:
-            raise type(exc)(f"{redact_url(response.url)}: {exc}") from exc.__cause__
+        except _BODY_ERRORS as exc:
+            raise _at(response.url, exc) from exc.__cause__
         finally:
             response.release()
 
@@ -190,8 +199,8 @@ class HTTPSource(AsyncDataset[bytes]):
         try:
             async for chunk in response.chunks(chunk_size):
                 yield chunk
-        except TruncatedBodyError as exc:
-            raise TruncatedBodyError(f"{redact_url(response.url)}: {exc}") from exc.__cause__
+        except _BODY_ERRORS as exc:
+            raise _at(response.url, exc) from exc.__cause__
         finally:
             response.release()
 
@@ -225,8 +234,6 @@ class HTTPSource(AsyncDataset[bytes]):
                 redact_url(first),
                 detail=f"more than {self.max_redirects} redirects",
             )
-        except TruncatedBodyError as exc:
-            raise TruncatedBodyError(f"{redact_url(url)}: {exc}") from exc.__cause__
         except RequestError as exc:
             raise ValueError(f"HTTPSource: {exc} ({redact_url(url)})") from None
 
