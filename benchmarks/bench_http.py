@@ -35,6 +35,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import sys
 import warnings
 from collections.abc import AsyncGenerator, Callable, Sequence
@@ -67,6 +68,11 @@ RATIO_PEERS = (*ASYNCLOAD_PEERS, "torchdata", "spdl")
 OPTIONAL_PEERS = {"torchdata": "torchdata.nodes", "spdl": "spdl.pipeline"}
 # The issue's target for the time to the first batch, in request latencies.
 FIRST_BATCH_TARGET = 3.0
+# The split-cores runs: the server on a core of its own, the loaders on the others, at
+# 20 ms and only where every peer needs well under one core (see ``render``).
+SPLIT_LATENCY_MS = 20.0
+SPLIT_GRID = {"asyncload-sync": 64, "asyncload-async": 64, "plain-asyncio": 64, "dataloader": 16}
+SPLIT_GRID_QUICK = {"asyncload-async": 64, "plain-asyncio": 64}
 PLOTS = {
     "samples_per_s": ("http-samples-per-s.png", "samples/s against requests in flight"),
     "peak_rss_mib": ("http-rss.png", "peak summed RSS against requests in flight"),
@@ -90,8 +96,11 @@ def measured_samples(requests_in_flight: int, latency_ms: float, quick: bool) ->
     return max(min_n, min(max_n, n))
 
 
-def plan(quick: bool, with_dataloader_64: bool, skip: Sequence[str] = ()) -> list[RunConfig]:
-    """The configurations of one round (without the peers in ``skip``)."""
+def plan(
+    quick: bool, with_dataloader_64: bool, skip: Sequence[str] = (), split_cores: bool = False
+) -> list[RunConfig]:
+    """The configurations of one round (without the peers in ``skip``); with
+    ``split_cores``, also the split-cores runs (``params={"cores": "split"}``)."""
     if quick:
         grid = {
             "asyncload-sync": (64,),
@@ -112,7 +121,7 @@ def plan(quick: bool, with_dataloader_64: bool, skip: Sequence[str] = ()) -> lis
         }
     for peer in skip:
         grid.pop(peer, None)
-    return [
+    configs = [
         RunConfig(
             peer,
             in_flight,
@@ -125,6 +134,28 @@ def plan(quick: bool, with_dataloader_64: bool, skip: Sequence[str] = ()) -> lis
         for peer in PEERS
         for in_flight in grid.get(peer, ())
     ]
+    if split_cores:
+        lat = SPLIT_LATENCY_MS
+        configs += [
+            RunConfig(
+                peer,
+                in_flight,
+                measured_samples(in_flight, lat, quick),
+                BATCH_SIZE,
+                SAMPLE_BYTES,
+                lat,
+                params={"cores": "split"},
+            )
+            for peer, in_flight in (SPLIT_GRID_QUICK if quick else SPLIT_GRID).items()
+            if peer not in skip
+        ]
+    return configs
+
+
+def is_split(row_or_params: dict[str, Any]) -> bool:
+    """Whether a summary row (or a config's params) is a split-cores run."""
+    params = row_or_params.get("params", row_or_params)
+    return bool(params.get("cores") == "split")
 
 
 def unavailable_peers() -> dict[str, str]:
@@ -352,7 +383,12 @@ ORDERED = {
 
 def run_one(cfg: RunConfig, context: dict[str, Any]) -> RunResult:
     """Measure one configuration in this (child) process."""
-    urls = sample_urls(context["base_url"], cfg.total, cfg.latency_ms)
+    base_url = context["base_url"]
+    if is_split(cfg.params):
+        # Before torch is imported: its thread pool sizes itself to the cores it may use.
+        os.sched_setaffinity(0, context["loader_cpus"])
+        base_url = context["split_base_url"]
+    urls = sample_urls(base_url, cfg.total, cfg.latency_ms)
     # A training process has torch loaded: the same baseline RSS for all; asyncload is
     # imported before the clocks start, as torch and aiohttp are.
     preload = ("torch", "asyncload") if cfg.peer in ASYNCLOAD_PEERS else ("torch",)
@@ -376,11 +412,19 @@ def run(args: argparse.Namespace) -> harness.Report:
     skipped = unavailable_peers()
     for peer, why in skipped.items():
         print(f"left out {peer}: {why}", file=sys.stderr)
-    configs = plan(args.quick, with_dl64, skip=tuple(skipped))
-    base_url, server = start_server(
-        latency_ms=0, size=SAMPLE_BYTES, count=max(c.total for c in configs)
-    )
-    try:
+    cpus = sorted(os.sched_getaffinity(0))
+    configs = plan(args.quick, with_dl64, skip=tuple(skipped), split_cores=len(cpus) >= 2)
+    count = max(c.total for c in configs)
+    with contextlib.ExitStack() as servers:
+        base_url, server = start_server(latency_ms=0, size=SAMPLE_BYTES, count=count)
+        servers.callback(stop_server, server)
+        context: dict[str, Any] = {"base_url": base_url}
+        if len(cpus) >= 2:
+            split_url, split_server = start_server(
+                latency_ms=0, size=SAMPLE_BYTES, count=count, cpus=cpus[-1:]
+            )
+            servers.callback(stop_server, split_server)
+            context.update(split_base_url=split_url, loader_cpus=cpus[:-1])
         print(
             f"server {base_url} (pid {server.pid}); {len(configs)} configs x {args.rounds} rounds",
             file=sys.stderr,
@@ -388,13 +432,13 @@ def run(args: argparse.Namespace) -> harness.Report:
         results = harness.run_rounds(
             BENCH.script,
             configs,
-            {"base_url": base_url},
+            context,
             rounds=args.rounds,
             timeout=180.0 if args.quick else 600.0,
         )
-    finally:
-        stop_server(server)
-    summary = harness.summarize(results, configs)
+    rows = harness.summarize(results, configs)
+    summary = [r for r in rows if not is_split(r)]
+    split = [r for r in rows if is_split(r)]
     return {
         "meta": {
             "batch_size": BATCH_SIZE,
@@ -404,9 +448,13 @@ def run(args: argparse.Namespace) -> harness.Report:
             "skipped_peers": skipped,
             "versions": package_versions(("torchdata", "spdl", "spdl_core", "spdl_io")),
             "spdl_threads": SPDL_THREADS,
+            "cpus": cpus,
         },
         "summary": summary,
         "ratios": compute_ratios(summary),
+        # The split-cores runs: the server on core cpus[-1], the loaders on the others.
+        "split_summary": split,
+        "split_ratios": split_ratios(summary, split),
         "runs": results,
     }
 
@@ -425,6 +473,27 @@ def compute_ratios(summary: list[harness.Row]) -> list[dict[str, Any]]:
             other = by.get((peer, lat, c))
             mine = other["samples_per_s"] if other else None
             entry[peer] = harness.ratio(mine, row["samples_per_s"])
+        out.append(entry)
+    return out
+
+
+def split_ratios(shared: list[harness.Row], split: list[harness.Row]) -> list[dict[str, Any]]:
+    """For the shared cores and the split ones, at the split runs' latency: asyncload over
+    plain asyncio at 64 in flight, and the best asyncload run over DataLoader, 16 workers."""
+    out = []
+    for layout, rows in (("shared", shared), ("split", split)):
+        by = {
+            (r["peer"], r["in_flight"]): r["samples_per_s"]
+            for r in rows
+            if r["latency_ms"] == SPLIT_LATENCY_MS
+        }
+        plain = by.get(("plain-asyncio", 64))
+        ours = [by.get((peer, 64)) for peer in ASYNCLOAD_PEERS]
+        best = max((x for x in ours if x), default=None)
+        entry: dict[str, Any] = {"cores": layout}
+        for peer, mine in zip(ASYNCLOAD_PEERS, ours, strict=True):
+            entry[peer] = harness.ratio(mine, plain)
+        entry["asyncload/dataloader-16"] = harness.ratio(best, by.get(("dataloader", 16)))
         out.append(entry)
     return out
 
@@ -462,7 +531,11 @@ def console(report: harness.Report) -> str:
     """The summary, then the asyncload / plain asyncio ratios."""
     lines = [
         harness.console_table(
-            report["summary"], lambda r: f"{r['latency_ms']:g} ms  {r['peer']} {r['in_flight']}"
+            [*report["summary"], *report.get("split_summary", [])],
+            lambda r: (
+                f"{r['latency_ms']:g} ms  {r['peer']} {r['in_flight']}"
+                + (" (split cores)" if is_split(r) else "")
+            ),
         ),
         "\nover plain asyncio (samples/s):",
     ]
@@ -471,6 +544,9 @@ def console(report: harness.Report) -> str:
         lines.append(
             f"  {entry['latency_ms']:g} ms, {entry['in_flight']} in flight: " + ", ".join(parts)
         )
+    for entry in report.get("split_ratios", []):
+        parts = [f"{k} {num(v, '.3f')}" for k, v in entry.items() if k != "cores"]
+        lines.append(f"  {SPLIT_LATENCY_MS:g} ms, cores {entry['cores']}: " + ", ".join(parts))
     for row in first_batch_rows(report["summary"]):
         lines.append(
             f"first batch at {row['latency_ms']:g} ms, {row['peer']} {row['in_flight']}: "
@@ -611,6 +687,7 @@ def render(report: harness.Report) -> str:
             + " |"
         )
     lines.append("")
+    lines += _split_section(report)
     firsts = first_batch_rows(summary)
     if firsts:
         lines += [
@@ -644,6 +721,62 @@ def render(report: harness.Report) -> str:
         lines += ["### In short", "", *headlines, ""]
     lines += failed_runs(summary, lambda r: f"{label(r)} / {r['latency_ms']:g} ms")
     return "\n".join(lines)
+
+
+def _split_section(report: harness.Report) -> list[str]:
+    """The split-cores runs next to the shared-cores ones, or nothing without them."""
+    split = report.get("split_summary") or []
+    if not split:
+        return []
+    cpus = report["meta"].get("cpus") or []
+    server_core = cpus[-1] if cpus else "the last"
+    loader_cores = ", ".join(map(str, cpus[:-1])) or "the others"
+    names = {
+        "shared": "shared (the tables below)",
+        "split": f"split: server on core {server_core}, loaders on {loader_cores}",
+    }
+    lines = [
+        f"### Server on a core of its own ({SPLIT_LATENCY_MS:g} ms)",
+        "",
+        "Everywhere else on this page the server shares the machine's cores with the "
+        "loader it serves. A loader that needs little CPU sleeps between answers, and "
+        "Linux then often wakes it on the server's core, where the two take turns while "
+        "the other core idles: the cost shows up as request latency, and it grows as the "
+        "loader's CPU per sample shrinks (see `docs/performance.md`). In training the "
+        "storage is on another machine. So these runs use a second server started on "
+        f"core {server_core} only, with every loader process (DataLoader workers too) on "
+        f"core(s) {loader_cores} only. They are limited to {SPLIT_LATENCY_MS:g} ms with 64 "
+        "requests in flight (DataLoader: 16 workers), where each peer needs well under one "
+        "core (CPU µs/sample below), so that one core is not what limits any of them.",
+        "",
+        "| cores | asyncload `for` / plain | asyncload `async for` / plain "
+        "| best asyncload (64) / DataLoader, 16 workers |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for r in report.get("split_ratios", []):
+        lines.append(
+            f"| {names[r['cores']]} | "
+            + " | ".join(
+                num(r.get(k), ".3f") for k in (*ASYNCLOAD_PEERS, "asyncload/dataloader-16")
+            )
+            + " |"
+        )
+    lines += [
+        "",
+        "64 against 16 requests in flight makes 4.0 the ideal last ratio. A DataLoader "
+        "worker builds a whole batch, so its batches come in waves of 16; timing from the "
+        "first batch counts the rest of the first wave as if it came after it.",
+        "",
+        *results_table(
+            split,
+            label,
+            lead=[Column("requests in flight", lambda r: str(requests_in_flight(r)))],
+            tail=[Column("samples measured", lambda r: f"{r['samples']:,}")],
+        ),
+        "",
+        *failed_runs(split, lambda r: f"{label(r)} / split cores"),
+    ]
+    return lines
 
 
 def plot(report: harness.Report, img_dir: Path) -> None:

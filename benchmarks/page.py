@@ -114,7 +114,8 @@ def intro(machine: dict[str, Any] | None) -> str:
             f"- Machine: {machine['cpu_count']} cores ({machine['cpu_model']}), "
             f"{machine['memory_gib']} GiB, {machine['platform']}; Python {machine['python']}, "
             f"torch {machine.get('torch')}, asyncload {machine.get('asyncload')}. The local "
-            "servers (HTTP, S3) run on the same cores as the loaders."
+            "servers (HTTP, S3) run on the same cores as the loaders, but for the HTTP "
+            "section's split-cores runs."
         )
     return "\n".join(
         [

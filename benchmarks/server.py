@@ -42,7 +42,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Coroutine, Iterator
+from collections.abc import Collection, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -258,10 +258,12 @@ def start_server(
     backlog: int = 4096,
     ready_timeout: float = 15.0,
     files_dir: str | os.PathLike[str] | None = None,
+    cpus: Collection[int] | None = None,
 ) -> tuple[str, subprocess.Popen[bytes]]:
     """Start the server in a subprocess on an ephemeral port; return ``(base_url, process)``
     once ``/health`` answers. The server exits by itself if this process dies.
-    ``files_dir``: also serve that folder's files at ``/file/{name}``."""
+    ``files_dir``: also serve that folder's files at ``/file/{name}``. ``cpus``: the only
+    cores the server may run on (``os.sched_setaffinity``, set before it starts)."""
     cmd = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -281,6 +283,10 @@ def start_server(
         cmd += ["--files", str(files_dir)]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
     try:
+        if cpus is not None:
+            # Set at once, while the server still imports: its event loop thread, the one
+            # that matters, is the process's main thread and keeps this affinity.
+            os.sched_setaffinity(proc.pid, cpus)
         base_url = _read_url(proc, ready_timeout)
         _wait_healthy(base_url, proc, ready_timeout)
     except BaseException:
