@@ -10,8 +10,9 @@ Two workloads, batches of 32, every run a fresh child process with torch importe
   that holds the GIL; its cost per call is measured and reported): what a second core
   can actually speed up. Peers: ``for batch in al.Loader(ds, batch_size=32,
   transform=burn)`` in one process; ``DataLoader(loader.to_torch(), batch_size=None,
-  num_workers=2)``; and, as the machine's own ceiling, torch ``DataLoader`` over a
-  map-style Dataset doing the same work with 0 and 2 workers.
+  num_workers=2)``, with DataLoader's default ``prefetch_factor`` and with 8; and, as the
+  machine's own ceiling, torch ``DataLoader`` over a map-style Dataset doing the same
+  work with 0 and 2 workers (both ``prefetch_factor`` values again).
 * **http**: 16 KiB samples from ``benchmarks/server.py`` at 0 ms latency, through
   ``al.sources.HTTPSource``: the same loader (concurrency 64) in one process, and under
   ``to_torch()`` with 2 workers (concurrency 64 each, and 32 each: 64 in all). The server
@@ -41,6 +42,9 @@ HTTP_BYTES = 16384
 BURN_ROUNDS = 1000  # about 50-100 µs of pure-Python CPU a sample on these machines
 TARGET = 1.6  # the issue's: to_torch() with 2 workers at least 1.6x one process
 WORKERS = 2
+# DataLoader's prefetch_factor for the cpu workload's 2-worker runs, besides its default
+# (2): how many batches a worker may make ahead of the training loop.
+DEEP_PREFETCH = 8
 
 
 def plan(quick: bool) -> list[RunConfig]:
@@ -54,8 +58,24 @@ def plan(quick: bool) -> list[RunConfig]:
         RunConfig(
             "asyncload-to-torch", 16, cpu_n, BATCH_SIZE, SAMPLE_BYTES, params={**cpu, "workers": 2}
         ),
+        RunConfig(
+            "asyncload-to-torch",
+            16,
+            cpu_n,
+            BATCH_SIZE,
+            SAMPLE_BYTES,
+            params={**cpu, "workers": 2, "prefetch_factor": DEEP_PREFETCH},
+        ),
         RunConfig("dataloader", 0, cpu_n, BATCH_SIZE, SAMPLE_BYTES, params=cpu),
         RunConfig("dataloader", WORKERS, cpu_n, BATCH_SIZE, SAMPLE_BYTES, params=cpu),
+        RunConfig(
+            "dataloader",
+            WORKERS,
+            cpu_n,
+            BATCH_SIZE,
+            SAMPLE_BYTES,
+            params={**cpu, "prefetch_factor": DEEP_PREFETCH},
+        ),
         RunConfig("asyncload-sync", 64, http_n, BATCH_SIZE, HTTP_BYTES, params=http),
         RunConfig(
             "asyncload-to-torch", 64, http_n, BATCH_SIZE, HTTP_BYTES, params={**http, "workers": 2}
@@ -89,6 +109,12 @@ def _keep(batch: Any) -> Any:
     return batch
 
 
+def _prefetch(cfg: RunConfig) -> dict[str, int]:
+    """The DataLoader's ``prefetch_factor`` where the run sets one (its default: 2)."""
+    pf = cfg.params.get("prefetch_factor")
+    return {"prefetch_factor": pf} if pf else {}
+
+
 def _consume(cfg: RunConfig, make_loader: Callable[[], Any], tally: Tally) -> dict[str, Any]:
     """Build after ``tally.start()``: one process, or under ``to_torch()`` in workers."""
     import torch.utils.data
@@ -110,6 +136,7 @@ def _consume(cfg: RunConfig, make_loader: Callable[[], Any], tally: Tally) -> di
             batch_size=None,
             num_workers=cfg.params["workers"],
             collate_fn=_keep,
+            **_prefetch(cfg),
         )
         for batch in dl:
             tally.batch(batch)
@@ -135,6 +162,7 @@ def run_one(cfg: RunConfig, context: dict[str, Any]) -> RunResult:
                 batch_size=cfg.batch_size,
                 num_workers=cfg.in_flight,
                 collate_fn=np.stack,
+                **_prefetch(cfg),
             )
         else:
             make = lambda: al.Loader(  # noqa: E731
@@ -246,15 +274,15 @@ def compute_ratios(summary: list[harness.Row]) -> list[dict[str, Any]]:
                     }
                 )
         dl0 = next((r for r in rows if r["peer"] == "dataloader" and r["in_flight"] == 0), None)
-        dl2 = next((r for r in rows if r["peer"] == "dataloader" and r["in_flight"] > 0), None)
-        if dl0 and dl2:
-            out.append(
-                {
-                    "part": part,
-                    "what": "torch DataLoader, 2 workers / no workers (reference)",
-                    "ratio": harness.ratio(dl2["samples_per_s"], dl0["samples_per_s"]),
-                }
-            )
+        for dl2 in (r for r in rows if r["peer"] == "dataloader" and r["in_flight"] > 0):
+            if dl0:
+                out.append(
+                    {
+                        "part": part,
+                        "what": f"{label(dl2)} / no workers (reference)",
+                        "ratio": harness.ratio(dl2["samples_per_s"], dl0["samples_per_s"]),
+                    }
+                )
     return out
 
 
@@ -265,15 +293,19 @@ PARTS = {"cpu": "CPU-bound (in memory, pure-Python transform)", "http": "HTTP, 0
 
 def label(row: harness.Row) -> str:
     peer, c = row["peer"], row["in_flight"]
+    pf = row["params"].get("prefetch_factor")
     if peer == "asyncload-sync":
         return f"asyncload, one process, `for batch in loader` (concurrency={c})"
     if peer == "asyncload-to-torch":
         w = row["params"]["workers"]
+        extra = f", prefetch_factor={pf}" if pf else ""
         return (
-            f"asyncload, `DataLoader(loader.to_torch(), batch_size=None, num_workers={w}, collate_fn=keep)` "
-            f"(concurrency={c} per worker)"
+            f"asyncload, `DataLoader(loader.to_torch(), batch_size=None, num_workers={w}, "
+            f"collate_fn=keep{extra})` (concurrency={c} per worker)"
         )
-    return f"torch DataLoader, {c} workers" if c else "torch DataLoader, no workers"
+    if not c:
+        return "torch DataLoader, no workers"
+    return f"torch DataLoader, {c} workers" + (f", `prefetch_factor={pf}`" if pf else "")
 
 
 def console(report: harness.Report) -> str:
@@ -314,7 +346,10 @@ def render(report: harness.Report) -> str:
         f"about {num(meta.get('burn_us'), '.0f')} µs of CPU a sample (measured), so that one process "
         "is CPU-bound and a second core can help. For reference, torch's DataLoader over a "
         "map-style Dataset doing the same work with no workers and with 2: the machine's "
-        "own ceiling for 2 processes.",
+        "own ceiling for 2 processes. The 2-worker runs of both also run with "
+        f"`prefetch_factor={DEEP_PREFETCH}` (DataLoader's default is 2): a worker may make "
+        "only that many batches ahead of the training loop, then waits for it to ask for "
+        "more, and with 3 processes on 2 cores it often waits.",
         "- **HTTP at 0 ms**: 16 KiB samples from the local server (`al.sources.HTTPSource`). "
         "The server runs on the same 2 cores as the loaders: at 0 ms it takes about as much "
         "CPU per sample as the client does, so the 2 loader processes compete with it and "
