@@ -37,13 +37,29 @@ BACKENDS = [
 ]
 
 
-@pytest.fixture(params=BACKENDS)
+# For clients that run on asyncio only (aiohttp, obstore): not trio.
+ASYNCIO_BACKENDS = BACKENDS[:2]
+
+
+@pytest.fixture
 def anyio_backend(request: pytest.FixtureRequest) -> Any:
-    return request.param
+    return request.param  # parametrized by pytest_generate_tests
 
 
-# For tests of clients that run on asyncio only (aiohttp, obstore): not trio.
-asyncio_only = pytest.mark.parametrize("anyio_backend", BACKENDS[:2], indirect=True)
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run each anyio test on the backends its module lists in ``ANYIO_BACKENDS`` (all of
+    ``BACKENDS`` when it lists none), unless the test picks its own (``@asyncio_only``)."""
+    if "anyio_backend" not in metafunc.fixturenames:
+        return
+    for mark in metafunc.definition.iter_markers("parametrize"):
+        if "anyio_backend" in mark.args[0]:
+            return
+    backends = getattr(metafunc.module, "ANYIO_BACKENDS", BACKENDS)
+    metafunc.parametrize("anyio_backend", backends, indirect=True)
+
+
+# One test of a module that runs on every backend, run on asyncio only.
+asyncio_only = pytest.mark.parametrize("anyio_backend", ASYNCIO_BACKENDS, indirect=True)
 
 
 def sample_body(index: int) -> bytes:

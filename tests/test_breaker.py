@@ -11,10 +11,7 @@ from asyncload.errors import CircuitOpenError, HTTPStatusError
 from asyncload.resilience import CircuitBreaker
 from asyncload.resilience.breaker import BreakerState, Outcome
 
-
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
+ANYIO_BACKENDS = ["asyncio", "trio"]
 
 
 class FakeClock:

@@ -15,10 +15,7 @@ from hypothesis import strategies as st
 
 from asyncload.cache import LRUCache
 
-
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
+ANYIO_BACKENDS = ["asyncio", "trio"]
 
 
 def value_of(value: Any) -> Callable[[], Awaitable[Any]]:

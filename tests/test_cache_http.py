@@ -19,7 +19,7 @@ from typing import Any
 
 import anyio
 import pytest
-from conftest import HTTPServer, sample_body
+from conftest import ASYNCIO_BACKENDS, HTTPServer, sample_body
 
 import asyncload as al
 from asyncload.sources import HTTPSource
@@ -29,14 +29,7 @@ pytestmark = pytest.mark.anyio
 N = 24
 
 
-@pytest.fixture(
-    params=[
-        pytest.param("asyncio", id="asyncio"),
-        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
-    ]
-)
-def anyio_backend(request: pytest.FixtureRequest) -> Any:
-    return request.param
+ANYIO_BACKENDS = ASYNCIO_BACKENDS
 
 
 def sample_urls(server: HTTPServer, n: int = N) -> list[str]:

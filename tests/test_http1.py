@@ -23,6 +23,7 @@ from typing import Any
 import anyio
 import pytest
 from aiohttp import web
+from conftest import ASYNCIO_BACKENDS
 
 import asyncload as al
 from asyncload.resilience import is_transient
@@ -35,14 +36,7 @@ BODY = bytes(range(256)) * 40  # 10 KiB, not a repeating short pattern
 SAFETY = 10  # seconds: a guard against a hang (a deadlock fails fast), never a timing claim
 
 
-@pytest.fixture(
-    params=[
-        pytest.param("asyncio", id="asyncio"),
-        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
-    ]
-)
-def anyio_backend(request: pytest.FixtureRequest) -> Any:
-    return request.param
+ANYIO_BACKENDS = ASYNCIO_BACKENDS
 
 
 # -- servers ----------------------------------------------------------------------------------

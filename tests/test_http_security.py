@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import trustme
 from aiohttp import web
+from conftest import ASYNCIO_BACKENDS
 
 import asyncload as al
 from asyncload.resilience import is_transient
@@ -25,14 +26,7 @@ pytestmark = pytest.mark.anyio
 BODY = b"0123456789" * 100
 
 
-@pytest.fixture(
-    params=[
-        pytest.param("asyncio", id="asyncio"),
-        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
-    ]
-)
-def anyio_backend(request: pytest.FixtureRequest) -> Any:
-    return request.param
+ANYIO_BACKENDS = ASYNCIO_BACKENDS
 
 
 class Site:

@@ -28,6 +28,7 @@ from typing import Any
 import anyio
 import psutil
 import pytest
+from conftest import ASYNCIO_BACKENDS
 from faults import (
     ALL_TRANSIENT,
     CHUNKED_CUT,
@@ -56,16 +57,9 @@ pytestmark = pytest.mark.anyio
 STALL_TIMEOUT = 1.5
 
 
-@pytest.fixture(
-    params=[
-        pytest.param("asyncio", id="asyncio"),
-        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
-    ]
-)
-def anyio_backend(request: pytest.FixtureRequest) -> Any:
-    """HTTPSource runs on asyncio and uvloop only (trio is covered in
-    test_sources_http.py: a clear RuntimeError)."""
-    return request.param
+# HTTPSource runs on asyncio and uvloop only (trio is covered in test_sources_http.py: a
+# clear RuntimeError).
+ANYIO_BACKENDS = ASYNCIO_BACKENDS
 
 
 @pytest.fixture

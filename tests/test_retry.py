@@ -18,10 +18,7 @@ from hypothesis import strategies as st
 from asyncload.errors import CircuitOpenError, HTTPStatusError, TruncatedBodyError
 from asyncload.resilience import Retry, backoff_delay, is_transient, retry_after
 
-
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
+ANYIO_BACKENDS = ["asyncio", "trio"]
 
 
 class FakeTime:

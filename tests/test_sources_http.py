@@ -17,6 +17,7 @@ from typing import Any
 
 import anyio
 import pytest
+from conftest import ASYNCIO_BACKENDS
 
 import asyncload as al
 from asyncload.sources import HTTPSource
@@ -34,14 +35,7 @@ pytestmark = pytest.mark.anyio
 SECRET = "SUPERSECRET123"
 
 
-@pytest.fixture(
-    params=[
-        pytest.param("asyncio", id="asyncio"),
-        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
-    ]
-)
-def anyio_backend(request: pytest.FixtureRequest) -> Any:
-    return request.param
+ANYIO_BACKENDS = ASYNCIO_BACKENDS
 
 
 class FakeSleep:

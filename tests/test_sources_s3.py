@@ -18,6 +18,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 import pytest
+from conftest import ASYNCIO_BACKENDS
 from s3_faults import FAULTS, LIST, FaultKind, FaultProxy
 from seaweedfs import SeaweedFS
 
@@ -76,14 +77,7 @@ def proxy(_session_proxy: FaultProxy) -> Iterator[FaultProxy]:
     _session_proxy.clear()
 
 
-@pytest.fixture(
-    params=[
-        pytest.param("asyncio", id="asyncio"),
-        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
-    ]
-)
-def anyio_backend(request: pytest.FixtureRequest) -> Any:
-    return request.param
+ANYIO_BACKENDS = ASYNCIO_BACKENDS
 
 
 def source(endpoint_url: str, keys: list[str] | None = None, **kwargs: Any) -> S3Source:

@@ -16,6 +16,7 @@ from typing import Any
 import anyio
 import pytest
 from aiohttp import web
+from conftest import ASYNCIO_BACKENDS
 
 import asyncload as al
 from asyncload.sources import TarShardSource
@@ -275,14 +276,7 @@ async def test_member_size_limit(tmp_path: Path) -> None:
 # -- over HTTP --------------------------------------------------------------------------------
 
 
-@pytest.fixture(
-    params=[
-        pytest.param("asyncio", id="asyncio"),
-        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
-    ]
-)
-def anyio_backend(request: pytest.FixtureRequest) -> Any:
-    return request.param
+ANYIO_BACKENDS = ASYNCIO_BACKENDS
 
 
 class ShardServer:

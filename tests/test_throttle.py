@@ -12,7 +12,7 @@ from typing import Any
 
 import anyio
 import pytest
-from conftest import sample_body
+from conftest import ASYNCIO_BACKENDS, sample_body
 
 import asyncload as al
 from asyncload.resilience.throttle import ConcurrencyGate, is_throttling
@@ -262,13 +262,7 @@ async def test_the_limit_carries_over_to_the_next_epoch() -> None:
     assert throttle.limit > limit  # recovery went on from where it was
 
 
-@pytest.mark.parametrize(
-    "anyio_backend",
-    [
-        pytest.param("asyncio", id="asyncio"),
-        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
-    ],
-)
+@pytest.mark.parametrize("anyio_backend", ASYNCIO_BACKENDS)
 @pytest.mark.parametrize("status", [429, 503])
 async def test_http_store_that_throttles(http_server: Any, status: int) -> None:
     """A real HTTP server answers the first request for each of 100 URLs with ``status``:
