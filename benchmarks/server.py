@@ -263,7 +263,7 @@ def start_server(
     """Start the server in a subprocess on an ephemeral port; return ``(base_url, process)``
     once ``/health`` answers. The server exits by itself if this process dies.
     ``files_dir``: also serve that folder's files at ``/file/{name}``. ``cpus``: the only
-    cores the server may run on (``os.sched_setaffinity``, set before it starts)."""
+    cores the server may run on (``os.sched_setaffinity``, set while it starts up)."""
     cmd = [
         sys.executable,
         str(Path(__file__).resolve()),
