@@ -274,15 +274,15 @@ def compute_ratios(summary: list[harness.Row]) -> list[dict[str, Any]]:
                     }
                 )
         dl0 = next((r for r in rows if r["peer"] == "dataloader" and r["in_flight"] == 0), None)
-        for dl2 in (r for r in rows if r["peer"] == "dataloader" and r["in_flight"] > 0):
-            if dl0:
-                out.append(
-                    {
-                        "part": part,
-                        "what": f"{label(dl2)} / no workers (reference)",
-                        "ratio": harness.ratio(dl2["samples_per_s"], dl0["samples_per_s"]),
-                    }
-                )
+        with_workers = [r for r in rows if r["peer"] == "dataloader" and r["in_flight"] > 0]
+        for dl2 in with_workers if dl0 else []:
+            out.append(
+                {
+                    "part": part,
+                    "what": f"{label(dl2)} / no workers (reference)",
+                    "ratio": harness.ratio(dl2["samples_per_s"], dl0["samples_per_s"]),
+                }
+            )
     return out
 
 
