@@ -402,6 +402,60 @@ async def test_a_request_on_a_connection_closed_unanswered_is_resent_once() -> N
         assert server.targets() == ["/a", "/b", "/b"]
 
 
+LONG = bytes(range(251)) * 8357  # about 2 MiB: it arrives over many socket reads
+
+
+async def send_in_pieces(conn: RawConnection, data: bytes, piece: int = 1 << 16) -> None:
+    for start in range(0, len(data), piece):
+        await conn.send(data[start : start + piece])
+
+
+async def test_a_long_body_sent_in_pieces_arrives_whole_and_keeps_the_connection() -> None:
+    async def handler(conn: RawConnection) -> None:
+        while await conn.request() is not None:
+            await send_in_pieces(conn, ok(LONG))
+
+    async with raw_server(handler) as server:
+        assert await fetch_all(HTTPSource([server.url("/a")] * 3)) == [LONG] * 3
+        assert server.connections == 1
+
+
+async def test_a_long_body_cut_short_is_an_error_and_its_connection_is_not_reused() -> None:
+    async def handler(conn: RawConnection) -> None:
+        if await conn.request() is None:
+            return
+        if conn.index == 0:
+            await send_in_pieces(conn, ok(LONG)[: len(LONG) // 2])  # then closed
+        else:
+            await conn.send(ok(b"next"))
+
+    async with raw_server(handler) as server:
+        source = HTTPSource([server.url("/a"), server.url("/b")])
+        try:
+            with pytest.raises(al.TruncatedBodyError, match=f"of {len(LONG)} bytes"):
+                await source[0]
+            assert await source[1] == b"next"
+        finally:
+            await source.aclose()
+        assert server.connections == 2
+
+
+async def test_bytes_past_a_long_body_are_not_read_as_the_next_answer() -> None:
+    async def handler(conn: RawConnection) -> None:
+        while await conn.request() is not None:
+            if conn.index == 0:
+                await send_in_pieces(conn, ok(LONG) + b"HTTP/1.1 200 OK\r\n")
+            else:
+                await conn.send(ok(b"fresh"))
+
+    async with raw_server(handler) as server:
+        assert await fetch_all(HTTPSource([server.url("/a"), server.url("/b")])) == [
+            LONG,
+            b"fresh",
+        ]
+        assert server.connections == 2  # the first connection held unread bytes
+
+
 # -- 6, 7: interim answers, answers without a body ------------------------------------------
 
 
