@@ -152,9 +152,8 @@ def plan(
     return configs
 
 
-def is_split(row_or_params: dict[str, Any]) -> bool:
-    """Whether a summary row (or a config's params) is a split-cores run."""
-    params = row_or_params.get("params", row_or_params)
+def is_split(params: dict[str, Any]) -> bool:
+    """Whether a configuration's (or a summary row's) params are a split-cores run's."""
     return bool(params.get("cores") == "split")
 
 
@@ -437,8 +436,8 @@ def run(args: argparse.Namespace) -> harness.Report:
             timeout=180.0 if args.quick else 600.0,
         )
     rows = harness.summarize(results, configs)
-    summary = [r for r in rows if not is_split(r)]
-    split = [r for r in rows if is_split(r)]
+    summary = [r for r in rows if not is_split(r["params"])]
+    split = [r for r in rows if is_split(r["params"])]
     return {
         "meta": {
             "batch_size": BATCH_SIZE,
@@ -534,7 +533,7 @@ def console(report: harness.Report) -> str:
             [*report["summary"], *report.get("split_summary", [])],
             lambda r: (
                 f"{r['latency_ms']:g} ms  {r['peer']} {r['in_flight']}"
-                + (" (split cores)" if is_split(r) else "")
+                + (" (split cores)" if is_split(r["params"]) else "")
             ),
         ),
         "\nover plain asyncio (samples/s):",

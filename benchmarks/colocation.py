@@ -19,8 +19,6 @@ the same for both peers.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import subprocess
 import sys
 import time
@@ -54,13 +52,8 @@ def observe(peer: str, base_url: str, server_pid: int, interval_s: float) -> dic
     """Run one peer in a child and read where it and the server run until it exits."""
     cfg = RunConfig(peer, IN_FLIGHT, SAMPLES, bench_http.BATCH_SIZE, 16384, LATENCY_MS)
     payload = {"configs": [asdict(cfg)], "context": {"base_url": base_url}}
-    child = subprocess.Popen(
-        [sys.executable, str(bench_http.BENCH.script), "--child", json.dumps(payload)],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
-    )
+    cmd, env = harness.child_command(bench_http.BENCH.script, payload)
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
     readings = same_core = both_runnable = 0
     while child.poll() is None:
         mine, theirs = where(child.pid), where(server_pid)
@@ -71,10 +64,10 @@ def observe(peer: str, base_url: str, server_pid: int, interval_s: float) -> dic
                 both_runnable += mine[1] and theirs[1]
         time.sleep(interval_s)
     out, _ = child.communicate()
-    lines = [x for x in out.splitlines() if x.startswith(harness.RESULT_PREFIX)]
-    if not lines:
+    answer = harness.child_answer(out)
+    if answer is None:
         raise RuntimeError(f"{peer}: the child gave no result (exit status {child.returncode})")
-    result = json.loads(lines[-1][len(harness.RESULT_PREFIX) :])["results"][0]
+    result = answer["results"][0]
     if not result.get("ok"):
         raise RuntimeError(f"{peer}: {result.get('error')}")
     return {

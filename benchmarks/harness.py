@@ -140,26 +140,40 @@ def _describe(exc: BaseException) -> str:
 # --------------------------------------------------------------------------- parent side
 
 
-def run_child(script: Path, payload: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """Run ``script --child PAYLOAD`` in a fresh interpreter and return its answer, with
-    ``exit_status`` and ``stderr_tail`` added; ``{"error": ...}`` when it gave none."""
+def child_command(script: Path, payload: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment that run ``script --child PAYLOAD`` (in ``ROOT``)."""
     cmd = [sys.executable, str(script), "--child", json.dumps(payload)]
     env = dict(
         os.environ,
         PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     )
+    return cmd, env
+
+
+def child_answer(stdout: str) -> dict[str, Any] | None:
+    """The answer a child printed (its last ``RESULT`` line), or ``None``."""
+    for line in reversed(stdout.splitlines()):
+        if line.startswith(RESULT_PREFIX):
+            answer: dict[str, Any] = json.loads(line[len(RESULT_PREFIX) :])
+            return answer
+    return None
+
+
+def run_child(script: Path, payload: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Run ``script --child PAYLOAD`` in a fresh interpreter and return its answer, with
+    ``exit_status`` and ``stderr_tail`` added; ``{"error": ...}`` when it gave none."""
+    cmd, env = child_command(script, payload)
     try:
         proc = subprocess.run(
             cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT
         )
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(RESULT_PREFIX):
-            answer: dict[str, Any] = json.loads(line[len(RESULT_PREFIX) :])
-            answer["exit_status"] = proc.returncode
-            answer["stderr_tail"] = _tail(proc.stderr)
-            return answer
+    answer = child_answer(proc.stdout)
+    if answer is not None:
+        answer["exit_status"] = proc.returncode
+        answer["stderr_tail"] = _tail(proc.stderr)
+        return answer
     return {
         "error": f"exit status {proc.returncode}, no result: {_tail(proc.stderr or proc.stdout)}"
     }

@@ -525,8 +525,7 @@ class Pool:
     ) -> Response:
         """Send a GET of ``url`` and read the response's head. ``timeout`` (seconds), when
         given, bounds the connection and each wait for data (not the whole request)."""
-        if self._closed:
-            raise RuntimeError("HTTPSource: the connection pool was closed")
+        self._check_open()
         netloc_url, path = _split_url(url)
         target = self._targets.get(netloc_url)
         if target is None:
