@@ -110,6 +110,59 @@ def test_tensor_samples_are_stacked_with_torch() -> None:
     assert [b.tolist() for b in got] == [[[0, 0], [1, 1], [2, 2]], [[3, 3], [4, 4], [5, 5]]]
 
 
+def test_small_batches_cross_by_value_large_ones_by_shared_memory() -> None:
+    """torch's shared-memory hand-over costs about 1 ms a tensor; small ones are copied
+    through the pipe instead, and arrive as ordinary tensors with the same values."""
+    from multiprocessing.reduction import ForkingPickler
+
+    from asyncload._torch import BY_VALUE_BYTES
+
+    small = al.Loader(
+        al.from_sequence(np.arange(64, dtype=np.float32).reshape(16, 4)), batch_size=4
+    )
+    rows = BY_VALUE_BYTES // 4 // 4 + 1  # a batch of 4 such samples is just over the limit
+    large_data = np.arange(8 * rows, dtype=np.float32).reshape(8, rows)
+    large = al.Loader(al.from_sequence(large_data), batch_size=4)
+
+    got_small = list(data_loader(small, 2))
+    got_large = list(data_loader(large, 2))
+
+    assert not any(b.is_shared() for b in got_small)
+    assert all(b.is_shared() for b in got_large)
+    assert sorted(b[0, 0].item() for b in got_small) == [0, 16, 32, 48]
+    assert torch.equal(
+        torch.cat(sorted(got_large, key=lambda b: b[0, 0].item())), torch.from_numpy(large_data)
+    )
+    # The training loop's own process keeps torch's reduction.
+    assert (
+        ForkingPickler._extra_reducers[torch.Tensor].__module__
+        == "torch.multiprocessing.reductions"
+    )
+
+
+def test_tensors_numpy_cannot_hold_keep_torchs_way() -> None:
+    samples = [torch.full((3,), i, dtype=torch.bfloat16) for i in range(8)]
+    got = list(data_loader(al.Loader(al.from_sequence(samples), batch_size=4), 2))
+    assert all(b.dtype == torch.bfloat16 and b.is_shared() for b in got)
+    assert sorted(b[:, 0].tolist() for b in got) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+def test_by_value_keeps_a_views_values() -> None:
+    """A transposed view is copied as its values; its storage's other bytes stay behind."""
+    import pickle
+
+    from asyncload._torch import reduce_small_tensor
+
+    base = torch.arange(24, dtype=torch.int32).reshape(4, 6)
+    view = base.t()[1:4]
+    rebuild, args = reduce_small_tensor(view)
+    copy = rebuild(*pickle.loads(pickle.dumps(args)))
+    assert torch.equal(copy, view) and copy.dtype == torch.int32
+    assert copy.untyped_storage().nbytes() == view.numel() * 4
+    copy[0, 0] = -1
+    assert base[0, 1] == 1  # a copy, not the sender's memory
+
+
 def test_sample_error_reaches_the_training_loop() -> None:
     class Broken(al.AsyncDataset[int]):
         def __len__(self) -> int:
