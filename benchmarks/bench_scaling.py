@@ -76,6 +76,9 @@ def plan(quick: bool) -> list[RunConfig]:
             SAMPLE_BYTES,
             params={**cpu, "prefetch_factor": DEEP_PREFETCH},
         ),
+        RunConfig(
+            "dataloader", WORKERS, cpu_n, BATCH_SIZE, SAMPLE_BYTES, params={**cpu, "tensors": True}
+        ),
         RunConfig("asyncload-sync", 64, http_n, BATCH_SIZE, HTTP_BYTES, params=http),
         RunConfig(
             "asyncload-to-torch", 64, http_n, BATCH_SIZE, HTTP_BYTES, params={**http, "workers": 2}
@@ -105,10 +108,6 @@ class BurnDataset:
         return self.burn(make_sample(i))
 
 
-def _keep(batch: Any) -> Any:
-    return batch
-
-
 def _prefetch(cfg: RunConfig) -> dict[str, int]:
     """The DataLoader's ``prefetch_factor`` where the run sets one (its default: 2)."""
     pf = cfg.params.get("prefetch_factor")
@@ -127,15 +126,11 @@ def _consume(cfg: RunConfig, make_loader: Callable[[], Any], tally: Tally) -> di
                 tally.batch(batch)
         return {}
     if cfg.peer == "asyncload-to-torch":
-        # Batches cross the process boundary as the numpy arrays the workers made, as the
-        # DataLoader reference's (collate_fn=np.stack): with DataLoader's default
-        # conversion to tensors, torch passes each batch's shared memory by file
-        # descriptor, about 1 ms a batch here, which costs both loaders alike.
+        # DataLoader's default conversion: batches arrive as tensors, as users get them.
         dl = torch.utils.data.DataLoader(
             loader.to_torch(),
             batch_size=None,
             num_workers=cfg.params["workers"],
-            collate_fn=_keep,
             **_prefetch(cfg),
         )
         for batch in dl:
@@ -157,11 +152,14 @@ def run_one(cfg: RunConfig, context: dict[str, Any]) -> RunResult:
     if cfg.params["part"] == "cpu":
         burn = Burn(cfg.params["burn_rounds"])
         if cfg.peer == "dataloader":
+            # np.stack unless the run asks for torch's default_collate (tensors, which
+            # leave a worker through shared memory, by file descriptor).
+            collate = {} if cfg.params.get("tensors") else {"collate_fn": np.stack}
             make: Callable[[], Any] = lambda: torch.utils.data.DataLoader(  # noqa: E731
                 BurnDataset(total, burn.rounds),
                 batch_size=cfg.batch_size,
                 num_workers=cfg.in_flight,
-                collate_fn=np.stack,
+                **collate,
                 **_prefetch(cfg),
             )
         else:
@@ -300,12 +298,13 @@ def label(row: harness.Row) -> str:
         w = row["params"]["workers"]
         extra = f", prefetch_factor={pf}" if pf else ""
         return (
-            f"asyncload, `DataLoader(loader.to_torch(), batch_size=None, num_workers={w}, "
-            f"collate_fn=keep{extra})` (concurrency={c} per worker)"
+            f"asyncload, `DataLoader(loader.to_torch(), batch_size=None, num_workers={w}"
+            f"{extra})` (concurrency={c} per worker)"
         )
     if not c:
         return "torch DataLoader, no workers"
-    return f"torch DataLoader, {c} workers" + (f", `prefetch_factor={pf}`" if pf else "")
+    tensors = ", default `collate_fn` (tensors)" if row["params"].get("tensors") else ""
+    return f"torch DataLoader, {c} workers" + (f", `prefetch_factor={pf}`" if pf else "") + tensors
 
 
 def console(report: harness.Report) -> str:
@@ -331,13 +330,11 @@ def render(report: harness.Report) -> str:
         "",
         "The same asyncload loader consumed in one process (`for batch in loader`) and "
         f"spread over {meta['workers']} DataLoader worker processes with "
-        "`DataLoader(loader.to_torch(), batch_size=None, num_workers=2, collate_fn=keep)`, "
-        "where each worker runs its own event loop on its share of the batches, and "
-        "batches come back as the workers made them (numpy arrays), as the DataLoader "
-        "reference's do (`collate_fn=np.stack`). With DataLoader's default conversion to "
-        "tensors instead, torch hands each batch's shared memory over by file descriptor, "
-        "about 1 ms a batch on this machine, for either loader: 1 KiB samples in batches "
-        "of 32 then scale worse than one process for both. Batches of "
+        "`DataLoader(loader.to_torch(), batch_size=None, num_workers=2)`, where each "
+        "worker runs its own event loop on its share of the batches. Batches arrive as "
+        "tensors, as users get them: a worker sends a tensor of up to 256 KiB by value "
+        "through the DataLoader's pipe, where torch would hand its shared memory over by "
+        "file descriptor, which costs about 1 ms of CPU a batch on this machine. Batches of "
         f"{meta['batch_size']}; every sample checked. Target: 2 workers at least "
         f"{TARGET:g}x one process. Two workloads:",
         "",
@@ -345,8 +342,11 @@ def render(report: harness.Report) -> str:
         f"lazy sequence) with `transform=burn`, a pure-Python loop that holds the GIL for "
         f"about {num(meta.get('burn_us'), '.0f')} µs of CPU a sample (measured), so that one process "
         "is CPU-bound and a second core can help. For reference, torch's DataLoader over a "
-        "map-style Dataset doing the same work with no workers and with 2: the machine's "
-        "own ceiling for 2 processes. The 2-worker runs of both also run with "
+        "map-style Dataset doing the same work with no workers and with 2, batches made "
+        "with `collate_fn=np.stack`: the machine's own ceiling for 2 processes (numpy "
+        "batches leave a worker by value). The DataLoader also runs with its default "
+        "`collate_fn`, whose tensors leave a worker through shared memory: what the same "
+        "work costs a torch user by default. The 2-worker runs of both also run with "
         f"`prefetch_factor={DEEP_PREFETCH}` (DataLoader's default is 2): a worker may make "
         "only that many batches ahead of the training loop, then waits for it to ask for "
         "more, and with 3 processes on 2 cores it often waits.",
