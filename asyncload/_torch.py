@@ -28,23 +28,33 @@ def _tensor_from_numpy(array: np.ndarray[Any, Any]) -> torch.Tensor:
 
 def reduce_small_tensor(tensor: torch.Tensor) -> tuple[Any, tuple[Any, ...]]:
     """Pickle ``tensor`` for another process: by value (as a numpy array) when it is a
-    CPU tensor of at most :data:`BY_VALUE_BYTES` not already in shared memory; torch's
-    shared-memory reduction otherwise, and for dtypes numpy lacks (``bfloat16``)."""
-    if (
-        tensor.nbytes <= BY_VALUE_BYTES
-        and tensor.device.type == "cpu"
-        and tensor.layout == torch.strided
-        and not tensor.requires_grad
-        and not tensor.is_shared()  # type: ignore[no-untyped-call]
-    ):
-        try:
-            array = tensor.numpy()
-        except (TypeError, RuntimeError):  # no numpy dtype, conjugate bit, quantized
-            pass
-        else:
-            return _tensor_from_numpy, (array,)
+    dense CPU tensor of at most :data:`BY_VALUE_BYTES` not already in shared memory;
+    torch's shared-memory reduction otherwise, and for dtypes numpy lacks (``bfloat16``)."""
+    try:
+        array = _small_array(tensor)
+    except Exception:
+        # Whatever this tensor is, torch's reduction knows it. An error here would reach
+        # the worker's queue feeder thread, which drops the batch, and the DataLoader
+        # would wait for it forever.
+        array = None
+    if array is not None:
+        return _tensor_from_numpy, (array,)
     reduced: tuple[Any, tuple[Any, ...]] = reduce_tensor(tensor)  # type: ignore[no-untyped-call]
     return reduced
+
+
+def _small_array(tensor: torch.Tensor) -> np.ndarray[Any, Any] | None:
+    if (
+        tensor.layout != torch.strided  # (sparse tensors have no nbytes)
+        or tensor.device.type != "cpu"
+        or tensor.is_quantized
+        or tensor.requires_grad
+        or tensor.nbytes > BY_VALUE_BYTES
+        or tensor.is_shared()  # type: ignore[no-untyped-call]
+    ):
+        return None
+    # A conjugate or negative view holds its values lazily; numpy needs them made.
+    return tensor.resolve_conj().resolve_neg().numpy()  # (bfloat16: TypeError)
 
 
 class LoaderIterableDataset(torch.utils.data.IterableDataset[Any]):
