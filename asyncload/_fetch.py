@@ -379,10 +379,12 @@ def _with_cache(
             loaded = True
             return await get(index)
 
-        sample = await cache.get_or_load(key, load)
-        if loaded:
-            stats.cache_misses += 1
-        else:
+        try:
+            sample = await cache.get_or_load(key, load)
+        finally:
+            if loaded:  # a load that raised (or was filtered out) still called the source
+                stats.cache_misses += 1
+        if not loaded:
             stats.cache_hits += 1
         return sample
 

@@ -63,6 +63,8 @@ _LEDGER_NAME = "usage"
 _NAME_PREFIX = b"asyncload.DiskCache/1\0"
 _ENTRY_NAME = re.compile(r"[0-9a-f]{64}")
 _TEMP_NAME = re.compile(r"[0-9a-f]{64}\.(\d+)\.[0-9a-f]+\.tmp")
+# What a directory we may read but not write answers (read-only, or out of space or inodes).
+_CANNOT_WRITE = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT})
 _STALE_TEMP_SECONDS = 3600.0  # a temp file untouched this long is abandoned, whatever its pid
 _WAIT_THREADS = 32  # threads per event loop that may block waiting for other processes' loads
 _CACHEDIR_TAG = (
@@ -628,7 +630,12 @@ class DiskCache:
         payload, damaged = self._read(path, material, stamp)
         if damaged is None:
             return payload, 0
-        self._discard(path, damaged)
+        try:
+            self._discard(path, damaged)
+        except OSError as exc:
+            if exc.errno not in _CANNOT_WRITE:
+                raise
+            # It stays on disk, but is never served: its check failed (and so will a store).
         return None, 1
 
     def _probe(self, name: str, material: bytes, stamp: int) -> _Probe:
@@ -640,9 +647,9 @@ class DiskCache:
         try:
             lock = _KeyLock.acquire(lock_path, blocking=False)
         except OSError as exc:
-            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            if exc.errno not in _CANNOT_WRITE:
                 raise
-            # No locks in a read-only directory: load without one (storing will fail too).
+            # No locks where no file can be made: load without one (storing will fail too).
             return _Probe(lock=_KeyLock(lock_path, None), corrupt=corrupt)
         if lock is None:
             return _Probe(corrupt=corrupt)

@@ -318,6 +318,34 @@ async def test_hook_may_read_the_breaker() -> None:
     assert seen == ["open"]
 
 
+@pytest.mark.anyio
+async def test_a_hook_that_raises_leaves_the_breaker_working() -> None:
+    """The hook's error reaches the call that made the transition; the probe slot that
+    call took is freed, so the next call probes, and a success closes the breaker."""
+    clock, backend = FakeClock(), Backend()
+    changes: list[tuple[str, str]] = []
+
+    def hook(old: str, new: str) -> None:
+        changes.append((old, new))
+        if new == "half_open" and changes.count(("open", "half_open")) == 1:
+            raise RuntimeError("the logger failed")
+
+    breaker = CircuitBreaker(
+        failure_threshold=1, recovery_timeout=1.0, clock=clock, on_state_change=hook
+    )
+    backend.error = ConnectionResetError()
+    await fail_times(breaker, backend, 1)
+    backend.error = None
+    clock.now += 2.0
+    with pytest.raises(RuntimeError, match="the logger failed"):
+        await breaker.call(backend.fetch)
+    assert backend.calls == 1  # refused by the hook's error, not sent
+    assert breaker.statistics()["probes_in_flight"] == 0
+    assert await breaker.call(backend.fetch) == "ok"
+    assert breaker.state == "closed"
+    assert changes == [("closed", "open"), ("open", "half_open"), ("half_open", "closed")]
+
+
 def test_one_breaker_serves_several_event_loops() -> None:
     clock, backend = FakeClock(), Backend()
     breaker, _ = make(clock, failure_threshold=2, recovery_timeout=1.0)

@@ -10,6 +10,7 @@ so to the first it is exactly another process; real subprocesses cover kills and
 from __future__ import annotations
 
 import collections
+import errno
 import hashlib
 import logging
 import multiprocessing
@@ -716,6 +717,65 @@ async def test_scans_delete_files_of_dead_writers_and_unheld_locks(tmp_path: Pat
         await cache.get_or_load(key, source.load(key))
     assert others(tmp_path) == {live_temp.name}
     assert cache.statistics()["evictions"] == 1
+
+
+def refuse_writes(monkeypatch: pytest.MonkeyPatch, directory: Path, code: int) -> None:
+    """Make ``directory`` answer as a read-only (EROFS) or full (ENOSPC) file system would:
+    no new file, no write, no delete or rename. (A fake at the system-call boundary: a real
+    read-only or full mount needs privileges the test machines may lack.)"""
+    inside = str(directory) + os.sep
+
+    def refused(path: Any) -> OSError:
+        return OSError(code, os.strerror(code), os.fspath(path))
+
+    real_open, real_unlink, real_replace = os.open, os.unlink, os.replace
+
+    def fake_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        writes = flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
+        # Full: no new files. Read-only: nothing opened for writing.
+        full = code != errno.EROFS
+        if os.fspath(path).startswith(inside) and writes and not (full and os.path.exists(path)):
+            raise refused(path)
+        return real_open(path, flags, *args, **kwargs)
+
+    def fake_unlink(path: Any, *args: Any, **kwargs: Any) -> None:
+        if code == errno.EROFS and os.fspath(path).startswith(inside):
+            raise refused(path)
+        real_unlink(path, *args, **kwargs)
+
+    def fake_replace(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        if code == errno.EROFS and os.fspath(dst).startswith(inside):
+            raise refused(dst)
+        real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", fake_open)
+    monkeypatch.setattr(os, "unlink", fake_unlink)
+    monkeypatch.setattr(os, "replace", fake_replace)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "code", [errno.ENOSPC, errno.EDQUOT, errno.EROFS], ids=["ENOSPC", "EDQUOT", "EROFS"]
+)
+async def test_a_directory_that_takes_no_new_files_still_serves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    """Out of inodes or quota, or read-only: hits are served, a miss is loaded and returned
+    (a write error), and a damaged entry is loaded again, never served."""
+    cache = DiskCache(tmp_path, max_bytes=100_000)
+    source = Source()
+    for key in ("good", "damaged"):
+        await cache.get_or_load(key, source.load(key))
+    _flip(cache.path_of("damaged"), entry_size("damaged", 100) - 7)
+    source.calls.clear()
+    refuse_writes(monkeypatch, tmp_path, code)
+    assert await cache.get_or_load("good", never) == payload("good")
+    assert await cache.get_or_load("new", source.load("new")) == payload("new")
+    assert await cache.get_or_load("damaged", source.load("damaged")) == payload("damaged")
+    assert source.calls == ["new", "damaged"]
+    stats = cache.statistics()
+    assert (stats["hits"], stats["misses"], stats["corrupt"]) == (1, 2 + 2, 1)
+    assert stats["write_errors"] == 2
 
 
 @pytest.mark.anyio

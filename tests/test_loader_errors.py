@@ -528,6 +528,17 @@ async def test_cache_does_not_store_failures() -> None:
     assert ds.calls == {0: 1, 1: 1, 2: 2, 3: 1}
 
 
+async def test_a_load_that_failed_counts_as_a_miss() -> None:
+    """cache_misses counts the calls the source saw, failed or filtered ones included."""
+    ds = Failing(6, {1, 4})
+    loader = al.Loader(ds, batch_size=2, cache=al.LRUCache(), on_error="skip")
+    for _ in range(2):  # failures are not cached: fetched again in the second epoch
+        assert flat(await run_epoch(loader)) == [0, 2, 3, 5]
+    stats = loader.statistics()
+    assert (stats["cache_misses"], stats["cache_hits"]) == (2, 4)
+    assert ds.calls == {0: 1, 1: 2, 2: 1, 3: 1, 4: 2, 5: 1}
+
+
 def test_errors_pickle_whole() -> None:
     """Errors cross process boundaries (multiprocessing, DataLoader workers) with their
     fields intact."""

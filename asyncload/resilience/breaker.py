@@ -166,7 +166,8 @@ class CircuitBreaker:
     the count, and a neutral or cancelled probe just frees its probe slot.
 
     ``on_state_change(old, new)`` is called after each transition, outside the breaker's
-    lock. Nothing is bound to an event loop, and state changes are guarded by a thread lock,
+    lock; an exception from it reaches the call that made the transition, the transition
+    made all the same. Nothing is bound to an event loop, and state changes are guarded by a thread lock,
     so one breaker can serve calls from several event loops.
     """
 
@@ -256,7 +257,14 @@ class CircuitBreaker:
         Raises `CircuitOpenError` without calling ``fn0`` when the breaker refuses the call;
         otherwise whatever ``fn0`` raises, unchanged.
         """
-        permit = self._locked(BreakerState.admit)
+        admitted: list[Permit] = []
+        try:
+            self._locked(lambda m: admitted.append(m.admit()))
+        except BaseException:
+            if admitted:  # admitted, then an on_state_change hook raised: free the slot
+                self._locked(lambda m: m.settle(admitted[0], Outcome.IGNORED))
+            raise
+        permit = admitted[0]
         outcome = Outcome.IGNORED
         try:
             result = await fn0()
