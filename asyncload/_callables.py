@@ -12,6 +12,8 @@ from typing import Any, Generic, TypeVar
 import anyio
 import sniffio
 
+from .errors import AsyncloadError
+
 T = TypeVar("T")
 U = TypeVar("U")
 
@@ -47,6 +49,33 @@ async def gather(fetch: Callable[[U], Awaitable[T]], args: Iterable[U]) -> list[
     if errors:
         raise errors[0]
     return out
+
+
+def is_cancellation(exc: BaseException) -> bool:
+    """Whether ``exc`` cancels the running task, rather than being a ``CancelledError``
+    that user code let escape (from awaiting a future that something else cancelled), which
+    a task group would otherwise take for a cancellation of its own."""
+    if not isinstance(exc, asyncio.CancelledError):
+        return isinstance(exc, anyio.get_cancelled_exc_class())  # trio's: only trio raises it
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:
+        return False  # asyncio's CancelledError, but no asyncio loop runs (trio)
+    cancelling = getattr(task, "cancelling", None)  # (Python 3.11+; before, trust it)
+    return cancelling is None or cancelling() > 0
+
+
+def as_failure(exc: BaseException) -> BaseException:
+    """What to raise to the consumer for ``exc``, which is not a cancellation: itself, or
+    for a ``CancelledError`` that user code let escape, an error that says so."""
+    if not isinstance(exc, asyncio.CancelledError):
+        return exc
+    error = AsyncloadError(
+        "a fetch, transform or collate_fn raised CancelledError without being cancelled "
+        "(did it await a future that something else cancelled?)"
+    )
+    error.__cause__ = exc
+    return error
 
 
 async def call_maybe_async(fn: Callable[..., Any], *args: Any) -> Any:

@@ -249,6 +249,11 @@ class Fetcher:
             stats.latency.add(time.perf_counter() - started)
         if samples is None:
             return [await self.one(i) for i in indices]
+        if len(samples) != len(indices):  # (a bug in the dataset: fails the epoch)
+            raise TypeError(
+                f"{type(dataset).__name__}.getitems returned {len(samples)} samples for "
+                f"{len(indices)} indices"
+            )
         over = self.policy.count(len(indices))
         if over is not None:
             return [over] * len(indices)

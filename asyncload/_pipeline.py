@@ -26,6 +26,7 @@ import sniffio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._background import BackgroundTask
+from ._callables import as_failure, is_cancellation
 from ._fetch import SKIPPED, Failure, Fetcher, Values
 from .batching import HOLE, Batch, BudgetBatcher, CountBatcher, SlotBatcher
 from .datasets import DROPPED, AsyncIterableDataset
@@ -195,6 +196,11 @@ class _Assembly:
             return None
 
     def _fail(self, exc: BaseException) -> None:
+        if isinstance(exc, (StopIteration, StopAsyncIteration)):
+            # Raised as itself to the consumer, it would read as the end of the epoch.
+            error = RuntimeError(f"{type(exc).__name__} raised inside the epoch: {exc!r}")
+            error.__cause__ = exc
+            exc = error
         if self.failure is None:
             self.failure = exc
         self._fetch_done = True
@@ -324,7 +330,7 @@ class Epoch(_Assembly):
         self._signal = signal_factory()
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._sender)
+                tg.start_soon(self._guarded, self._sender)
                 async with anyio.create_task_group() as workers:
                     self._workers_scope = workers.cancel_scope
                     if isinstance(self.units, MapUnits):
@@ -337,14 +343,16 @@ class Epoch(_Assembly):
                         # later units, which count too.
                         first = min(self.workers, -(-holds_back(self.batcher) // self._unit))
                         for _ in range(first):
-                            workers.start_soon(self._map_worker)
+                            workers.start_soon(self._guarded, self._map_worker)
                         if first < self.workers:
                             self._starting, self._started = first, anyio.Event()
                             await self._started.wait()
                             for _ in range(self.workers - first):
-                                workers.start_soon(self._map_worker)
+                                workers.start_soon(self._guarded, self._map_worker)
                     else:
-                        workers.start_soon(self._stream_worker, workers.start_soon)
+                        # (The stream's own tasks, which read shards ahead, are guarded too.)
+                        start_soon = lambda fn, *args: workers.start_soon(self._guarded, fn, *args)  # noqa: E731
+                        workers.start_soon(self._guarded, self._stream_worker, start_soon)
                 self._end_fetching()
             self.completed = True
         except Exception as exc:  # a bug of ours: report it rather than hang the consumer
@@ -356,6 +364,22 @@ class Epoch(_Assembly):
         super()._fail(exc)
         if self._workers_scope is not None:
             self._workers_scope.cancel()
+
+    async def _guarded(self, body: Callable[..., Awaitable[None]], *args: Any) -> None:
+        """Run one of the epoch's tasks; whatever it raises, but a cancellation, fails the
+        epoch (raised to the consumer after the batches before it), as itself.
+
+        Caught here, in its own task: a ``KeyboardInterrupt`` or ``SystemExit`` from user
+        code would otherwise escape into the event loop and stop it (with a plain ``for``,
+        in a thread the consumer then waits on forever); a ``CancelledError`` that user code
+        let escape would end the task group as though cancelled, and the epoch would look
+        complete with samples missing."""
+        try:
+            await body(*args)
+        except BaseException as exc:
+            if is_cancellation(exc):
+                raise
+            self._fail(as_failure(exc))
 
     def _ramped(self) -> None:
         self._starting = 0

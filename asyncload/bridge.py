@@ -33,6 +33,8 @@ import anyio
 import sniffio
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
+from ._callables import as_failure, is_async_callable, is_cancellation
+
 if TYPE_CHECKING:
     from ._pipeline import EpochIterator
     from .loader import Loader
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
 __all__ = ["InlineIterator", "SyncIterator"]
 
 _END = object()
+_CLOSED = object()  # put by close(), to wake a consumer waiting in next() in another thread
 
 # Iterators still open, closed at exit: while the interpreter finalizes, a loop thread
 # (a daemon) is frozen, and closing through it from a finalizer would hang the exit.
@@ -72,8 +75,6 @@ def runs_inline(loader: Loader) -> bool:
     """Whether a plain ``for`` over ``loader`` runs its epoch in the calling thread: the
     dataset awaits no I/O, nor do ``transform``/``validate``, there is no cache (a disk
     tier does I/O), and no event loop runs in this thread already (a notebook's)."""
-    from ._callables import is_async_callable
-
     if not getattr(loader.dataset, "in_memory", False) or loader.cache is not None:
         return False
     if any(is_async_callable(fn) for fn in (loader.transform, loader.validate) if fn):
@@ -129,8 +130,10 @@ class _Pump:
                     put(_END)
                     return
                 put(item)
-        except Exception as exc:
-            put(_Raised(exc))
+        except BaseException as exc:
+            if is_cancellation(exc):
+                raise  # close() cancelled the pump: it tells the consumer itself
+            put(_Raised(as_failure(exc)))  # KeyboardInterrupt too: raised in the consumer
         finally:
             with anyio.CancelScope(shield=True):
                 await self.iterator.aclose(report=False)
@@ -180,6 +183,8 @@ class SyncIterator(Iterator[Any]):
         if self._closed:
             raise StopIteration
         item = self._pump.queue.get()
+        if self._closed:  # by close() from another thread while this one waited
+            raise StopIteration
         if item is _END:
             self._pump.iterator.end()
             self.close()
@@ -199,6 +204,7 @@ class SyncIterator(Iterator[Any]):
         if self._closed:
             return
         self._closed = True
+        self._pump.queue.put(_CLOSED)
         self._pump.iterator.report_end()
         if threading.get_ident() == self._pump.thread:
             return  # dropped inside its own loop (a GC cycle): that loop is ending anyway
@@ -226,7 +232,7 @@ class _Maker:
         self._prefetch = prefetch
         self._loop = asyncio.get_running_loop()
         self._wanted = self._loop.create_future()
-        self._made: list[Any] | Exception | None = None
+        self._made: list[Any] | BaseException | None = None
         self._task = self._loop.create_task(self._serve())
 
     async def _serve(self) -> None:
@@ -234,14 +240,14 @@ class _Maker:
         while True:
             await self._wanted
             self._wanted = loop.create_future()
-            made: list[Any] | Exception
+            made: list[Any] | BaseException
             try:
                 first = await iterator.next_item()
                 made = [first, *iterator.take_ready(self._prefetch)]
-            except Exception as exc:  # StopAsyncIteration too: next() sorts them out
-                made = exc
-            # (Not on cancellation: that comes from close(), whose own run of the loop
-            # must not be stopped.)
+            except BaseException as exc:  # StopAsyncIteration too: next() sorts them out
+                if is_cancellation(exc):
+                    raise  # from close(), whose own run of the loop must not be stopped
+                made = as_failure(exc)
             self._made = made
             loop.stop()
 
@@ -253,7 +259,7 @@ class _Maker:
     def take(self) -> list[Any]:
         """What the task made, or its error raised."""
         made, self._made = self._made, None
-        if isinstance(made, Exception):
+        if isinstance(made, BaseException):
             raise made
         if made is None:  # (the task ended without a word: a bug of ours)
             raise RuntimeError("asyncload: the in-memory epoch stopped without a batch")

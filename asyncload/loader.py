@@ -137,7 +137,7 @@ class Loader:
             _check_int("batch_size", batch_size, minimum=1)
         _check_int("concurrency", concurrency, minimum=1)
         _check_int("prefetch", prefetch, minimum=0)
-        _check_int("seed", seed, minimum=None)
+        _check_int("seed", seed, minimum=0)
         _check_int("shuffle_buffer", shuffle_buffer, minimum=1)
         for name, fn in (
             ("transform", transform),
@@ -292,6 +292,9 @@ class Loader:
         if epoch != self._epoch:
             self._resume = None
             self._excluded = []
+            # Nothing of the new epoch is delivered yet: a state_dict() taken now must not
+            # carry what the last one delivered (a broken-off epoch's positions).
+            self._progress, self._finished = Progress(), False
         self._epoch = epoch
 
     @property

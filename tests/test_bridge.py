@@ -8,6 +8,7 @@ import pickle
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -545,3 +546,73 @@ def test_inline_keyboard_interrupt_closes_the_epoch() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["interrupted", "ran", "again"]
+
+
+BRIDGE_KEYBOARD_INTERRUPT_SCRIPT = """
+import threading
+import anyio
+import asyncload as al
+
+class Fetched(al.AsyncDataset):
+    def __len__(self):
+        return 40
+
+    async def __getitem__(self, index):
+        await anyio.lowlevel.checkpoint()  # I/O: the epoch runs in the bridge's thread
+        return index
+
+def interrupt_at_30(x):
+    if x == 30:
+        raise KeyboardInterrupt
+    return x
+
+got = []
+try:
+    for batch in al.Loader(Fetched(), batch_size=4, transform=interrupt_at_30):
+        got.extend(batch.tolist())
+except KeyboardInterrupt:
+    print("interrupted")
+assert got == list(range(len(got))) and len(got) <= 28, got
+assert threading.active_count() == 1, threading.enumerate()
+again = [int(x) for batch in al.Loader(Fetched(), batch_size=4) for x in batch]
+assert again == list(range(40))
+print("ran again")
+"""
+
+
+def test_keyboard_interrupt_in_the_bridge_thread_reaches_the_loop() -> None:
+    """A KeyboardInterrupt (or SystemExit) from a transform in the bridge's loop thread:
+    raised in the consumer, the thread stopped. It used to stop that loop with nothing
+    queued, and the consumer waited forever. In a subprocess, as the inline case above."""
+    result = subprocess.run(
+        [sys.executable, "-c", BRIDGE_KEYBOARD_INTERRUPT_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["interrupted", "ran", "again"]
+
+
+def test_close_from_another_thread_wakes_a_waiting_for_loop(baseline_threads: Threads) -> None:
+    ds = Hanging(100, free=4)
+    loader = al.Loader(ds, batch_size=4, concurrency=4)
+    got: list[list[int]] = []
+    ended = threading.Event()
+
+    def consume() -> None:
+        for batch in loader:
+            got.append([int(x) for x in batch])
+        ended.set()
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    deadline = time.monotonic() + 30
+    while not (got and ds.hung) and time.monotonic() < deadline:
+        time.sleep(0.001)  # until the first batch is out and the next fetches hang
+    loader.close()
+    consumer.join(timeout=30)
+    assert ended.is_set() and got == [[0, 1, 2, 3]]
+    assert ds.cancelled == ds.hung
+    assert not baseline_threads.new()

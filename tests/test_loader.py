@@ -766,6 +766,27 @@ async def test_resume_without_set_epoch_on_the_new_loader() -> None:
     assert first + as_lists(await collect(fresh)) == full
 
 
+async def test_state_saved_after_set_epoch_is_the_new_epochs_start() -> None:
+    """Epoch 0 left early, then set_epoch(1) and a checkpoint: the state must not carry
+    epoch 0's positions into epoch 1 (resuming would skip samples of epoch 1)."""
+
+    def build() -> al.Loader:
+        return al.Loader(Indexed(20), batch_size=4, shuffle=True, seed=1)
+
+    loader = build()
+    iterator = loader.__aiter__()
+    await take(iterator, 3)
+    await iterator.aclose()
+    loader.set_epoch(1)
+    state = pickle.loads(pickle.dumps(loader.state_dict()))
+    assert (state["epoch"], state["finished"]) == (1, False)
+    expected = build()
+    expected.set_epoch(1)
+    resumed = build()
+    resumed.load_state_dict(state)
+    assert as_lists(await collect(resumed)) == as_lists(await collect(expected))
+
+
 async def test_state_after_the_end_resumes_a_full_pass() -> None:
     def build() -> al.Loader:
         return al.Loader(Indexed(10), batch_size=3, shuffle=True, seed=4)
@@ -844,6 +865,7 @@ def test_resume_property(
         ({"on_error": 3}, "on_error"),
         ({"max_errors": -1, "on_error": "skip"}, "max_errors"),
         ({"max_errors": 1.5, "on_error": "skip"}, "max_errors"),
+        ({"seed": -1}, "seed"),
         ({"timeout": 0}, "timeout"),
         ({"timeout": -1.0}, "timeout"),
         ({"sampler": [0, 1], "shuffle": True}, "s"),

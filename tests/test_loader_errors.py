@@ -7,12 +7,14 @@ The only real wait is a 0.05 s per-fetch timeout on a fetch that never finishes.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
+from conftest import asyncio_only
 
 import asyncload as al
 
@@ -537,6 +539,114 @@ async def test_a_load_that_failed_counts_as_a_miss() -> None:
     stats = loader.statistics()
     assert (stats["cache_misses"], stats["cache_hits"]) == (2, 4)
     assert ds.calls == {0: 1, 1: 2, 2: 1, 3: 1, 4: 2, 5: 1}
+
+
+# -- errors that must not end an epoch quietly ---------------------------------------------------
+
+
+class Counted(al.AsyncDataset[int]):
+    """Sample ``i`` is ``i``, after a checkpoint (a fetch that awaits, like I/O)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    async def __getitem__(self, index: int) -> int:
+        await anyio.lowlevel.checkpoint()
+        return index
+
+
+@asyncio_only
+async def test_a_stray_cancelled_error_fails_the_epoch_loudly() -> None:
+    """A transform that awaits a future something else cancelled raises CancelledError
+    without being cancelled: the epoch must fail, not end as if complete."""
+
+    async def transform(x: int) -> int:
+        if x == 13:
+            future = asyncio.get_running_loop().create_future()
+            future.cancel()
+            await future
+        return x
+
+    loader = al.Loader(Counted(40), batch_size=4, transform=transform)
+    got: list[Any] = []
+    with pytest.raises(al.AsyncloadError, match="CancelledError without being cancelled"):
+        await run_epoch(loader, got)
+    assert flat(got) == list(range(12))  # the batches before the failing one, in order
+    assert loader.state_dict()["finished"] is False
+
+
+def test_a_stray_cancelled_error_fails_a_plain_for_loop() -> None:
+    async def transform(x: int) -> int:
+        if x == 13:
+            future = asyncio.get_running_loop().create_future()
+            future.cancel()
+            await future
+        return x
+
+    loader = al.Loader(Counted(40), batch_size=4, transform=transform)
+    got: list[int] = []
+    with pytest.raises(al.AsyncloadError, match="CancelledError"):
+        for batch in loader:
+            got.extend(int(x) for x in batch)
+    assert got == list(range(12))
+
+
+@pytest.mark.parametrize("raised", [StopIteration, StopAsyncIteration])
+async def test_collate_fn_raising_stop_iteration_is_an_error_not_the_end(
+    raised: type[Exception],
+) -> None:
+    calls = 0
+
+    def collate(batch: list[int]) -> list[int]:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise raised("oops")
+        return batch
+
+    loader = al.Loader(Counted(20), batch_size=4, collate_fn=collate)
+    got: list[Any] = []
+    with pytest.raises(RuntimeError, match=raised.__name__) as info:
+        await run_epoch(loader, got)
+    assert isinstance(info.value.__cause__, raised)
+    assert len(got) == 2
+
+
+class WrongCount(Counted):
+    """``getitems`` gives ``extra`` samples more (or fewer) than asked for."""
+
+    def __init__(self, n: int, extra: int) -> None:
+        super().__init__(n)
+        self.extra = extra
+
+    async def getitems(self, indices: list[int]) -> list[int]:
+        got = [await self[i] for i in indices]
+        return got + got[: self.extra] if self.extra > 0 else got[: len(got) + self.extra]
+
+
+@pytest.mark.parametrize("extra", [-1, 1])
+@pytest.mark.parametrize("concurrency", [1, 8])
+async def test_getitems_with_the_wrong_count_fails_the_epoch(extra: int, concurrency: int) -> None:
+    """Samples would shift between positions (or, at concurrency 1, the epoch would hang)."""
+    loader = al.Loader(WrongCount(12, extra), batch_size=4, concurrency=concurrency)
+    with pytest.raises(TypeError, match=r"WrongCount\.getitems returned \d+ samples for \d+"):
+        await run_epoch(loader)
+
+
+async def test_batch_cost_error_arrives_as_itself() -> None:
+    """Not wrapped in a task group's ExceptionGroup."""
+
+    def cost(sample: int) -> int:
+        if sample == 7:
+            raise ValueError("no cost for 7")
+        return 1
+
+    loader = al.Loader(Counted(12), batch_size=4, batch_cost=cost, batch_budget=3)
+    with pytest.raises(ValueError, match="no cost for 7"):
+        await run_epoch(loader)
 
 
 def test_errors_pickle_whole() -> None:
