@@ -118,9 +118,19 @@ class PerLoop(Generic[T]):
             return last[1]
         value = self._values.get(loop)
         if value is None:
+            self._forget_closed_loops()
             value = self._values[loop] = self._factory()
         self._last = (weakref.ref(loop), value)
         return value
+
+    def _forget_closed_loops(self) -> None:
+        """Drop the values of closed loops. A value that holds its loop (an HTTP pool does,
+        through its connections) keeps its weak key alive for good: with a new loop per
+        call (``asyncio.run(ds[i])``) each call would leave a loop and its sockets behind."""
+        for loop in list(self._values):
+            is_closed = getattr(loop, "is_closed", None)  # (trio's tokens have none)
+            if is_closed is not None and is_closed():
+                del self._values[loop]
 
     def pop(self) -> T | None:
         """Forget (and return) the current loop's value, if it has one."""

@@ -8,15 +8,17 @@ __all__ = ["redact_key", "redact_url"]
 
 
 def redact_url(url: str) -> str:
-    """``url`` without credentials or query string (signed URLs carry secrets there)."""
+    """``url`` without credentials or query string (signed URLs carry secrets there); its
+    host and port as written (an IPv6 address keeps its brackets), and its fragment (a tar
+    member's name in a sample key)."""
     try:
         parts = urlsplit(url)
-        netloc = parts.hostname or ""
-        if parts.port:
-            netloc += f":{parts.port}"
+        parts.port  # noqa: B018 - raises ValueError for a port that is not one
     except ValueError:
         return "<unparsable URL>"
-    return urlunsplit((parts.scheme, netloc, parts.path, "..." if parts.query else "", ""))
+    netloc = parts.netloc.rpartition("@")[2]
+    query = "..." if parts.query else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def redact_key(key: object) -> object:

@@ -858,6 +858,23 @@ async def test_a_multi_member_gzip_body_is_decoded_whole_and_trailing_garbage_re
             await fetch_all(HTTPSource([server.url("/garbage")]))
 
 
+async def test_members_after_one_decoded_in_several_steps_come_once() -> None:
+    """The first member inflates past one decoding step (read() decodes 1 MiB at a time,
+    iter_chunks chunk_size): zlib then leaves the next member's bytes both in unused_data
+    and in unconsumed_tail, and they were decoded twice (a wrong sample)."""
+    first, second = b"A" * (3 << 20), bytes(range(100))
+    body = gzip.compress(first) + gzip.compress(second)
+    answers = {"/x": ok(body, b"Content-Encoding: gzip\r\n")}
+    async with raw_server(keep_alive(answers)) as server:
+        source = HTTPSource([server.url("/x")], max_bytes=8 << 20)
+        try:
+            assert await source[0] == first + second
+            parts = [part async for part in source.iter_chunks(server.url("/x"), 4096)]
+            assert b"".join(parts) == first + second
+        finally:
+            await source.aclose()
+
+
 @pytest.mark.parametrize("coding", [b"gzip, chunked", b"gzip"])
 async def test_a_transfer_coding_other_than_chunked_is_refused(coding: bytes) -> None:
     """Never the coded bytes as the sample: a transfer coding this client cannot undo is

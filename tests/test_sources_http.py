@@ -8,10 +8,12 @@ must raise a clear RuntimeError.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 import threading
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -206,6 +208,27 @@ async def test_secrets_never_appear_in_sample_errors(http_server: HTTPServer) ->
             await run_epoch(loader)
         assert info.value.key == url
         assert all(SECRET not in text for text in error_texts(info.value))
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        (
+            f"http://user:{SECRET}@[2001:db8::1]:8080/a?sig={SECRET}",
+            "http://[2001:db8::1]:8080/a?...",
+        ),
+        ("http://[::1]/x", "http://[::1]/x"),
+        (
+            f"https://{SECRET}@Example.com/shard-0.tar#00001.jpg",
+            "https://Example.com/shard-0.tar#00001.jpg",
+        ),
+        ("http://host:99999/x", "<unparsable URL>"),
+    ],
+)
+def test_redacted_urls_keep_what_identifies_them(url: str, shown: str) -> None:
+    from asyncload._redact import redact_url
+
+    assert redact_url(url) == shown
 
 
 def test_bad_arguments() -> None:
@@ -428,6 +451,28 @@ async def test_unclosed_session_is_detected(http_server: HTTPServer) -> None:
         await one_epoch_and_drop(http_server, close=False)
         gc.collect()
     assert any("unclosed HTTPSource connection pool" in m for m in unclosed(caught))
+
+
+def test_asyncio_run_per_sample_leaves_no_loops_behind(http_server: HTTPServer) -> None:
+    """api.md: ``asyncio.run(ds[0])`` works. Each run's pool holds its loop (through its
+    connections), and the source keeps pools per loop: a closed loop's pool is dropped when
+    the source is next used, so repeated runs keep at most one loop (and its sockets)."""
+    held = [HTTPSource([http_server.url(f"/sample/{i}") for i in range(6)])]
+    loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+
+    async def fetch(index: int) -> bytes:
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        return await held[0][index]
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # (each dropped pool reports it was left open)
+        assert [asyncio.run(fetch(i)) for i in range(6)] == [sample_body(i) for i in range(6)]
+        gc.collect()
+        alive = sum(1 for loop in loops if loop() is not None)
+        held.clear()  # and the last loop's pool with the source, while warnings are caught
+        gc.collect()
+    assert alive <= 1
+    assert sum("connection pool" in m for m in unclosed(caught)) == 6  # collected, and said so
 
 
 def test_sync_bridge_closes_sessions(http_server: HTTPServer) -> None:

@@ -294,11 +294,12 @@ class Response:
                     out = decoder.decompress(data, chunk_size)
                 except zlib.error as exc:
                     raise ConnectionError(f"malformed compressed body: {exc}") from None
-                data = decoder.unconsumed_tail
+                # At a member's end, what follows it is all in unused_data; unconsumed_tail
+                # may still hold a copy of it (after output-limited calls), not more input.
+                data = decoder.unused_data if decoder.eof else decoder.unconsumed_tail
                 if out:
                     yield out
                 if decoder.eof:
-                    data = decoder.unused_data + data
                     if data and not gzip:
                         raise ConnectionError("malformed compressed body: data after its end")
                     decoder = None if gzip else decoder
