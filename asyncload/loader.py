@@ -553,7 +553,14 @@ class Loader:
                     "this stream's state was saved without DataLoader workers; it resumes "
                     "only without them"
                 )
-            clone._resume = worker_progress(resume, self.batch_size or 1, worker, num_workers)
+            bs = self.batch_size or 1
+            # The DataLoader takes a batch from worker 0 first, then 1, ...: worker 0 gets
+            # the share that holds the first batch not yet delivered, so that the rest of
+            # the epoch comes in the loader's order (each share as the workers that saved
+            # the state had it, renumbered).
+            worker = (worker + resume.watermark // bs) % num_workers
+            clone.worker = worker
+            clone._resume = worker_progress(resume, bs, worker, num_workers)
         return clone
 
     def _detached(self) -> Loader:

@@ -282,6 +282,14 @@ async def test_max_bytes_applies_to_the_decoded_size(site: Site, framing: str) -
     assert await fetch_all(HTTPSource([url], max_bytes=size)) == [b"\0" * size]
 
 
+async def test_a_head_over_64_kib_is_refused_even_when_it_arrives_at_once() -> None:
+    """The limit was checked only while the head's end had not arrived yet."""
+    long_header = b"X-Padding: " + b"p" * (100 << 10) + b"\r\n"
+    async with raw_server(keep_alive({"/x": ok(BODY, long_header)})) as server:
+        with pytest.raises(ConnectionError, match="headers too long"):
+            await fetch_all(HTTPSource([server.url("/x")]))
+
+
 async def test_a_corrupt_gzip_body_is_a_connection_error() -> None:
     corrupt = b"\x1f\x8b\x08\x00" + b"\xff" * 40
     answer = ok(corrupt, b"Content-Encoding: gzip\r\n")

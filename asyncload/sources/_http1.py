@@ -621,6 +621,8 @@ class Pool:
                         raise closed from conn.error
                     await conn.more(timeout)
                     end = buffer.find(b"\r\n\r\n")
+                if end > _MAX_HEAD:  # (the whole head arrived in one read)
+                    raise ConnectionError("malformed HTTP response: headers too long")
                 head = bytes(buffer[:end]).decode("latin-1")
                 del buffer[: end + 4]
                 status, headers, keep_alive = _parse_head(head)
