@@ -444,6 +444,7 @@ class FakeClientError(Exception):
         FakeClientError("InternalError"),
         FakeClientError("ServiceUnavailable"),
         RuntimeError("RequestTimeout: your socket connection was not read from"),
+        FakeClientError("ThrottlingException"),
     ],
 )
 def test_transient(error: BaseException) -> None:
@@ -470,6 +471,8 @@ def test_transient(error: BaseException) -> None:
         HTTPStatusError(403, "u"),
         FakeClientError("NoSuchKey"),
         RuntimeError("boom"),
+        RuntimeError("SlowDownsampler misconfigured"),  # a store's code is a whole word
+        AssertionError("ThrottlingPolicy mismatch"),
         Exception(),
         KeyboardInterrupt(),
         Interrupt(),

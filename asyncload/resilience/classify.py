@@ -59,8 +59,11 @@ _NETWORK_ERRNOS = frozenset(
 )
 
 # Error codes that S3 and compatible stores use for "slow down / try again".
+# Whole codes (AWS adds "Exception" to some: ThrottlingException), not the start of another
+# word: "InternalErrorsInUserCode" or "SlowDownsampler" are no store's answer.
 _S3_TRANSIENT = re.compile(
     r"(?<![A-Za-z])(SlowDown|InternalError|ServiceUnavailable|RequestTimeout|Throttling)"
+    r"(?:Exception)?(?![A-Za-z])"
 )
 
 
