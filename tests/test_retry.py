@@ -527,3 +527,14 @@ def test_retry_after_reads_the_servers_delay() -> None:
     assert retry_after(ConnectionResetError()) is None
     bad = HTTPStatusError(503, "u", retry_after=-1.0)
     assert retry_after(bad) is None
+
+
+def test_next_delay_is_pure_and_needs_no_event_loop() -> None:
+    """For callers that drive attempts themselves, from synchronous code too."""
+    import asyncio
+
+    retry = Retry(attempts=3, initial_delay=0.5, jitter="none")
+    assert retry.next_delay(1, ConnectionError(), 0.0) == 0.5
+    assert retry.next_delay(3, ConnectionError(), 0.0) is None  # attempts spent
+    assert retry.next_delay(1, ValueError(), 0.0) is None  # permanent
+    assert retry.next_delay(1, asyncio.CancelledError(), 0.0) is None

@@ -200,8 +200,7 @@ class Retry:
         that re-opens a stream cannot hand `run` a function)."""
         if (
             attempt >= self.attempts
-            or isinstance(exc, anyio.get_cancelled_exc_class())
-            or not isinstance(exc, Exception)
+            or not isinstance(exc, Exception)  # cancellation (asyncio's, trio's) too
             or not self._should_retry(exc)
         ):
             return None
