@@ -719,22 +719,31 @@ class EpochIterator(AsyncIterator[Any]):
         self._report_end()
 
     def _report_end(self) -> None:
+        # However the epoch ends (its end, a break, an error, close()): rates stop here.
+        self._epoch.stats.stop()
         reporter, self._reporter = self._reporter, None
         if reporter is not None:
             reporter.end()
 
     def commit(self, item: Item) -> None:
-        """Count ``item`` as delivered to the consumer (progress and statistics)."""
+        """Count ``item`` as delivered to the consumer (progress and statistics). When the
+        progress report (an ``on_statistics`` callback) raises, the batch is not counted,
+        and a resumed epoch delivers it."""
         _, positions, count = item
         epoch = self._epoch
-        self._progress.mark(positions, contiguous=epoch.ordered)
         stats = epoch.stats
         stats.batches += 1
         stats.samples += count
         if stats.first_batch_seconds is None:
             stats.first_batch_seconds = stats.elapsed()
         if self._reporter is not None:
-            self._reporter.batch()
+            try:
+                self._reporter.batch()
+            except BaseException:
+                stats.batches -= 1
+                stats.samples -= count
+                raise
+        self._progress.mark(positions, contiguous=epoch.ordered)
 
     async def aclose(self, *, report: bool = True) -> None:
         """Cancel the epoch and wait for it. ``report=False`` leaves the progress report
@@ -745,4 +754,6 @@ class EpochIterator(AsyncIterator[Any]):
             self._report_end()
 
     def __del__(self) -> None:
+        # Dropped (a break or an error out of ``async for``): the last report too.
         self._epoch.discard()
+        self._report_end()

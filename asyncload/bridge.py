@@ -194,7 +194,11 @@ class SyncIterator(Iterator[Any]):
             raise item.exc
         # Delivered now, not when the pump queued it: state_dict() after a break must
         # not count the batches still waiting in the queue.
-        self._pump.iterator.commit(item)
+        try:
+            self._pump.iterator.commit(item)
+        except BaseException:  # an on_statistics callback raised: the loop ends with it
+            self.close()
+            raise
         self._pump.grant()
         self.last_positions = item[1]
         return item[0]
@@ -330,6 +334,7 @@ class InlineIterator(Iterator[Any]):
                 if not self._ready:
                     self._ready.extend(self._run())
                 item = self._ready.popleft()
+                self._iterator.commit(item)  # (may raise: an on_statistics callback)
             except StopAsyncIteration:
                 self._iterator.end()
                 self.close()
@@ -337,7 +342,6 @@ class InlineIterator(Iterator[Any]):
             except BaseException:
                 self.close()
                 raise
-            self._iterator.commit(item)
             self.last_positions = item[1]
             return item[0]
 

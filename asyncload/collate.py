@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -16,8 +17,8 @@ def default_collate(samples: Sequence[Any]) -> Any:
 
     numpy arrays are stacked into a numpy array, numbers into a numpy array, torch tensors
     with ``torch.stack``; dicts, tuples (named ones too) and lists are collated field by
-    field; bytes, strings and anything else are returned as a list. torch is imported only
-    when the samples are tensors.
+    field; bytes, strings and anything else are returned as a list. Subclasses (``np.memmap``,
+    ``torch.nn.Parameter``) are stacked as their base class. torch is never imported here.
     """
     first = samples[0]
     kind = type(first)
@@ -30,10 +31,15 @@ def default_collate(samples: Sequence[Any]) -> Any:
             except ValueError:
                 pass  # shapes differ: np.stack's error says how
         return np.stack(samples)
-    if kind.__module__ == "torch" and kind.__name__ in {"Tensor", "Parameter"}:
-        import torch
-
+    # torch only when it is imported: samples cannot be tensors otherwise (subclasses such
+    # as Parameter included).
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(first, torch.Tensor):
         return torch.stack(list(samples))
+    if isinstance(first, np.ma.MaskedArray):
+        return np.ma.stack(samples)  # masks kept
+    if isinstance(first, np.ndarray):  # a subclass (np.memmap): a plain array of the values
+        return np.stack([np.asarray(s) for s in samples])
     if isinstance(first, (str, bytes, bytearray, memoryview)):
         return list(samples)
     if isinstance(first, (numbers.Number, np.generic)):

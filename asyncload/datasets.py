@@ -501,8 +501,13 @@ class MappedIterableDataset(AsyncIterableDataset[U], Generic[T, U]):
             async for sample in stream:
                 if sample is DROPPED or type(sample) is StreamError:
                     yield sample
-                else:
-                    yield await call_maybe_async(self.fn, sample)
+                    continue
+                try:
+                    mapped = await call_maybe_async(self.fn, sample)
+                except Exception as exc:  # one sample's failure: on_error decides
+                    yield StreamError(exc, _stream_key(sample))
+                    continue
+                yield mapped
 
     async def aclose(self) -> None:
         await self.dataset.aclose()
@@ -533,17 +538,23 @@ class FilteredIterableDataset(AsyncIterableDataset[T]):
     async def epoch_stream(self, spec: StreamEpoch) -> AsyncIterator[Any]:
         async with aclosing(self.dataset.epoch_stream(spec)) as stream:
             async for sample in stream:
-                if (
-                    sample is DROPPED
-                    or type(sample) is StreamError
-                    or await call_maybe_async(self.pred, sample)
-                ):
+                if sample is DROPPED or type(sample) is StreamError:
                     yield sample
-                else:
-                    yield DROPPED
+                    continue
+                try:
+                    keep = await call_maybe_async(self.pred, sample)
+                except Exception as exc:  # one sample's failure: on_error decides
+                    yield StreamError(exc, _stream_key(sample))
+                    continue
+                yield sample if keep else DROPPED
 
     async def aclose(self) -> None:
         await self.dataset.aclose()
+
+
+def _stream_key(sample: Any) -> Hashable | None:
+    """A stream sample's key for messages: a tar sample's ``__key__``, where it has one."""
+    return sample.get("__key__") if isinstance(sample, dict) else None
 
 
 def _is_awaitable(obj: object) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -28,6 +29,20 @@ def test_numpy_arrays_are_stacked() -> None:
     assert batch.shape == (4, 2, 3)
     assert batch.dtype == np.uint8
     np.testing.assert_array_equal(batch[:, 0, 0], [0, 1, 2, 3])
+
+
+def test_subclasses_are_stacked_as_their_base(tmp_path: Path) -> None:
+    default_collate = al.default_collate
+    path = tmp_path / "rows.npy"
+    np.save(path, np.arange(6.0).reshape(3, 2))
+    rows = np.load(path, mmap_mode="r")
+    batch = default_collate([rows[0], rows[2]])
+    assert type(batch) is np.ndarray and batch.tolist() == [[0.0, 1.0], [4.0, 5.0]]
+    masked = default_collate([np.ma.masked_array([1, 2], mask=[0, 1])] * 2)
+    assert isinstance(masked, np.ma.MaskedArray) and masked.mask.tolist() == [[0, 1], [0, 1]]
+    parameters = [torch.nn.Parameter(torch.ones(2)) for _ in range(3)]
+    stacked = default_collate(parameters)
+    assert isinstance(stacked, torch.Tensor) and stacked.shape == (3, 2)
 
 
 def test_numbers_become_numpy_arrays() -> None:

@@ -244,6 +244,28 @@ async def test_truncated_shard_is_a_sample_error(shards: list[str], cut_shard: s
     assert skipping.statistics()["skipped"] == 1
 
 
+@pytest.mark.parametrize("stage", ["map", "filter"])
+async def test_a_failing_map_or_filter_on_a_stream_fails_one_sample(
+    shards: list[str], stage: str
+) -> None:
+    """Under on_error="skip" only that sample is skipped, named by its key; it used to end
+    the whole epoch as a stream failure (distributed.md's example maps a tar source)."""
+
+    def check(sample: dict[str, Any]) -> Any:
+        if sample["__key__"] == "s00/0002":
+            raise ValueError("bad label")
+        return sample if stage == "map" else True
+
+    source = TarShardSource(shards[:2])
+    stream = source.map(check) if stage == "map" else source.filter(check)
+    loader = al.Loader(stream, batch_size=None, on_error="skip")
+    got = keys(await collect(loader))
+    assert got == [k for k in ALL_KEYS[:11] if k != "s00/0002"]
+    stats = loader.statistics()
+    assert stats["skipped"] == 1
+    assert "s00/0002" in repr(stats["error_log"])
+
+
 async def test_unsafe_member_names_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "evil.tar"
     with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
