@@ -171,6 +171,17 @@ async def test_known_sizes_give_every_rank_the_same_count(
         assert len(everything) - len(set(everything)) == 1
 
 
+async def test_more_shares_than_shards_read_each_shard_once(shards: list[str]) -> None:
+    """Without known sizes, 2 shards over 3 ranks: the third reads nothing (it read the
+    first rank's shard again, giving its samples twice per epoch)."""
+    got = []
+    for rank in range(3):
+        loader = al.Loader(TarShardSource(shards[:2]), batch_size=None, rank=rank, world_size=3)
+        got.append(keys(await collect(loader)))
+    assert [len(k) for k in got] == [5, 6, 0]
+    assert sorted(k for keys_ in got for k in keys_) == ALL_KEYS[:11]
+
+
 async def test_samples_per_shard_splits_a_shard_between_shares(shards: list[str]) -> None:
     """Shard 1 (6 samples) spans the boundary between rank 0 (samples 0-12) and rank 1."""
     parts = []

@@ -193,10 +193,9 @@ class TarShardSource(AsyncIterableDataset[Sample]):
         if spec.shuffle:
             order = spec.rng().permutation(len(order)).tolist()
         if self.counts is None or spec.length is None:
+            # More shares than shards: the last ones read nothing (a shard read twice
+            # would give its samples twice in the epoch; samples_per_shard evens counts).
             mine = order[spec.slot :: spec.shares]
-            if not mine:
-                # More shares than shards: wrap around (as DistributedSampler pads).
-                mine = [order[spec.slot % len(order)]]
             return [(self.shards[i], 0, None) for i in mine]
         counts = [self.counts[i] for i in order]
         starts = [0, *itertools.accumulate(counts)][:-1]
