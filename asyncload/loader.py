@@ -546,6 +546,8 @@ class Loader:
                     f"this stream's state was saved with {resume.workers} DataLoader workers; "
                     f"it resumes only with as many, not {num_workers}"
                 )
+            worker = (worker + resume.next_slot) % num_workers  # (see WorkerProgress)
+            clone.worker = worker
             clone._resume = resume.slots.get(worker, Progress())
         elif resume is not None:
             if self.is_streaming and num_workers > 1:

@@ -203,23 +203,30 @@ class WorkerProgress:
     """A stream's progress under DataLoader workers: one `Progress` per worker, since each
     worker reads its own part of the stream."""
 
-    def __init__(self, workers: int, slots: dict[int, Progress] | None = None) -> None:
+    def __init__(
+        self, workers: int, slots: dict[int, Progress] | None = None, next_slot: int = 0
+    ) -> None:
         self.workers = workers
         self.slots: dict[int, Progress] = slots if slots is not None else {}
+        # The worker the DataLoader asks next (it takes batches from each in turn): on
+        # resume, that one is worker 0, so that batches come in the saved run's order.
+        self.next_slot = next_slot
 
     def mark(self, worker: int, positions: Sequence[int]) -> None:
         self.slots.setdefault(worker, Progress()).mark(positions)
+        self.next_slot = (worker + 1) % self.workers
 
     def state(self) -> dict[str, Any]:
         return {
             "workers": self.workers,
             "slots": {str(k): p.state() for k, p in sorted(self.slots.items())},
+            "next": self.next_slot,
         }
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> WorkerProgress:
         slots = {int(k): Progress.from_state(v) for k, v in state["slots"].items()}
-        return cls(int(state["workers"]), slots)
+        return cls(int(state["workers"]), slots, int(state.get("next", 0)))
 
 
 def to_intervals(positions: Iterable[int]) -> list[list[int]]:
