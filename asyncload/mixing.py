@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from .datasets import AsyncDataset, AsyncIterableDataset
+from .datasets import DROPPED, AsyncDataset, AsyncIterableDataset
+from .errors import SampleFiltered
 from .streaming import StreamEpoch, StreamError, aclosing, close_stream, equal_length
 
 __all__ = ["MixedDataset", "StratifiedSampler", "mix"]
@@ -72,7 +73,8 @@ class MixedDataset(AsyncIterableDataset[Any]):
     def num_samples(self) -> int | None:
         if self.stop == "first":
             return None  # where the first dataset runs out depends on the draws
-        sizes = [_size(d) for d in self.datasets]
+        # A dataset of weight 0 is never drawn from, so never read.
+        sizes = [_size(d) for d, w in zip(self.datasets, self.weights, strict=True) if w > 0]
         return None if None in sizes else sum(s for s in sizes if s is not None)
 
     def _parts(self, spec: StreamEpoch) -> list[AsyncIterator[Any]]:
@@ -122,7 +124,8 @@ class MixedDataset(AsyncIterableDataset[Any]):
             async for item in stream:
                 if type(item) is StreamError:
                     raise item.exc
-                yield item
+                if item is not DROPPED:
+                    yield item
 
     async def aclose(self) -> None:
         for dataset in self.datasets:
@@ -142,8 +145,8 @@ async def _map_share(
     for i in order[spec.slot :: spec.shares]:
         try:
             yield await dataset[i]
-        except LookupError:
-            continue  # a dataset's filter dropped it
+        except SampleFiltered:
+            yield DROPPED  # counted as filtered, and its position kept (exact resume)
         except Exception as exc:
             yield StreamError(exc, key=dataset.key_of(i))
 

@@ -57,6 +57,43 @@ async def test_mix_all_reads_every_sample_once() -> None:
     assert len(loader) == 75  # the size is known when every part's is
 
 
+async def test_mix_all_with_a_zero_weight_reads_the_others_once() -> None:
+    """A dataset of weight 0 is never drawn from: it is not counted either (it was, and
+    the loader padded the difference with repeats)."""
+    mixed = al.mix([Letters("a", 10), tagged("b", 5), Letters("c", 3)], [1, 1, 0], stop="all")
+    loader = al.Loader(mixed, batch_size=None)
+    got = await collect(loader)
+    assert len(loader) == 15
+    assert sorted(got) == sorted([f"a{i}" for i in range(10)] + [f"b{i}" for i in range(5)])
+
+
+async def test_a_filtered_map_style_part_counts_as_filtered() -> None:
+    """Its dropped samples are counted as filtered and keep their places, and a real
+    lookup error is an error, not a silent drop."""
+    b = tagged("b", 10).filter(lambda s: s not in ("b3", "b7"))
+    mixed = al.mix([Letters("a", 5), b], stop="all")
+    loader = al.Loader(mixed, batch_size=None)
+    got = await collect(loader)
+    assert sorted(got) == sorted(
+        [f"a{i}" for i in range(5)] + [f"b{i}" for i in range(10) if i not in (3, 7)]
+    )
+    assert loader.statistics()["filtered"] == 2
+    assert [x async for x in mixed].count("b3") == 0
+
+    class Missing(al.AsyncDataset[str]):
+        def __len__(self) -> int:
+            return 3
+
+        async def __getitem__(self, index: int) -> str:
+            if index == 1:
+                raise KeyError("gone")
+            return f"m{index}"
+
+    skipping = al.Loader(al.mix([Missing()], stop="all"), batch_size=None, on_error="skip")
+    assert await collect(skipping) == ["m0", "m2"]
+    assert skipping.statistics()["skipped"] == 1
+
+
 async def test_mix_is_seeded_by_seed_and_epoch() -> None:
     def run(seed: int, epoch: int) -> list[str]:
         loader = al.Loader(al.mix([Letters("a", 30), Letters("b", 30)]), batch_size=None, seed=seed)
