@@ -558,19 +558,20 @@ class Counted(al.AsyncDataset[int]):
         return index
 
 
+async def awaits_a_cancelled_future_at_13(x: int) -> int:
+    """Raises CancelledError at 13 without its task being cancelled (as awaiting a
+    request future that a client library cancelled does)."""
+    if x == 13:
+        future = asyncio.get_running_loop().create_future()
+        future.cancel()
+        await future
+    return x
+
+
 @asyncio_only
 async def test_a_stray_cancelled_error_fails_the_epoch_loudly() -> None:
-    """A transform that awaits a future something else cancelled raises CancelledError
-    without being cancelled: the epoch must fail, not end as if complete."""
-
-    async def transform(x: int) -> int:
-        if x == 13:
-            future = asyncio.get_running_loop().create_future()
-            future.cancel()
-            await future
-        return x
-
-    loader = al.Loader(Counted(40), batch_size=4, transform=transform)
+    """The epoch must fail, not end as if complete."""
+    loader = al.Loader(Counted(40), batch_size=4, transform=awaits_a_cancelled_future_at_13)
     got: list[Any] = []
     with pytest.raises(al.AsyncloadError, match="CancelledError without being cancelled"):
         await run_epoch(loader, got)
@@ -579,14 +580,7 @@ async def test_a_stray_cancelled_error_fails_the_epoch_loudly() -> None:
 
 
 def test_a_stray_cancelled_error_fails_a_plain_for_loop() -> None:
-    async def transform(x: int) -> int:
-        if x == 13:
-            future = asyncio.get_running_loop().create_future()
-            future.cancel()
-            await future
-        return x
-
-    loader = al.Loader(Counted(40), batch_size=4, transform=transform)
+    loader = al.Loader(Counted(40), batch_size=4, transform=awaits_a_cancelled_future_at_13)
     got: list[int] = []
     with pytest.raises(al.AsyncloadError, match="CancelledError"):
         for batch in loader:
