@@ -170,6 +170,12 @@ class _Assembly:
         self.batcher = batcher
         self.drop_last = drop_last
         self.ordered = ordered
+        # Each batch's positions increasing (what Progress.mark's fast path needs): not
+        # with buckets, whose batches are in cost order ([0, 5, 1, 3] spans 0-3 from its
+        # ends, yet is not 0-3).
+        self.increasing = ordered and not (
+            isinstance(batcher, BudgetBatcher) and batcher.bucket is not None
+        )
         self.collate = collate
         self.failure: BaseException | None = None
         self.completed = False  # ran to the end of its plan or stream (not cancelled)
@@ -743,7 +749,7 @@ class EpochIterator(AsyncIterator[Any]):
                 stats.batches -= 1
                 stats.samples -= count
                 raise
-        self._progress.mark(positions, contiguous=epoch.ordered)
+        self._progress.mark(positions, contiguous=epoch.increasing)
 
     async def aclose(self, *, report: bool = True) -> None:
         """Cancel the epoch and wait for it. ``report=False`` leaves the progress report

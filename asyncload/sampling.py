@@ -178,8 +178,6 @@ class Progress:
             and positions[0] == self.watermark
             and positions[-1] - positions[0] + 1 == len(positions)
             and not self.done
-            # (A bucketed batch is in cost order: its ends alone prove nothing.)
-            and positions == list(range(positions[0], positions[-1] + 1))
         ):
             self.watermark = positions[-1] + 1
             return
