@@ -480,10 +480,16 @@ class Loader:
             total: int | None = len(self)
         except TypeError:
             total = None  # a stream of unknown size, or a batch budget
+        resume, initial = self._resume, 0
+        if total is not None and isinstance(resume, Progress) and self.batch_size:
+            # A resumed epoch's bar starts where the saved one stood (by positions, which
+            # batches cover whole, dropped samples included).
+            initial = min(total, (resume.watermark + len(resume.done)) // self.batch_size)
         return Reporter(
             self.statistics,
             bar=self.progress,
             total=total,
+            initial=initial,
             on_statistics=self.on_statistics,
             every=self.statistics_every,
         )

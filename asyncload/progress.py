@@ -13,7 +13,8 @@ __all__ = ["Reporter"]
 class Reporter:
     """Called as each batch reaches the consumer. ``statistics`` is the loader's
     ``statistics()``; ``on_statistics(snapshot)`` gets it every ``every`` batches and at
-    the end of the epoch; ``bar`` is a tqdm progress bar (``total`` batches when known),
+    the end of the epoch; ``bar`` is a tqdm progress bar (``total`` batches when known,
+    from ``initial``: a resumed epoch's),
     its line refreshed at most twice a second, so a batch costs a counter update."""
 
     def __init__(
@@ -24,6 +25,7 @@ class Reporter:
         total: int | None,
         on_statistics: Callable[[dict[str, Any]], object] | None,
         every: int,
+        initial: int = 0,
     ) -> None:
         self.statistics = statistics
         self.on_statistics = on_statistics
@@ -38,7 +40,7 @@ class Reporter:
                 raise ImportError(
                     "Loader(progress=True) needs tqdm: pip install tqdm (or asyncload[progress])"
                 ) from None
-            self._bar = tqdm(total=total, unit="batch", dynamic_ncols=True)
+            self._bar = tqdm(total=total, initial=initial, unit="batch", dynamic_ncols=True)
 
     def batch(self) -> None:
         self.batches += 1

@@ -107,6 +107,19 @@ def test_progress_bar(capsys: pytest.CaptureFixture[str]) -> None:
     assert "samples/s" in err
 
 
+def test_a_resumed_epochs_bar_ends_at_its_total(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("tqdm")
+    first = loader()
+    for i, _ in enumerate(first):
+        if i == 39:
+            break
+    resumed = loader(progress=True)
+    resumed.load_state_dict(first.state_dict())
+    assert len(list(resumed)) == 60
+    err = capsys.readouterr().err
+    assert "100/100" in err and "60/100" not in err
+
+
 def test_progress_needs_tqdm(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "tqdm.auto", None)
     with pytest.raises(ImportError, match="pip install tqdm"):
