@@ -544,7 +544,6 @@ class Loader:
         """A copy of this loader that yields worker ``worker`` of ``num_workers``' share,
         resuming from its part of a saved state."""
         clone = self._detached()
-        clone.worker, clone.num_workers = worker, num_workers
         resume = self._resume
         if isinstance(resume, WorkerProgress):
             if resume.workers != num_workers:
@@ -553,7 +552,6 @@ class Loader:
                     f"it resumes only with as many, not {num_workers}"
                 )
             worker = (worker + resume.next_slot) % num_workers  # (see WorkerProgress)
-            clone.worker = worker
             clone._resume = resume.slots.get(worker, Progress())
         elif resume is not None:
             if self.is_streaming and num_workers > 1:
@@ -567,8 +565,8 @@ class Loader:
             # the epoch comes in the loader's order (each share as the workers that saved
             # the state had it, renumbered).
             worker = (worker + resume.watermark // bs) % num_workers
-            clone.worker = worker
             clone._resume = worker_progress(resume, bs, worker, num_workers)
+        clone.worker, clone.num_workers = worker, num_workers
         return clone
 
     def _detached(self) -> Loader:

@@ -511,6 +511,15 @@ def test_a_script_that_leaves_an_iterator_open_exits(samples: int, in_memory: bo
     assert result.stdout.replace("dataset closed", "").split() == ["0"]
 
 
+def run_script(script: str) -> list[str]:
+    """The words ``script`` printed, run in a fresh interpreter that must exit cleanly."""
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()
+
+
 KEYBOARD_INTERRUPT_SCRIPT = """
 import asyncload as al
 
@@ -537,15 +546,7 @@ def test_inline_keyboard_interrupt_closes_the_epoch() -> None:
     epoch, and the loader can run again. In a subprocess: run in pytest's process (with
     Python 3.11), it left the interpreter in a state where a later import through
     pytest's assertion rewriting failed with "AST constructor recursion depth mismatch"."""
-    result = subprocess.run(
-        [sys.executable, "-c", KEYBOARD_INTERRUPT_SCRIPT],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["interrupted", "ran", "again"]
+    assert run_script(KEYBOARD_INTERRUPT_SCRIPT) == ["interrupted", "ran", "again"]
 
 
 BRIDGE_KEYBOARD_INTERRUPT_SCRIPT = """
@@ -584,15 +585,7 @@ def test_keyboard_interrupt_in_the_bridge_thread_reaches_the_loop() -> None:
     """A KeyboardInterrupt (or SystemExit) from a transform in the bridge's loop thread:
     raised in the consumer, the thread stopped. It used to stop that loop with nothing
     queued, and the consumer waited forever. In a subprocess, as the inline case above."""
-    result = subprocess.run(
-        [sys.executable, "-c", BRIDGE_KEYBOARD_INTERRUPT_SCRIPT],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["interrupted", "ran", "again"]
+    assert run_script(BRIDGE_KEYBOARD_INTERRUPT_SCRIPT) == ["interrupted", "ran", "again"]
 
 
 def test_close_from_another_thread_wakes_a_waiting_for_loop(baseline_threads: Threads) -> None:
