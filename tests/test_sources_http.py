@@ -177,6 +177,41 @@ async def test_timeout(http_server: HTTPServer) -> None:
         await src.aclose()
 
 
+async def test_timeout_starts_once_a_connection_is_free(http_server: HTTPServer) -> None:
+    """With one connection, a request queued behind a slow one waits longer than its
+    ``timeout`` and still succeeds: the timeout bounds the request, not the queue. (The
+    sleep makes the wait outlast the timeout; it orders nothing.)"""
+    src = HTTPSource([http_server.url("/sample/1")], timeout=0.5, max_connections=1)
+    try:
+        holder = src.iter_chunks(http_server.url("/sample/0"), chunk_size=4)
+        assert await holder.__anext__() == sample_body(0)[:4]  # the only connection, held
+        async with anyio.create_task_group() as tg:
+            results: list[bytes] = []
+
+            async def queued() -> None:
+                results.append(await src[0])
+
+            tg.start_soon(queued)
+            await anyio.sleep(0.75)
+            assert results == []  # still waiting for the connection
+            rest = [part async for part in holder]
+        assert b"".join([sample_body(0)[:4], *rest]) == sample_body(0)
+        assert results == [sample_body(1)]
+    finally:
+        await src.aclose()
+
+
+async def test_timeout_error_names_the_url_without_secrets(http_server: HTTPServer) -> None:
+    src = HTTPSource([http_server.url("/gate/0?token=" + SECRET)], timeout=0.05)
+    try:
+        with pytest.raises(TimeoutError, match=r"0\.05 s") as info:
+            await src[0]
+    finally:
+        await src.aclose()
+    assert "/gate/0" in str(info.value)
+    assert SECRET not in str(info.value)
+
+
 def secret_urls(server: HTTPServer) -> list[str]:
     port = server.base_url.rsplit(":", 1)[1]
     return [

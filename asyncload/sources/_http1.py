@@ -32,7 +32,7 @@ import time
 import warnings
 import weakref
 import zlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, cast
 from urllib.parse import quote, unquote, urlsplit
 
@@ -522,10 +522,16 @@ class Pool:
         return head
 
     async def get(
-        self, url: str, *, with_headers: bool = True, timeout: float | None = None
+        self,
+        url: str,
+        *,
+        with_headers: bool = True,
+        timeout: float | None = None,
+        on_slot: Callable[[], None] | None = None,
     ) -> Response:
         """Send a GET of ``url`` and read the response's head. ``timeout`` (seconds), when
-        given, bounds the connection and each wait for data (not the whole request)."""
+        given, bounds the connection and each wait for data (not the whole request).
+        ``on_slot`` is called once the request has one of the ``limit`` slots."""
         self._check_open()
         netloc_url, path = _split_url(url)
         target = self._targets.get(netloc_url)
@@ -537,6 +543,8 @@ class Pool:
         request = b"GET " + path.encode("ascii") + self._head(netloc_url, target, with_headers)
         await self._slots.acquire()
         try:
+            if on_slot is not None:
+                on_slot()
             self._check_open()
             conn = self._idle_connection(target.origin)
             if conn is None:

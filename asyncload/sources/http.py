@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import email.utils
 import logging
+import math
 import re
 import time
-from collections.abc import AsyncIterator, Hashable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Mapping
 from typing import Literal
 from urllib.parse import urljoin, urlsplit
 
@@ -91,7 +92,8 @@ class HTTPSource(AsyncDataset[bytes]):
     - a body larger than ``max_bytes`` (default 1 GiB) raises
       :class:`~asyncload.ObjectTooLargeError`: refused from its Content-Length before
       reading, or as soon as a body without one grows past the limit;
-    - ``timeout`` (seconds) bounds each whole request; ``headers`` are sent with each (but
+    - ``timeout`` (seconds) bounds each whole request, redirects included, from when it
+      has a connection (waiting for one of ``max_connections`` does not count); ``headers`` are sent with each (but
       never to another origin after a redirect); ``max_connections`` caps open connections
       per event loop;
     - TLS certificates are verified; ``verify_tls=False`` turns that off, explicitly, and
@@ -176,13 +178,22 @@ class HTTPSource(AsyncDataset[bytes]):
 
     async def __getitem__(self, index: int) -> bytes:
         url = self.urls[normalize_index(index, len(self.urls))]
-        if self.timeout is None:
+        timeout = self.timeout
+        if timeout is None:
             return await self._get(url)
-        with anyio.fail_after(self.timeout):
-            return await self._get(url)
+        # The clock starts once a connection is ours: with max_connections below the
+        # loader's concurrency, a request queued behind busy connections is not late.
+        with anyio.CancelScope() as scope:
 
-    async def _get(self, url: str) -> bytes:
-        response = await self._open(url)
+            def start_clock() -> None:
+                if scope.deadline == math.inf:  # (a redirect's next request: still running)
+                    scope.deadline = anyio.current_time() + timeout
+
+            return await self._get(url, start_clock)
+        raise TimeoutError(f"HTTPSource: no whole answer within {timeout} s ({redact_url(url)})")
+
+    async def _get(self, url: str, on_connection: Callable[[], None] | None = None) -> bytes:
+        response = await self._open(url, on_connection=on_connection)
         try:
             return await response.read(self.max_bytes)
         except _BODY_ERRORS as exc:
@@ -204,15 +215,23 @@ class HTTPSource(AsyncDataset[bytes]):
         finally:
             response.release()
 
-    async def _open(self, url: str, read_timeout: float | None = None) -> Response:
+    async def _open(
+        self,
+        url: str,
+        read_timeout: float | None = None,
+        on_connection: Callable[[], None] | None = None,
+    ) -> Response:
         """A 2xx response to a GET of ``url``, after the redirects the policy allows; its
-        body not yet read: the caller reads it and must ``release()`` it on every path."""
+        body not yet read: the caller reads it and must ``release()`` it on every path.
+        ``on_connection`` is called as each request gets its connection slot."""
         first = url
         pool = self._pools.get()
         with_headers = True
         try:
             for _ in range(self.max_redirects + 1):
-                response = await pool.get(url, with_headers=with_headers, timeout=read_timeout)
+                response = await pool.get(
+                    url, with_headers=with_headers, timeout=read_timeout, on_slot=on_connection
+                )
                 if 200 <= response.status < 300:
                     return response
                 try:  # released: it is a redirect or an error
