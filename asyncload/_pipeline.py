@@ -29,6 +29,7 @@ from ._background import BackgroundTask
 from ._callables import as_failure, is_cancellation
 from ._fetch import SKIPPED, Failure, Fetcher, Values
 from .batching import HOLE, Batch, BudgetBatcher, CountBatcher, SlotBatcher
+from .collate import add_note
 from .datasets import DROPPED, AsyncIterableDataset
 from .errors import SampleError
 from .progress import Reporter
@@ -198,8 +199,20 @@ class _Assembly:
         try:
             return self.collate(values), positions, len(values)
         except Exception as exc:
+            add_note(
+                exc, f"asyncload: collate_fn failed on the batch of {self._batch_of(positions)}"
+            )
             self._fail(exc)
             return None
+
+    def _batch_of(self, positions: list[int]) -> str:
+        """The samples at ``positions``, in the user's terms (for an error message)."""
+        units, shown = self.units, positions[:8]
+        if isinstance(units, MapUnits):
+            what = f"dataset indices {[units.plan[p] for p in shown]}"
+        else:
+            what = f"stream positions {shown}"
+        return what[:-1] + f", ... {len(positions) - 8} more]" if len(positions) > 8 else what
 
     def _fail(self, exc: BaseException) -> None:
         if isinstance(exc, (StopIteration, StopAsyncIteration)):

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["default_collate"]
+__all__ = ["add_note", "default_collate"]
 
 
 def default_collate(samples: Sequence[Any]) -> Any:
@@ -29,7 +29,7 @@ def default_collate(samples: Sequence[Any]) -> Any:
                 # (12 against 5 µs for 32 arrays of 1 KiB), and the same result.
                 return np.array(samples)
             except ValueError:
-                pass  # shapes differ: np.stack's error says how
+                _check_shapes(samples)
         return np.stack(samples)
     # torch only when it is imported: samples cannot be tensors otherwise (subclasses such
     # as Parameter included).
@@ -45,12 +45,59 @@ def default_collate(samples: Sequence[Any]) -> Any:
     if isinstance(first, (numbers.Number, np.generic)):
         return np.asarray(samples)
     if isinstance(first, Mapping):
-        return {key: default_collate([s[key] for s in samples]) for key in first}
-    if isinstance(first, (tuple, list)) and any(len(s) != len(first) for s in samples):
-        raise ValueError("default_collate: the samples' tuples or lists differ in length")
+        batch = {}
+        for key in first:
+            try:
+                column = [s[key] for s in samples]
+            except KeyError:
+                i = next(i for i, s in enumerate(samples) if key not in s)
+                raise ValueError(
+                    f"default_collate: the sample at batch position {i} has no key {key!r} "
+                    f"(the first sample's keys: {list(first)})"
+                ) from None
+            try:
+                batch[key] = default_collate(column)
+            except Exception as exc:
+                add_note(exc, f"default_collate: in key {key!r}")
+                raise
+        return batch
+    if isinstance(first, (tuple, list)):
+        for i, s in enumerate(samples):
+            if len(s) != len(first):
+                raise ValueError(
+                    f"default_collate: the samples' tuples or lists differ in length: {len(s)} "
+                    f"at batch position {i}, {len(first)} at 0"
+                )
     if isinstance(first, tuple):
         fields = [default_collate(list(column)) for column in zip(*samples, strict=True)]
         return kind(*fields) if hasattr(first, "_fields") else tuple(fields)
     if isinstance(first, list):
         return [default_collate(list(column)) for column in zip(*samples, strict=True)]
     return list(samples)
+
+
+def _check_shapes(arrays: Sequence[Any]) -> None:
+    """Raise ``ValueError`` naming the shapes when ``arrays`` differ in shape."""
+    at: dict[tuple[int, ...], list[int]] = {}
+    for i, array in enumerate(arrays):
+        at.setdefault(np.shape(array), []).append(i)
+    if len(at) > 1:
+        shapes = "; ".join(f"{shape} at batch {_positions(i)}" for shape, i in at.items())
+        raise ValueError(
+            f"default_collate: samples differ in shape ({shapes}): resize or crop them in a "
+            "transform, or pad them with collate_fn=al.PadCollate()"
+        )
+
+
+def _positions(positions: list[int], most: int = 8) -> str:
+    if len(positions) == 1:
+        return f"position {positions[0]}"
+    shown = ", ".join(map(str, positions[:most]))
+    more = f" and {len(positions) - most} more" if len(positions) > most else ""
+    return f"positions {shown}{more}"
+
+
+def add_note(exc: BaseException, note: str) -> None:
+    """``exc.add_note(note)`` where Python has it (3.11+): shown under the traceback."""
+    if hasattr(exc, "add_note"):
+        exc.add_note(note)

@@ -99,11 +99,6 @@ def test_nested() -> None:
     np.testing.assert_array_equal(meta["id"], [0, 1, 2])
 
 
-def test_uneven_tuples_are_an_error() -> None:
-    with pytest.raises((ValueError, TypeError)):
-        collate([(1, 2), (1, 2, 3)])
-
-
 def test_torch_tensors_are_stacked_with_torch() -> None:
     batch = collate([torch.ones(2, 2) * i for i in range(3)])
     assert isinstance(batch, torch.Tensor)
@@ -150,9 +145,38 @@ def test_numpy_stacking_matches_np_stack() -> None:
     assert source[0][0] == 0  # a copy, not a view of a sample
 
 
-def test_numpy_arrays_of_different_shapes_raise_np_stack_error() -> None:
-    with pytest.raises(ValueError, match="same shape"):
-        collate([np.zeros(2), np.zeros(3)])
+def test_numpy_arrays_of_different_shapes_name_the_shapes() -> None:
+    samples = [np.zeros(2)] * 10 + [np.zeros(3)]
+    with pytest.raises(ValueError) as info:
+        collate(samples)
+    assert str(info.value) == (
+        "default_collate: samples differ in shape ((2,) at batch positions 0, 1, 2, 3, 4, 5, "
+        "6, 7 and 2 more; (3,) at batch position 10): resize or crop them in a transform, or "
+        "pad them with collate_fn=al.PadCollate()"
+    )
+
+
+def test_a_missing_key_is_named() -> None:
+    with pytest.raises(
+        ValueError, match=r"position 2 has no key 'y' \(the first sample's keys: \['x', 'y'\]\)"
+    ):
+        collate([{"x": 1, "y": 2}, {"x": 1, "y": 2}, {"x": 3}])
+
+
+def test_uneven_tuples_name_the_sample() -> None:
+    with pytest.raises(ValueError, match="differ in length: 3 at batch position 1, 2 at 0"):
+        collate([(1, 2), (1, 2, 3)])
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes are Python 3.11+")
+def test_an_error_inside_a_dict_names_the_keys() -> None:
+    samples = [{"pair": {"image": np.zeros(2)}}, {"pair": {"image": np.zeros(3)}}]
+    with pytest.raises(ValueError, match="differ in shape") as info:
+        collate(samples)
+    assert info.value.__notes__ == [
+        "default_collate: in key 'image'",
+        "default_collate: in key 'pair'",
+    ]
 
 
 def test_object_arrays_are_stacked_as_np_stack_does() -> None:

@@ -1016,3 +1016,46 @@ async def test_collate_error_ends_the_epoch_after_the_batches_before_it(
             got.append(batch)
     assert got == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert loader.state_dict()["progress"]["watermark"] == 8
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes are Python 3.11+")
+def test_collate_error_names_the_batch_dataset_indices() -> None:
+    """The error keeps its type; a note names the batch's samples by dataset index (here
+    shuffled), both from a plain ``for`` and through the background loop."""
+    samples = [np.zeros(3)] * 40
+    samples[17] = np.zeros(4)
+
+    async def same(sample: Any) -> Any:  # async: the epoch runs in the background loop
+        return sample
+
+    for transform in (None, same):
+        loader = al.Loader(
+            al.from_sequence(samples), batch_size=4, shuffle=True, seed=3, transform=transform
+        )
+        order = list(loader.plan())
+        at = order.index(17) // 4 * 4
+        batch = order[at : at + 4]
+        with pytest.raises(ValueError, match="differ in shape") as info:
+            for _ in loader:
+                pass
+        notes = getattr(info.value, "__notes__", [])
+        assert notes == [f"asyncload: collate_fn failed on the batch of dataset indices {batch}"]
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes are Python 3.11+")
+async def test_collate_error_in_a_stream_names_its_positions() -> None:
+    class Arrays(al.AsyncIterableDataset[Any]):
+        async def _arrays(self) -> AsyncIterator[Any]:
+            for i in range(21):
+                yield np.zeros(5 if i == 20 else 2)
+
+        def __aiter__(self) -> AsyncIterator[Any]:
+            return self._arrays()
+
+    loader = al.Loader(Arrays(), batch_size=16, collate_fn=np.stack)
+    with pytest.raises(ValueError) as info:
+        async for _ in loader:
+            pass
+    assert info.value.__notes__ == [
+        "asyncload: collate_fn failed on the batch of stream positions [16, 17, 18, 19, 20]"
+    ]
