@@ -135,6 +135,31 @@ async def test_root_refuses_symlinks_pointing_outside(tree: Path) -> None:
     assert isinstance(info.value.__cause__, ValueError)
 
 
+async def test_follow_symlinks_reads_links_out_but_still_refuses_escaping_keys(
+    tree: Path,
+) -> None:
+    (tree / "link.bin").symlink_to(tree.parent / "outside" / "secret.bin")
+    src = FileSource(["0.bin", "link.bin"], root=tree, follow_symlinks=True)
+    assert await src.getitems([0, 1]) == [content(0), b"secret"]
+    with pytest.raises(ValueError, match="outside root"):
+        FileSource(["../outside/secret.bin"], root=tree, follow_symlinks=True)
+    with pytest.raises(TypeError, match="follow_symlinks"):
+        FileSource(["0.bin"], root=tree, follow_symlinks=1)  # type: ignore[arg-type]
+
+
+async def test_from_directory_reads_the_symlinks_it_lists(tree: Path) -> None:
+    """A directory of links into shared storage (as torchvision's ImageFolder reads it):
+    every file listed can be read; refusing them is asked for explicitly."""
+    (tree / "sub" / "link.bin").symlink_to(tree.parent / "outside" / "secret.bin")
+    (tree / "dangling.bin").symlink_to(tree.parent / "nowhere.bin")  # not a file: unlisted
+    src = FileSource.from_directory(tree, "sub/*")
+    assert src.keys == ["sub/0.bin", "sub/1.bin", "sub/2.bin", "sub/link.bin"]
+    assert await src.getitems([0, 3]) == [content(100), b"secret"]
+    strict = FileSource.from_directory(tree, "sub/*", follow_symlinks=False)
+    with pytest.raises(ValueError, match="outside root"):
+        await strict[3]
+
+
 async def test_root_allows_what_stays_inside(tree: Path) -> None:
     (tree / "inner_link.bin").symlink_to(tree / "sub" / "2.bin")
     keys = ["sub/../1.bin", str(tree / "4.bin"), "inner_link.bin", Path("sub") / "0.bin"]
