@@ -221,13 +221,14 @@ def _check_limit(name: str, value: object) -> int | None:
 
 
 def cache_key(dataset: AsyncDataset[Any], index: int) -> Hashable:
-    """The key under which sample ``index`` of ``dataset`` is cached: ``dataset.key_of(index)``,
-    or ``index`` itself where that is ``None``.
+    """The key under which sample ``index`` of ``dataset`` is cached: ``dataset.key_of(index)``
+    (tagged by each ``map`` view it passed through), or ``index`` itself where that is ``None``.
 
     ``index`` must already be in ``range(len(dataset))`` (as the Loader's plan gives it), so
     that ``-1`` and ``len - 1`` share one entry.
     """
-    key = dataset.key_of(index)
+    get = getattr(dataset, "_cache_key", None) or dataset.key_of  # (duck-typed datasets)
+    key = get(index)
     return index if key is None else key
 
 

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import bisect
 import functools
+import inspect
 import operator
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from typing import Any, Final, Generic, TypeVar, final, overload
@@ -71,6 +73,24 @@ DROPPED: Final = _Dropped()
 """Marks a sample that a filter dropped, in ``_getitems_partial`` / ``_aiter_partial`` results."""
 
 
+def function_tag(fn: Callable[..., Any]) -> str:
+    """A name for ``fn`` in cache keys: ``module.qualname`` for a module-level function or a
+    builtin (the same in every process and run, so a disk cache keeps its hits); for a
+    lambda, a closure or a callable object (whose settings the name would not show), a
+    random token of this view object, shared with its pickled copies (DataLoader workers)."""
+    module = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", None)
+    if (
+        isinstance(module, str)
+        and isinstance(qualname, str)
+        and "<" not in qualname  # <lambda>, <locals>
+        # A function, or a module's builtin (not a method bound to an object's state).
+        and (inspect.isfunction(fn) or inspect.ismodule(getattr(fn, "__self__", None)))
+    ):
+        return f"{module}.{qualname}"
+    return f"view-{uuid.uuid4().hex}"
+
+
 def normalize_index(index: int, length: int) -> int:
     """Map a Python-style index (negative counts from the end) into ``range(length)``.
 
@@ -108,6 +128,12 @@ class AsyncDataset(ABC, Generic[T]):
     def key_of(self, index: int) -> Hashable | None:
         """The storage key of sample ``index`` (a path, a URL), or None for datasets without keys."""
         return None
+
+    def _cache_key(self, index: int) -> Hashable | None:
+        """What names sample ``index``'s value in a cache: ``key_of`` for a source; a view
+        that changes values (``map``) adds its own part, so that a cache shared by a source
+        and its views never hands one's value to the other."""
+        return self.key_of(index)
 
     async def aclose(self) -> None:
         """Release what this dataset holds in the running event loop (connections, sessions)."""
@@ -158,6 +184,7 @@ class MappedDataset(AsyncDataset[U], Generic[T, U]):
         self.dataset = dataset
         self.fn = fn
         self._async = is_async_callable(fn)
+        self._cache_tag = ("map", function_tag(fn))
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -194,6 +221,10 @@ class MappedDataset(AsyncDataset[U], Generic[T, U]):
 
     def key_of(self, index: int) -> Hashable | None:
         return self.dataset.key_of(index)
+
+    def _cache_key(self, index: int) -> Hashable | None:
+        key = self.dataset._cache_key(index)
+        return None if key is None else (*self._cache_tag, key)
 
     async def aclose(self) -> None:
         await self.dataset.aclose()
@@ -241,6 +272,9 @@ class FilteredDataset(AsyncDataset[T]):
     def key_of(self, index: int) -> Hashable | None:
         return self.dataset.key_of(index)
 
+    def _cache_key(self, index: int) -> Hashable | None:
+        return self.dataset._cache_key(index)
+
     async def aclose(self) -> None:
         await self.dataset.aclose()
 
@@ -279,6 +313,9 @@ class Subset(AsyncDataset[T]):
 
     def key_of(self, index: int) -> Hashable | None:
         return self.dataset.key_of(self.indices[normalize_index(index, len(self.indices))])
+
+    def _cache_key(self, index: int) -> Hashable | None:
+        return self.dataset._cache_key(self.indices[normalize_index(index, len(self.indices))])
 
     async def aclose(self) -> None:
         await self.dataset.aclose()
@@ -354,6 +391,11 @@ class ConcatDataset(AsyncDataset[T]):
         key = self.datasets[d].key_of(local)
         # Parts may share keys (the same file name in two folders, the same object key in
         # two buckets): the part's number keeps them apart, in caches above all.
+        return None if key is None else (d, key)
+
+    def _cache_key(self, index: int) -> Hashable | None:
+        d, local = self.locate(index)
+        key = self.datasets[d]._cache_key(local)
         return None if key is None else (d, key)
 
     async def aclose(self) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import io
 import os
+import uuid
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import unquote, urlsplit
@@ -238,6 +239,9 @@ class ImageFolder(AsyncDataset[tuple[Any, Any]]):
         self.classes = classes
         self.class_to_idx = {name: i for i, name in enumerate(classes)}
         self.keys = keys
+        # Its samples are decoded and labelled, not the files' bytes: cache entries of its
+        # own, never the source's (see AsyncDataset._cache_key).
+        self._cache_tag = f"image-folder-{uuid.uuid4().hex}"
         self.targets = targets
         self.transform = transform
         self.target_transform = target_transform
@@ -425,6 +429,9 @@ class ImageFolder(AsyncDataset[tuple[Any, Any]]):
 
     def key_of(self, index: int) -> Hashable:
         return self.keys[normalize_index(index, len(self.keys))]
+
+    def _cache_key(self, index: int) -> Hashable:
+        return (self._cache_tag, self.key_of(index))
 
     async def aclose(self) -> None:
         await self.source.aclose()

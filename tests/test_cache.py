@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import sys
+import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -13,7 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from asyncload.cache import LRUCache
+import asyncload as al
+from asyncload.cache import LRUCache, cache_key
 
 ANYIO_BACKENDS = ["asyncio", "trio"]
 
@@ -378,3 +380,55 @@ def test_budgets_are_never_exceeded(
             assert (key in cache) == (max_bytes is None or len(value) <= max_bytes)
 
     anyio.run(main)
+
+
+# -- keys of views: a cache shared by a source and its views ------------------------------
+
+
+class Keyed(al.AsyncDataset[bytes]):
+    """``n`` byte strings, keyed by name, as a file or HTTP source would be."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.fetches = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    async def __getitem__(self, index: int) -> bytes:
+        self.fetches += 1
+        return b"raw%d" % index
+
+    def key_of(self, index: int) -> str:
+        return f"{index}.bin"
+
+
+def _epoch(dataset: al.AsyncDataset[Any], cache: LRUCache) -> list[Any]:
+    return [sample for sample in al.Loader(dataset, batch_size=None, cache=cache)]
+
+
+@pytest.mark.parametrize("mapped_first", [False, True])
+def test_a_map_view_never_shares_entries_with_its_source(mapped_first: bool) -> None:
+    source, cache = Keyed(3), LRUCache(max_items=100)
+    raw, upper = source, source.map(bytes.upper)
+    runs = [(upper, [b"RAW0", b"RAW1", b"RAW2"]), (raw, [b"raw0", b"raw1", b"raw2"])]
+    for dataset, expected in runs if mapped_first else runs[::-1]:
+        assert _epoch(dataset, cache) == expected
+    assert upper.key_of(0) == raw.key_of(0) == "0.bin"  # messages still name the file
+    # Views of a source, by a named function: the same entries; other views: their own.
+    named = source.map(zlib.compress)
+    assert cache_key(named, 0) == cache_key(source.map(zlib.compress), 0)
+    assert cache_key(named, 0) == ("map", "zlib.compress", "0.bin")
+    assert cache_key(upper, 0) != cache_key(source.map(bytes.upper), 0)
+    assert cache_key(al.Subset(upper, [2, 0]), 1) == cache_key(upper, 0)
+    assert cache_key((source + upper), 3) == (1, cache_key(upper, 0))
+    assert cache_key(upper.filter(bool), 0) == cache_key(upper, 0)
+    assert pickle.loads(pickle.dumps(named))._cache_key(1) == named._cache_key(1)
+
+
+def test_a_mapped_view_through_concat_and_subset_keeps_its_values() -> None:
+    source, cache = Keyed(2), LRUCache(max_items=100)
+    both = al.Subset(source + source.map(bytes.upper), [0, 1, 2, 3])
+    assert _epoch(both, cache) == [b"raw0", b"raw1", b"RAW0", b"RAW1"]
+    assert _epoch(source, cache) == [b"raw0", b"raw1"]  # not the same entries
+    assert source.fetches == 6

@@ -27,6 +27,7 @@ from PIL import Image as PIL_Image
 from PIL import UnidentifiedImageError
 
 import asyncload as al
+from asyncload.cache import cache_key
 from asyncload.folders import IMG_EXTENSIONS, ImageFolder, decode_image
 from asyncload.sources import FileSource, HTTPSource
 
@@ -328,9 +329,15 @@ async def test_from_source_labels_by_parent_folder_or_root(folder: Path) -> None
     samples = await by_root.getitems(range(len(IMAGES)))  # fetched one by one, concurrently
     assert [expected_colour(im) for im, _ in samples] == [rel for rel, _, _ in IMAGES]
 
-    files = ImageFolder.from_source(FileSource.from_directory(folder), root="")
+    source = FileSource.from_directory(folder)
+    files = ImageFolder.from_source(source, root="")
     assert files.classes == CLASSES and rel_keys(files, Path()) == [r for r, _, _ in IMAGES]
     assert expected_colour((await files[5])[0]) == "dog/sub/a.jpg"
+    # Its samples are images, not the files' bytes: a cache shared with the source keeps
+    # them apart (and a pickled copy, a DataLoader worker's, finds the same entries).
+    same_file = source.keys.index(files.key_of(5))
+    assert cache_key(files, 5) != cache_key(source, same_file)
+    assert cache_key(pickle.loads(pickle.dumps(files)), 5) == cache_key(files, 5)
 
     with pytest.raises(ValueError, match="no parent folder"):
         ImageFolder.from_source(_KeyedBytes(["top.png"]))
