@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import numbers
 import operator
 import sys
 import threading
@@ -456,8 +457,21 @@ class DriftMonitor:
             raise ValueError(f'action must be "warn" or "raise", got {action!r}')
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be an int >= 1, got {every!r}")
-        if not eps > 0:
-            raise ValueError(f"eps must be > 0, got {eps!r}")
+        for name, value, optional in (
+            ("psi_threshold", psi_threshold, True),
+            ("ks_threshold", ks_threshold, True),
+            ("z_threshold", z_threshold, False),
+            ("iqr_factor", iqr_factor, False),
+            ("eps", eps, False),
+        ):
+            if value is None and optional:
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"{name} must be a number, got {value!r}")
+            if not 0 < value < math.inf:
+                raise ValueError(f"{name} must be > 0 and finite, got {value!r}")
+        if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 0:
+            raise ValueError(f"min_count must be an int >= 0, got {min_count!r}")
         keys = _field_keys(fields)
         references = _reference_stats(reference) if reference is not None else None
         self._fields: list[_Field] = []

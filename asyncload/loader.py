@@ -8,6 +8,7 @@ synchronous bridges (:mod:`asyncload.bridge`).
 from __future__ import annotations
 
 import copy
+import math
 import numbers
 import sys
 import warnings
@@ -162,8 +163,8 @@ class Loader:
         if timeout is not None:
             if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
                 raise TypeError(f"timeout must be a number of seconds or None, got {timeout!r}")
-            if timeout <= 0:
-                raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+            if not 0 < timeout < math.inf:  # (NaN too)
+                raise ValueError(f"timeout must be > 0 seconds and finite, got {timeout}")
         for name, obj, method in (
             ("retry", retry, "run"),
             ("breaker", breaker, "run"),

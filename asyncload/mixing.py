@@ -53,7 +53,10 @@ class MixedDataset(AsyncIterableDataset[Any]):
         for d in self.datasets:
             if not isinstance(d, (AsyncDataset, AsyncIterableDataset)):
                 raise TypeError(f"mix: not an asyncload dataset: {type(d).__name__}")
-        w = np.ones(len(self.datasets)) if weights is None else np.asarray(weights, float)
+        try:
+            w = np.ones(len(self.datasets)) if weights is None else np.asarray(weights, float)
+        except (TypeError, ValueError):
+            raise TypeError(f"mix: weights must be numbers, got {weights!r}") from None
         if w.shape != (len(self.datasets),):
             raise ValueError(
                 f"mix: {len(w)} weights for {len(self.datasets)} datasets"
@@ -81,11 +84,13 @@ class MixedDataset(AsyncIterableDataset[Any]):
         # Each part streams its own share, whole: the mix's length (if any) is the mix's.
         part_spec = dataclasses.replace(spec, length=None)
         parts = []
-        for k, dataset in enumerate(self.datasets):
+        offset = 0  # of this map-style part in the drawn map-style parts, end to end
+        for k, (dataset, weight) in enumerate(zip(self.datasets, self.weights, strict=True)):
             if isinstance(dataset, AsyncIterableDataset):
                 parts.append(dataset.epoch_stream(part_spec))
             else:
-                parts.append(_map_share(dataset, part_spec, salt=k))
+                parts.append(_map_share(dataset, part_spec, salt=k, offset=offset))
+                offset += len(dataset) if weight > 0 else 0
         return parts
 
     def epoch_stream(self, spec: StreamEpoch) -> AsyncIterator[Any]:
@@ -137,12 +142,14 @@ def _size(dataset: AsyncDataset[Any] | AsyncIterableDataset[Any]) -> int | None:
 
 
 async def _map_share(
-    dataset: AsyncDataset[Any], spec: StreamEpoch, salt: int
+    dataset: AsyncDataset[Any], spec: StreamEpoch, salt: int, offset: int
 ) -> AsyncIterator[Any]:
-    """A map-style dataset as a stream: this share's part of its (seeded) order."""
+    """A map-style dataset as a stream: this share's part of its (seeded) order, the
+    parts' orders striped over the shares end to end (``offset``: the samples of the parts
+    before it), so that the shares differ by at most one sample, as DistributedSampler's."""
     n = len(dataset)
     order = spec.rng(salt).permutation(n).tolist() if spec.shuffle else range(n)
-    for i in order[spec.slot :: spec.shares]:
+    for i in order[(spec.slot - offset) % spec.shares :: spec.shares]:
         try:
             yield await dataset[i]
         except SampleFiltered:

@@ -868,6 +868,8 @@ def test_resume_property(
         ({"seed": -1}, "seed"),
         ({"timeout": 0}, "timeout"),
         ({"timeout": -1.0}, "timeout"),
+        ({"timeout": float("nan")}, "timeout"),
+        ({"timeout": float("inf")}, "timeout"),
         ({"sampler": [0, 1], "shuffle": True}, "s"),
         ({"rank": 2, "world_size": 2}, "rank"),
         ({"world_size": 0, "rank": 0}, "world_size"),

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import example, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 import asyncload as al
@@ -135,6 +135,39 @@ async def test_mix_across_ranks_reads_each_sample_once() -> None:
     assert len(got[0]) == len(got[1]) == 30  # equal counts: sizes are known
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 7), min_size=1, max_size=4).filter(lambda s: sum(s) > 0),
+    world_size=st.integers(2, 4),
+    shuffle=st.booleans(),
+)
+@example(sizes=[3, 3], world_size=2, shuffle=False)  # rank 0 had a0 a2 b0 b2: one lost
+def test_map_style_parts_split_over_ranks_like_distributed_sampler(
+    sizes: list[int], world_size: int, shuffle: bool
+) -> None:
+    """``stop="all"`` over map-style parts: every sample once, on ranks of equal length;
+    where the total does not divide, a rank repeats at most one of its own samples. (With
+    fewer samples than ranks a share is empty and cannot be padded: a ValueError.)"""
+    assume(sum(sizes) >= world_size)
+    parts = [al.from_sequence([f"{chr(97 + k)}{i}" for i in range(n)]) for k, n in enumerate(sizes)]
+    got = []
+    for rank in range(world_size):
+        loader = al.Loader(
+            al.mix(parts, stop="all"),
+            batch_size=None,
+            rank=rank,
+            world_size=world_size,
+            shuffle=shuffle,
+        )
+        got.append(list(loader))
+    total = sum(sizes)
+    assert all(len(share) == -(-total // world_size) for share in got)
+    everything = [name for share in got for name in share]
+    assert set(everything) == {name for part in parts for name in part.sequence}
+    assert len(everything) - total == (-total) % world_size  # the padding, and no more
+    assert all(len(share) - len(set(share)) <= 1 for share in got)
+
+
 def test_mix_bad_arguments() -> None:
     with pytest.raises(ValueError, match="empty"):
         al.mix([])
@@ -144,6 +177,8 @@ def test_mix_bad_arguments() -> None:
         al.mix([Letters("a", 1), Letters("b", 1)], weights=[0, 0])
     with pytest.raises(ValueError, match="stop"):
         al.mix([Letters("a", 1)], stop="never")
+    with pytest.raises(TypeError, match="weights must be numbers"):
+        al.mix([Letters("a", 1), Letters("b", 1)], weights=["a", "b"])  # type: ignore[list-item]
     with pytest.raises(TypeError, match="dataset"):
         al.mix([[1, 2]])  # type: ignore[list-item]
 
