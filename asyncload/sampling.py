@@ -8,9 +8,12 @@ which is what ``Loader.state_dict()`` saves.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
-from collections.abc import Iterable, Sequence
+import random
+import sys
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -36,13 +39,17 @@ def epoch_order(
 
     A seeded shuffle is a pure function of ``(seed, epoch)``: every rank computes the same
     permutation. A user ``sampler`` is asked for its indices (after ``set_epoch(epoch)``
-    where it has one); it must give the same order on every rank.
+    where it has one) with the global random generators (``random``, numpy's, torch's CPU
+    one) seeded from ``(seed, epoch)`` and restored afterwards: a sampler that draws from
+    them (torch's ``RandomSampler``) gives the same order in every rank, DataLoader worker
+    and restarted process. One with a generator of its own must keep it in step itself.
     """
     if sampler is not None:
         set_epoch = getattr(sampler, "set_epoch", None)
         if callable(set_epoch):
             set_epoch(epoch)
-        order = [int(i) for i in sampler]
+        with _global_rngs_seeded(seed, epoch):
+            order = [int(i) for i in sampler]
         for i in order:
             if not 0 <= i < n:
                 raise IndexError(f"sampler gave index {i}, out of range for {n} samples")
@@ -51,6 +58,27 @@ def epoch_order(
         permutation: Sequence[int] = np.random.default_rng([seed, epoch]).permutation(n)  # type: ignore[assignment]
         return permutation
     return range(n)
+
+
+@contextlib.contextmanager
+def _global_rngs_seeded(seed: int, epoch: int) -> Iterator[None]:
+    """``random``'s, numpy's and (if imported) torch's CPU generator seeded from
+    ``(seed, epoch)`` inside, restored on the way out."""
+    value = int(np.random.SeedSequence([seed, epoch, 0x5A4D]).generate_state(1)[0])
+    torch = sys.modules.get("torch")
+    saved = random.getstate(), np.random.get_state()
+    torch_saved = torch.default_generator.get_state() if torch is not None else None
+    random.seed(value)
+    np.random.seed(value)
+    if torch is not None:
+        torch.default_generator.manual_seed(value)  # (not torch.manual_seed: CUDA's too)
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        if torch is not None:
+            torch.default_generator.set_state(torch_saved)
 
 
 def rank_share(n: int, world_size: int, drop_last: bool) -> int:

@@ -68,6 +68,24 @@ def test_set_epoch_reaches_the_workers(num_workers: int) -> None:
     assert epoch1 != epoch0
 
 
+def test_a_random_torch_sampler_gives_every_worker_the_same_order() -> None:
+    """torch's RandomSampler draws from the global generator, which torch seeds apart in
+    each worker: each worker drew its own order, and some samples came twice, others never.
+    The sampler is now iterated with the global generators seeded from (seed, epoch)."""
+    loader = numpy_loader(n=40, sampler=torch.utils.data.RandomSampler(range(40)), seed=3)
+    state = torch.random.get_rng_state(), np.random.get_state()[1].copy()
+    expected = list(loader.plan())
+    assert torch.equal(torch.random.get_rng_state(), state[0])  # restored
+    assert (np.random.get_state()[1] == state[1]).all()
+    assert sorted(expected) == list(range(40)) and expected != list(range(40))
+    got = [i for b in data_loader(loader, 2) for i in key(b)]
+    assert sorted(got) == list(range(40))
+    fresh = numpy_loader(n=40, sampler=torch.utils.data.RandomSampler(range(40)), seed=3)
+    assert list(fresh.plan()) == expected  # the same in another process, or after a restart
+    fresh.set_epoch(1)
+    assert list(fresh.plan()) != expected
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_ranks_together_cover_the_dataset(num_workers: int) -> None:
     keys: list[tuple[int, ...]] = []
