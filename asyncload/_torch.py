@@ -73,10 +73,18 @@ class LoaderIterableDataset(torch.utils.data.IterableDataset[Any]):
         self.loader = loader
         # Tagged: yield (batch, (worker, positions)) for TorchLoader to keep state exact.
         self.tagged = tagged
+        self._iterated_in_worker = False  # (set in a worker's own copy only)
 
     def __iter__(self) -> Iterator[Any]:
         info = torch.utils.data.get_worker_info()
         if info is not None:
+            if self._iterated_in_worker:
+                raise RuntimeError(
+                    "to_torch() under DataLoader(persistent_workers=True): each worker keeps "
+                    "its copy of the loader from the first epoch, so set_epoch() and "
+                    "load_state_dict() cannot reach it; use persistent_workers=False"
+                )
+            self._iterated_in_worker = True
             # This process is the DataLoader's worker: everything it pickles for another
             # process is the DataLoader's traffic to the training loop.
             ForkingPickler.register(torch.Tensor, reduce_small_tensor)
@@ -119,13 +127,19 @@ class TorchLoader:
                 "TorchLoader: persistent_workers=True would keep each worker's first epoch "
                 "and state; workers are started per epoch"
             )
+        collate = dataloader_kwargs.get("collate_fn")
+        if collate is not None:
+            # Each item from the workers is (batch, tag): the function converts the batch.
+            dataloader_kwargs = {**dataloader_kwargs, "collate_fn": _OnBatch(collate)}
         self.loader = loader
         self.num_workers = int(dataloader_kwargs.get("num_workers", 0))
         self.kwargs = dataloader_kwargs
 
     def __len__(self) -> int:
-        # Each worker's share of a stream is padded on its own: count as the workers will.
-        return len(self.loader.for_worker(0, max(1, self.num_workers)))
+        # What the workers will yield, each its own share (a stream's padded on its own,
+        # buckets cut within it).
+        workers = max(1, self.num_workers)
+        return sum(len(self.loader.for_worker(w, workers)) for w in range(workers))
 
     def __iter__(self) -> Iterator[Any]:
         from .sampling import Progress, WorkerProgress
@@ -133,10 +147,17 @@ class TorchLoader:
         loader = self.loader
         resume = loader._resume
         workers = max(1, self.num_workers)
+        # Checked here, before the resume point is handed over (a worker would raise it
+        # only once this loader had let go of it).
         if loader.is_streaming and isinstance(resume, Progress) and workers > 1:
             raise ValueError(
                 "this stream's state was saved without DataLoader workers; it resumes only "
                 "without them"
+            )
+        if loader.is_streaming and isinstance(resume, WorkerProgress) and resume.workers != workers:
+            raise ValueError(
+                f"this stream's state was saved with {resume.workers} DataLoader workers; "
+                f"it resumes only with as many, not {workers}"
             )
         # The workers (or, without workers, this process) iterate a copy that carries the
         # resume point; this loader only keeps count of what the training loop takes.
@@ -158,4 +179,18 @@ class TorchLoader:
             else:
                 progress.mark(positions)
             yield batch
-        loader._finished = True
+        loader._epoch_done()
+
+
+class _OnBatch:
+    """A ``collate_fn`` given to :class:`TorchLoader`, applied to the batch of each
+    ``(batch, tag)`` item (picklable, for spawned workers)."""
+
+    def __init__(self, fn: Any) -> None:
+        if not callable(fn):
+            raise TypeError(f"TorchLoader: collate_fn must be callable, got {fn!r}")
+        self.fn = fn
+
+    def __call__(self, item: tuple[Any, Any]) -> tuple[Any, Any]:
+        batch, tag = item
+        return self.fn(batch), tag

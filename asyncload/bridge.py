@@ -186,8 +186,10 @@ class SyncIterator(Iterator[Any]):
         if self._closed:  # by close() from another thread while this one waited
             raise StopIteration
         if item is _END:
-            self._pump.iterator.end()
-            self.close()
+            try:
+                self._pump.iterator.end()  # (may raise: a DriftError, on_statistics)
+            finally:
+                self.close()
             raise StopIteration
         if type(item) is _Raised:
             self.close()
@@ -336,8 +338,10 @@ class InlineIterator(Iterator[Any]):
                 item = self._ready.popleft()
                 self._iterator.commit(item)  # (may raise: an on_statistics callback)
             except StopAsyncIteration:
-                self._iterator.end()
-                self.close()
+                try:
+                    self._iterator.end()  # (may raise: a DriftError, on_statistics)
+                finally:
+                    self.close()
                 raise StopIteration from None
             except BaseException:
                 self.close()

@@ -231,14 +231,16 @@ class Loader:
             )
 
         self.dataset = dataset
-        self.batch_size = batch_size
+        # int(): numpy integers pass the checks, but a state_dict holding one would not
+        # survive json, nor torch.load's weights_only default.
+        self.batch_size = None if batch_size is None else int(batch_size)
         self.shuffle = shuffle
-        self.shuffle_buffer = shuffle_buffer
-        self.seed = seed
+        self.shuffle_buffer = int(shuffle_buffer)
+        self.seed = int(seed)
         self.sampler = sampler
         self.drop_last = drop_last
-        self.concurrency = concurrency
-        self.prefetch = prefetch
+        self.concurrency = int(concurrency)
+        self.prefetch = int(prefetch)
         self.ordered = ordered
         self.transform = transform
         self.collate_fn = collate_fn
@@ -296,7 +298,7 @@ class Loader:
             # Nothing of the new epoch is delivered yet: a state_dict() taken now must not
             # carry what the last one delivered (a broken-off epoch's positions).
             self._progress, self._finished = Progress(), False
-        self._epoch = epoch
+        self._epoch = int(epoch)
 
     @property
     def epoch(self) -> int:
@@ -387,9 +389,11 @@ class Loader:
                 raise TypeError(
                     "len() of a Loader over a stream that does not know its size is unknown"
                 )
-            return self.num_workers * self._batches(length)
+            return self._batches(length)  # (a DataLoader worker's copy: its own share)
         if self._costs is not None:
             return len(self.plan()) // self.batch_size if self.batch_size else 0
+        if self.num_workers > 1:  # a DataLoader worker's copy: its own share
+            return self._batches(len(self.plan()))
         n = _sized(self.sampler) if self.sampler is not None else len(self.dataset)
         n -= sum(end - start for start, end in self._excluded)
         return self._batches(rank_share(n, self.world_size, self.drop_last) if n else 0)
@@ -419,14 +423,14 @@ class Loader:
         # inline: fetch in the consumer's task (InlineEpoch; an in-memory map dataset).
         reporter = self._reporter()  # first: it may fail (no tqdm) before anything starts
         resume = self._resume
-        self._resume = None
         if isinstance(resume, WorkerProgress) and resume.workers == 1:
             resume = resume.slots.get(0, Progress())
-        if isinstance(resume, WorkerProgress):
+        if isinstance(resume, WorkerProgress):  # (raised before the resume point is used)
             raise ValueError(
                 f"this state was saved with {resume.workers} DataLoader workers: a stream "
                 "resumes with the same number of workers, through Loader.to_torch_loader()"
             )
+        self._resume = None
         progress = Progress() if resume is None else Progress(resume.watermark, resume.done)
         self._progress, self._finished = progress, False
         self._stats = stats = LoaderStats()
@@ -511,12 +515,15 @@ class Loader:
         )
 
     def _on_end(self) -> None:
-        self._finished = True
-        self._excluded = []  # the elastic epoch is over: the next pass is a full one
+        self._epoch_done()
         if self.drift is not None:
             # At the end of the epoch, before the consumer's loop ends: a DriftError (or
             # a DriftWarning made an error) reaches the training loop.
             self.drift.check()
+
+    def _epoch_done(self) -> None:
+        self._finished = True
+        self._excluded = []  # the elastic epoch is over: the next pass is a full one
 
     def __iter__(self) -> Iterator[Any]:
         """One epoch from synchronous code, through a background event loop thread (or, for
@@ -621,10 +628,22 @@ class Loader:
             )
         if not states:
             raise ValueError("merge_states: no states")
+        for state in states:
+            if not isinstance(state, dict) or not isinstance(state.get("rank"), numbers.Integral):
+                raise ValueError(
+                    "merge_states: each state must be one rank's Loader.state_dict() (a "
+                    "merged state has no rank: load it with load_state_dict)"
+                )
         first = states[0]
         world = int(first["world_size"])
-        for name in ("kind", "epoch", "seed", "world_size", "excluded"):
-            values = {repr(state.get(name)) for state in states}
+        # A rank that finished its share has dropped the epoch's exclusions: the others
+        # still carry them.
+        unfinished = [state for state in states if not state["finished"]]
+        for name, group in (
+            *((name, states) for name in ("kind", "epoch", "seed", "world_size")),
+            ("excluded", unfinished),
+        ):
+            values = {repr(state.get(name)) for state in group}
             if len(values) > 1:
                 raise ValueError(f"merge_states: the states disagree on {name!r}: {values}")
         ranks = sorted(int(state["rank"]) for state in states)
@@ -635,7 +654,7 @@ class Loader:
         if first["kind"] != "map" or first["seed"] != self.seed:
             raise ValueError("merge_states: the states are not from a loader built like this one")
         n = _sized(self.sampler) if self.sampler is not None else len(self.dataset)
-        excluded = first.get("excluded", [])
+        excluded = unfinished[0].get("excluded", []) if unfinished else []
         remaining = remaining_positions(n, excluded)
         delivered = [q for start, end in excluded for q in range(start, end)]
         for state in states:
@@ -649,7 +668,10 @@ class Loader:
                 length=rank_share(len(remaining), world, self.drop_last) if remaining else 0,
             )
         runs = to_intervals(delivered)
-        finished = runs == [[0, n]] or n == 0
+        # Every rank's loop ended: the epoch did (drop_last's trimmed samples included).
+        # Every sample delivered while a loop still ran: nothing is left, but the epoch
+        # is not over (its resume yields nothing, as each rank's own state would).
+        finished = not unfinished or n == 0
         return {
             "version": _STATE_VERSION,
             "kind": "map",
@@ -692,17 +714,27 @@ class Loader:
                 "merge every rank's state with loader.merge_states(states) to resume on "
                 "another world size"
             )
-        self._epoch = int(state["epoch"])
-        self._finished = False
-        self._excluded = [list(run) for run in state.get("excluded", [])]
-        saved = state["progress"]
-        if state["finished"]:
-            self._resume = None
-        elif "workers" in saved:
-            self._resume = WorkerProgress.from_state(saved)
-        else:
-            self._resume = Progress.from_state(saved)
-        self._progress = Progress()
+        epoch, saved = state["epoch"], state["progress"]
+        if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral) or epoch < 0:
+            raise ValueError(f"state['epoch'] must be an int >= 0, got {epoch!r}")
+        epoch = int(epoch)
+        try:
+            resume: Progress | WorkerProgress | None = None
+            if state["finished"]:
+                pass
+            elif "workers" in saved:
+                resume = WorkerProgress.from_state(saved)
+            else:
+                resume = Progress.from_state(saved)
+            excluded = [] if state["finished"] else [list(r) for r in state.get("excluded", [])]
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(
+                f"state['progress'] or state['excluded'] is not from Loader.state_dict(): "
+                f"{type(exc).__name__}: {exc}"
+            ) from None
+        # Nothing is changed until the whole state is read.
+        self._epoch, self._finished, self._excluded = epoch, False, excluded
+        self._resume, self._progress = resume, Progress()
 
     def statistics(self) -> dict[str, Any]:
         """Counters of the current (or last) epoch: samples, batches, in_flight, buffered,

@@ -609,3 +609,24 @@ def test_close_from_another_thread_wakes_a_waiting_for_loop(baseline_threads: Th
     assert ended.is_set() and got == [[0, 1, 2, 3]]
     assert ds.cancelled == ds.hung
     assert not baseline_threads.new()
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_an_error_at_the_end_of_the_epoch_still_closes_the_iterator(in_memory: bool) -> None:
+    """An on_statistics callback that raises on the final report (a DriftError raises
+    there too): the error reaches the loop, and the loop thread is not left running."""
+
+    class Boom(Exception):
+        pass
+
+    def on_statistics(snapshot: dict[str, Any]) -> None:
+        if snapshot["batches"] == 10:
+            raise Boom
+
+    dataset = al.from_sequence(list(range(100))) if in_memory else Indexed(100)
+    loader = al.Loader(dataset, batch_size=10, on_statistics=on_statistics, statistics_every=1000)
+    iterator = iter(loader)
+    with pytest.raises(Boom):
+        for _ in iterator:
+            pass
+    assert iterator.closed  # type: ignore[attr-defined]

@@ -133,3 +133,69 @@ def test_a_rank_state_refuses_another_rank() -> None:
 def test_merge_needs_every_rank() -> None:
     with pytest.raises(ValueError, match="one state per rank"):
         build(0, 1).merge_states([build(0, 2).state_dict()])
+
+
+def test_every_sample_delivered_before_any_loop_ended_merges_to_nothing_left() -> None:
+    """Each rank checkpoints just after its last batch (its loop has not ended): the merged
+    state resumes with nothing, as each rank's own would, not with the epoch again."""
+    states = []
+    for rank in range(2):
+        loader = build(rank, 2)
+        take(loader, len(loader))
+        states.append(loader.state_dict())
+        loader.close()
+    assert not any(state["finished"] for state in states)
+    resumed = build(0, 3)
+    resumed.load_state_dict(resumed.merge_states(states))
+    assert flat(list(resumed)) == []
+
+
+def test_finished_ranks_with_drop_last_merge_to_a_finished_state() -> None:
+    """drop_last trims a sample that no rank delivers: every rank finished all the same."""
+    states = []
+    for rank in range(2):
+        loader = build(rank, 2, drop_last=True)
+        list(loader)
+        states.append(loader.state_dict())
+    merged = build(0, 1, drop_last=True).merge_states(states)
+    assert merged["finished"] and merged["excluded"] == []
+
+
+def test_a_second_hop_merges_a_finished_rank_with_an_unfinished_one() -> None:
+    seen: list[int] = []
+    states = []
+    for rank in range(2):
+        loader = build(rank, 2)
+        seen += take(loader, 2)
+        states.append(loader.state_dict())
+        loader.close()
+    merged = build(0, 2).merge_states(states)
+    hop = []
+    for rank, cut in ((0, None), (1, 1)):  # rank 0 finishes, and drops the exclusions
+        loader = build(rank, 2)
+        loader.load_state_dict(merged)
+        seen += flat(list(loader)) if cut is None else take(loader, cut)
+        hop.append(loader.state_dict())
+        loader.close()
+    assert [state["finished"] for state in hop] == [True, False]
+    final = build(0, 1)
+    final.load_state_dict(final.merge_states(hop))
+    assert sorted(seen + flat(list(final))) == list(range(N))
+
+
+def test_states_that_are_not_one_ranks_are_refused_by_name() -> None:
+    state = build(0, 1).state_dict()
+    merged = build(0, 1).merge_states([state])
+    for bad in ([merged], [{k: v for k, v in state.items() if k != "rank"}]):
+        with pytest.raises(ValueError, match=r"one rank's Loader\.state_dict"):
+            build(0, 1).merge_states(bad)
+    loader = build(0, 1)
+    for key, value, match in (
+        ("progress", {}, "state\\['progress'\\]"),
+        ("progress", None, "state\\['progress'\\]"),
+        ("excluded", 5, "state\\['excluded'\\]"),
+        ("epoch", -1, "state\\['epoch'\\]"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            loader.load_state_dict({**state, key: value})
+    assert loader.state_dict() == state  # a refused state changes nothing

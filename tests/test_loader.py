@@ -1061,3 +1061,16 @@ async def test_collate_error_in_a_stream_names_its_positions() -> None:
     assert info.value.__notes__ == [
         "asyncload: collate_fn failed on the batch of stream positions [16, 17, 18, 19, 20]"
     ]
+
+
+def test_numpy_integers_in_settings_leave_a_plain_state() -> None:
+    """np.int64 passes the integer checks; stored as is, state_dict() would hold it, and
+    neither json nor torch.load(weights_only=True) would take the checkpoint."""
+    loader = al.Loader(
+        al.from_sequence(list(range(10))), batch_size=np.int64(2), seed=np.int64(4), shuffle=True
+    )
+    loader.set_epoch(np.int64(1))  # type: ignore[arg-type]
+    state = loader.state_dict()
+    assert json.loads(json.dumps(state)) == state
+    assert type(state["epoch"]) is int and type(state["seed"]) is int
+    assert type(loader.batch_size) is int

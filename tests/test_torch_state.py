@@ -133,3 +133,67 @@ def test_dataloader_keywords_that_belong_to_the_loader_are_refused() -> None:
         build().to_torch_loader(batch_size=4)
     with pytest.raises(ValueError, match="persistent_workers"):
         build().to_torch_loader(num_workers=2, persistent_workers=True)
+
+
+def test_an_elastic_epoch_ended_through_torch_loader_leaves_a_full_next_pass() -> None:
+    first = build(rank=0, world_size=2)
+    second = build(rank=1, world_size=2)
+    states = [take(first, 2, 0)[1], take(second, 1, 0)[1]]
+    resumed = build()
+    resumed.load_state_dict(resumed.merge_states(states))
+    assert len(resumed) < len(build())  # the rest of the epoch
+    rest(resumed, 2)
+    state = resumed.state_dict()
+    assert state["finished"] and state["excluded"] == []
+    assert len(resumed) == len(build())
+    again = build()
+    again.load_state_dict(state)
+    assert len(flat(rest(again, 2))) == N
+
+
+def test_a_refused_resume_keeps_the_resume_point() -> None:
+    loader = al.Loader(Counting(32), batch_size=4)
+    _, state = take(loader, 4, 2)
+    resumed = al.Loader(Counting(32), batch_size=4)
+    resumed.load_state_dict(state)
+    with pytest.raises(ValueError, match="2 DataLoader workers"):
+        list(resumed)  # a plain for: refused
+    with pytest.raises(ValueError, match="2 DataLoader workers"):
+        rest(resumed, 3)
+    assert resumed.state_dict() == state
+    assert len(rest(resumed, 2)) == 4  # the other half, once
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"dataset": numbers(1000), "batch_size": 64, "bucket": 100},  # buckets per worker
+        {"batch_cost": [1 + i % 3 for i in range(N)], "batch_budget": 8},  # planned
+    ],
+)
+def test_len_counts_what_the_workers_yield(kwargs: dict[str, Any]) -> None:
+    loader = build(**kwargs)
+    for workers in (0, 2, 3):
+        torch_loader = loader.to_torch_loader(num_workers=workers)
+        assert len(torch_loader) == len(list(torch_loader)), workers
+
+
+def test_a_collate_fn_converts_the_batch() -> None:
+    def to_list(batch: Any) -> list[int]:
+        return [int(x) for x in batch]
+
+    loader = build(shuffle=False)
+    got = list(loader.to_torch_loader(num_workers=2, collate_fn=to_list))
+    assert got[0] == [0, 1, 2, 3] and sum(len(b) for b in got) == N
+    assert loader.state_dict()["finished"]
+
+
+def test_to_torch_under_persistent_workers_is_refused_on_the_second_epoch() -> None:
+    loader = build()
+    data_loader = torch.utils.data.DataLoader(
+        loader.to_torch(), batch_size=None, num_workers=1, persistent_workers=True
+    )
+    assert len(flat(list(data_loader))) == N
+    loader.set_epoch(1)
+    with pytest.raises(RuntimeError, match="persistent_workers"):
+        list(data_loader)
