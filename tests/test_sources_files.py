@@ -167,6 +167,27 @@ async def test_root_allows_what_stays_inside(tree: Path) -> None:
     assert await src.getitems([0, 1, 2, 3]) == [content(1), content(4), content(102), content(100)]
 
 
+@pytest.mark.parametrize("follow_symlinks", [False, True])
+async def test_absolute_keys_through_a_symlinked_root(tree: Path, follow_symlinks: bool) -> None:
+    """root given through a symlink (/home -> /data/home, /tmp -> /private/tmp): an
+    absolute key spelled with root as given, with its real path, or through another link
+    to it is inside; one escaping it (lexically, or by a link out) is still refused. The
+    first was refused: root was resolved, the key was not."""
+    link = tree.parent / "link"
+    link.symlink_to(tree, target_is_directory=True)
+    (tree.parent / "other").symlink_to(tree, target_is_directory=True)
+    (tree.parent / "out").symlink_to(tree.parent / "outside", target_is_directory=True)
+    keys = [str(link / "1.bin"), str(tree / "sub" / "0.bin"), str(tree.parent / "other" / "2.bin")]
+    src = FileSource(keys, root=link, follow_symlinks=follow_symlinks)
+    assert await src.getitems([0, 1, 2]) == [content(1), content(100), content(2)]
+    for bad in (
+        str(link / ".." / "outside" / "secret.bin"),
+        str(tree.parent / "out" / "secret.bin"),
+    ):
+        with pytest.raises(ValueError, match="outside root"):
+            FileSource(["0.bin", bad], root=link, follow_symlinks=follow_symlinks)
+
+
 def test_root_must_be_a_directory(tree: Path) -> None:
     with pytest.raises(ValueError, match="root"):
         FileSource(["0.bin"], root=tree / "0.bin")

@@ -18,8 +18,9 @@ StrPath = str | os.PathLike[str]
 class FileSource(AsyncDataset[bytes]):
     """The bytes of each file in ``paths``.
 
-    With ``root``, each path is taken relative to it, and a key that resolves outside
-    ``root`` (``..``, an absolute path elsewhere, a symlink pointing out) is refused with
+    With ``root``, each path is taken relative to it (an absolute one may spell ``root`` as
+    given or resolved), and a key that resolves outside ``root`` (``..``, an absolute path
+    elsewhere, a symlink pointing out) is refused with
     ``ValueError``: lexically at construction, and again after resolving symlinks at read
     time, unless ``follow_symlinks`` (then symlinks under ``root`` may point anywhere, and
     only the keys themselves must stay inside it). A batch of files is read in one thread call (a thread hop costs 100-250 us, so
@@ -45,10 +46,13 @@ class FileSource(AsyncDataset[bytes]):
         if self.root is not None:
             if not os.path.isdir(self.root):
                 raise ValueError(f"FileSource: root {os.fspath(root)!r} is not a directory")  # type: ignore[arg-type]
+            given = os.path.abspath(root)  # type: ignore[arg-type]
             for key in self.keys:
                 # Only keys that can escape lexically need the (slower) check here; symlinks
                 # are checked at read time.
-                if os.path.isabs(key) or ".." in key:
+                if os.path.isabs(key):
+                    self._check_absolute(key, given)
+                elif ".." in key:
                     self._check_inside(key, os.path.normpath(os.path.join(self.root, key)))
 
     @classmethod
@@ -65,8 +69,17 @@ class FileSource(AsyncDataset[bytes]):
 
     def _check_inside(self, key: str, path: str) -> None:
         assert self.root is not None
-        if os.path.commonpath([self.root, path]) != self.root:
+        if not _inside(self.root, path):
             raise ValueError(f"FileSource: key {key!r} resolves outside root {self.root!r}")
+
+    def _check_absolute(self, key: str, given: str) -> None:
+        """An absolute key is inside root when it is by root's real path, by root as given
+        (through a symlink: /home -> /data/home), or once its own symlinks are resolved."""
+        assert self.root is not None
+        path = os.path.normpath(key)
+        if _inside(self.root, path) or _inside(given, path):
+            return
+        self._check_inside(key, os.path.realpath(path))
 
     def _path(self, key: str) -> str:
         if self.root is None:
@@ -103,3 +116,7 @@ class FileSource(AsyncDataset[bytes]):
         return f"<FileSource of {len(self.keys)} files" + (
             f" under {self.root!r}>" if self.root else ">"
         )
+
+
+def _inside(root: str, path: str) -> bool:
+    return os.path.commonpath([root, path]) == root
