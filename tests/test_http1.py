@@ -16,6 +16,7 @@ import asyncio
 import base64
 import contextlib
 import gzip
+import socket
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
@@ -705,6 +706,7 @@ async def test_host_header_carries_the_port() -> None:
         ("http://Example.COM:8080", "example.com:8080", ("http", "example.com", 8080)),
         ("https://example.com:443", "example.com:443", ("https", "example.com", 443)),
         ("http://[::1]:8080", "[::1]:8080", ("http", "::1", 8080)),
+        ("HTTPS://example.com", "example.com", ("https", "example.com", 443)),
         ("http://bücher.example", "xn--bcher-kva.example", ("http", "xn--bcher-kva.example", 80)),
     ],
 )
@@ -756,12 +758,13 @@ async def test_iter_chunks_times_out_on_a_stalled_body() -> None:
         source = HTTPSource([], timeout=0.2)
         parts: list[bytes] = []
         try:
-            with pytest.raises(TimeoutError):
-                async for part in source.iter_chunks(server.url("/x")):
+            with pytest.raises(TimeoutError) as info:
+                async for part in source.iter_chunks(server.url("/x?token=SECRET")):
                     parts.append(part)
         finally:
             await source.aclose()
         assert parts == [b"abc"]
+        assert f"{server.url('/x')}?...: no data" in str(info.value)  # named, redacted
 
 
 async def test_iter_chunks_raises_on_an_error_status(site: Site) -> None:
@@ -792,6 +795,7 @@ async def test_iter_chunks_raises_on_an_error_status(site: Site) -> None:
         ("http://h/a b/é", ("http://h", "/a%20b/%C3%A9")),
         ("http://h/a%20b", ("http://h", "/a%20b")),
         ("http://h/a\r\nX: y", ("http://h", "/a%0D%0AX:%20y")),
+        ("HTTPS://h/a?x=1", ("HTTPS://h", "/a?x=1")),
     ],
 )
 def test_split_url(url: str, expected: tuple[str, str]) -> None:
@@ -1026,3 +1030,117 @@ async def test_a_host_that_does_not_resolve_is_an_os_error() -> None:
             await source[0]
     finally:
         await source.aclose()
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\nContent-Length: 5\nX-A: a\n\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\nX-A: a\r\n\n",
+        b"HTTP/1.1 200 OK\nContent-Length: 5\nX-A: a\n\r\n",
+    ],
+    ids=["lf", "crlf-then-lf", "lf-then-crlf"],
+)
+async def test_a_head_with_bare_lf_line_ends_is_read(head: bytes) -> None:
+    """RFC 9112 2.2 lets a recipient take a bare LF as a line's end: such a head was never
+    found to end (only CRLF CRLF did), and the request hung. The head's end is exact: the
+    body is read by its length and the connection carries the next request."""
+    async with raw_server(keep_alive({"/x": head + b"hello"})) as server:
+        with anyio.fail_after(SAFETY):
+            assert await fetch_all(HTTPSource([server.url("/x")] * 2)) == [b"hello"] * 2
+        assert server.connections == 1
+
+
+@pytest.mark.parametrize(
+    ("head", "headers"),
+    [
+        ("HTTP/1.1 200 OK\nA: 1\nB: 2", {"a": "1", "b": "2"}),
+        ("HTTP/1.1 200 OK\r\nA: 1\nB: 2\r", {"a": "1", "b": "2"}),
+        ("HTTP/1.1 204\r", {}),
+    ],
+)
+def test_parse_head_takes_bare_lf_as_a_line_end(head: str, headers: dict[str, str]) -> None:
+    assert _parse_head(head)[:2] == (int(head[9:12]), headers)
+
+
+def test_parse_head_refuses_a_blank_line_inside_the_head() -> None:
+    """A head ended by bare LFs, found only at a CRLF CRLF in its body: the body's start
+    must not be read as headers."""
+    with pytest.raises(ConnectionError, match="malformed"):
+        _parse_head("HTTP/1.1 200 OK\nContent-Length: 9\n\nX-Not: a header")
+
+
+def closes_unanswered() -> Handler:
+    async def handler(conn: RawConnection) -> None:
+        await conn.request()  # read, never answered: the connection closes
+
+    return handler
+
+
+@pytest.mark.parametrize(
+    ("handler", "kind", "match"),
+    [
+        (keep_alive({"/x": CHUNKED + b"zz\r\nhello\r\n0\r\n\r\n"}), ConnectionError, "chunk"),
+        (
+            keep_alive({"/x": ok(b"\xff" * 9, b"Content-Encoding: gzip\r\n")}),
+            ConnectionError,
+            "compressed",
+        ),
+        (keep_alive({"/x": ok(b"hi", b"Content-Encoding: br\r\n")}), ValueError, "'br'"),
+        (keep_alive({"/x": b"garbage\r\n\r\n"}), ConnectionError, "status line"),
+        (closes_unanswered(), ConnectionError, "closed the connection before answering"),
+    ],
+    ids=["chunked", "gzip", "coding", "head", "no-answer"],
+)
+@pytest.mark.parametrize("read", ["sample", "iter_chunks"])
+async def test_errors_name_the_url_redacted_and_are_public_types(
+    handler: Handler, kind: type[Exception], match: str, read: str
+) -> None:
+    """They did not: with many URLs the failed one was unknown, and a server that closed
+    without answering raised the client's private ``_Closed``."""
+    async with raw_server(handler) as server:
+        url = server.url("/x?token=SECRET")
+        source = HTTPSource([url])
+        try:
+            with anyio.fail_after(SAFETY), pytest.raises(kind, match=match) as info:
+                if read == "sample":
+                    await source[0]
+                else:
+                    _ = [part async for part in source.iter_chunks(url)]
+        finally:
+            await source.aclose()
+    assert type(info.value) is kind  # not a private subclass
+    assert str(info.value).startswith(f"{server.url('/x')}?...: ")
+    assert "SECRET" not in str(info.value)
+    assert is_transient(info.value) is (kind is ConnectionError)
+
+
+async def test_a_refused_connection_names_the_url() -> None:
+    with socket.socket() as bound:  # bound, not listening: a connection is refused
+        bound.bind(("127.0.0.1", 0))
+        port = bound.getsockname()[1]
+        source = HTTPSource([f"http://127.0.0.1:{port}/x?token=SECRET"])
+        try:
+            with pytest.raises(ConnectionRefusedError) as info:
+                await source[0]
+        finally:
+            await source.aclose()
+    assert f"http://127.0.0.1:{port}/x?...: " in str(info.value)
+    assert is_transient(info.value)
+
+
+async def test_an_upper_case_scheme_is_an_http_url() -> None:
+    """Schemes are case-insensitive (RFC 3986 3.1): "HTTP://" was refused."""
+    async with raw_server(keep_alive({"/x": ok(b"hello")})) as server:
+        url = server.url("/x").replace("http://", "HTTP://")
+        assert await fetch_all(HTTPSource([url, url.replace("HTTP", "Http")])) == [b"hello"] * 2
+        assert server.connections == 1  # one origin, whatever the case
+    HTTPSource(["HTTPS://example.com/a", "hTtPs://example.com/b"])
+    with pytest.raises(ValueError, match="not an http"):
+        HTTPSource(["HTTPX://example.com/a"])
+
+
+def test_an_upper_case_https_url_is_not_redirected_to_http() -> None:
+    source = HTTPSource([], redirects="any")
+    with pytest.raises(al.HTTPStatusError, match="https to http"):
+        source._redirect_target("HTTPS://example.com/a", 302, "http://example.com/b")

@@ -556,7 +556,10 @@ class Pool:
                 # dropped while idle, or a reset; a GET is safe to send again, once.
                 self._check_open()
                 conn = await self._connect(target, timeout)
-                return await self._exchange(conn, url, request, timeout)
+                try:
+                    return await self._exchange(conn, url, request, timeout)
+                except _Closed as exc:  # again: the caller sees the public type
+                    raise ConnectionError(*exc.args) from exc.__cause__
         except BaseException:
             self._slots.release()
             raise
@@ -599,6 +602,8 @@ class Pool:
                 break
             except ssl.SSLError:
                 raise  # a certificate problem: another address will not fix it
+            except asyncio.TimeoutError:  # wait_for's: no message (and before 3.11 no OSError)
+                failure = TimeoutError(f"no connection within {timeout} s")
             except OSError as exc:
                 failure = exc
         else:
@@ -618,8 +623,11 @@ class Pool:
             conn.transport.write(request)
             buffer = conn.buffer
             while True:
-                end = buffer.find(b"\r\n\r\n")
+                end, blank = buffer.find(b"\r\n\r\n"), 4
                 while end < 0:
+                    end, blank = _bare_lf_head_end(buffer)  # (only when CRLF's is not there)
+                    if end >= 0:
+                        break
                     if len(buffer) > _MAX_HEAD:
                         raise ConnectionError("malformed HTTP response: headers too long")
                     if conn.eof:
@@ -628,11 +636,11 @@ class Pool:
                         closed = _Closed(message) if code is None else _Closed(code, message)
                         raise closed from conn.error
                     await conn.more(timeout)
-                    end = buffer.find(b"\r\n\r\n")
+                    end, blank = buffer.find(b"\r\n\r\n"), 4
                 if end > _MAX_HEAD:  # (the whole head arrived in one read)
                     raise ConnectionError("malformed HTTP response: headers too long")
                 head = bytes(buffer[:end]).decode("latin-1")
-                del buffer[: end + 4]
+                del buffer[: end + blank]
                 status, headers, keep_alive = _parse_head(head)
                 if status >= 200 or status == 101:
                     break
@@ -721,10 +729,25 @@ class Pool:
                 conn.close()
 
 
+def _bare_lf_head_end(buffer: bytearray) -> tuple[int, int]:
+    """Where a head whose lines end in a bare LF ends, and the length of the blank line
+    that ends it (LF, then LF or CRLF); the end is -1 when no such line has arrived."""
+    # RFC 9112 2.2: a recipient may take a bare LF as a line's end (old servers, scripts).
+    lf, crlf = buffer.find(b"\n\n"), buffer.find(b"\n\r\n")
+    if crlf >= 0 and (lf < 0 or crlf < lf):
+        return crlf, 3
+    return lf, 2
+
+
 def _parse_head(head: str) -> tuple[int, dict[str, str], bool]:
-    """(status, headers, keep-alive) of a response head (status line and header lines)."""
-    lines = head.split("\r\n")
-    version, _, rest = lines[0].partition(" ")
+    """(status, headers, keep-alive) of a response head (status line and header lines),
+    its lines ended by CRLF or a bare LF."""
+    # Split on LF; a line's CR goes with the strip() of its value (or of the status line).
+    # A blank line inside the head (a head ended by a bare LF, read up to a CRLF blank line
+    # in its body) is a header line without a colon: refused.
+    lines = head.split("\n")
+    status_line = lines[0].removesuffix("\r")
+    version, _, rest = status_line.partition(" ")
     code = rest[:3]
     if (
         not version.startswith("HTTP/1.")
@@ -732,7 +755,7 @@ def _parse_head(head: str) -> tuple[int, dict[str, str], bool]:
         or not code.isdigit()
         or rest[3:4] not in ("", " ")
     ):
-        raise ConnectionError(f"malformed HTTP response: status line {lines[0][:80]!r}")
+        raise ConnectionError(f"malformed HTTP response: status line {status_line[:80]!r}")
     headers: dict[str, str] = {}
     for line in lines[1:]:
         name, colon, value = line.partition(":")

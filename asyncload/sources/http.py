@@ -46,17 +46,31 @@ def _origin(url: str) -> tuple[str, str | None, int | None]:
     return scheme, parts.hostname, parts.port or _DEFAULT_PORTS.get(scheme)
 
 
+def _is_http(url: str) -> bool:
+    """An http(s) URL whatever the case of its scheme (RFC 3986 3.1: "HTTP://" too)."""
+    return url[:8].lower().startswith(("http://", "https://"))
+
+
 def _same_origin(a: str, b: str) -> bool:
     return _origin(a) == _origin(b)
 
 
-# What reading a body can raise, without the URL (the client does not know it).
-_BODY_ERRORS = (TruncatedBodyError, ObjectTooLargeError, RequestError)
+# What the client raises without the URL (it does not know it): a malformed or cut-short
+# answer, a body too large, a timeout, a refused or closed connection (OSErrors all).
+_UNNAMED_ERRORS = (TruncatedBodyError, ObjectTooLargeError, RequestError, OSError)
 
 
 def _at(url: str, exc: Exception) -> Exception:
-    """``exc`` again, its message led by the (redacted) URL."""
-    return type(exc)(f"{redact_url(url)}: {exc}")
+    """``exc`` again, its message led by the (redacted) URL; its type (but the client's
+    private RequestError becomes a ValueError), errno and attributes kept."""
+    where = redact_url(url)
+    kind = ValueError if type(exc) is RequestError else type(exc)
+    if isinstance(exc, OSError) and exc.errno is not None and exc.strerror is not None:
+        named = kind(exc.errno, f"{where}: {exc.strerror}")  # is_transient reads errno
+    else:
+        named = kind(f"{where}: {str(exc) or type(exc).__name__}")
+    named.__dict__.update(exc.__dict__)  # (ssl's reason and verify_message, notes)
+    return named
 
 
 def _latin1(text: str) -> bool:
@@ -107,7 +121,7 @@ class HTTPSource(AsyncDataset[bytes]):
     event loop; ``await source.aclose()`` (or the Loader's ``aclose``/``close``) closes the
     running loop's connections. It asks for uncompressed bodies (and decodes gzip or
     deflate when a server compresses anyway); it sends no cookies and uses no proxy.
-    Error messages never include query strings or credentials.
+    Every error names its URL, but no message includes query strings or credentials.
     """
 
     def __init__(
@@ -127,7 +141,9 @@ class HTTPSource(AsyncDataset[bytes]):
         self.urls = list(urls)
         for url in self.urls:
             # A prefix check, not a parse: it runs once per URL, for millions of URLs.
-            if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            if not isinstance(url, str) or not (
+                url.startswith(("http://", "https://")) or _is_http(url)
+            ):
                 raise ValueError(f"HTTPSource: not an http(s) URL: {redact_url(str(url))!r}")
         if timeout is not None and timeout <= 0:
             raise ValueError(f"HTTPSource: timeout must be > 0 seconds, got {timeout}")
@@ -196,7 +212,7 @@ class HTTPSource(AsyncDataset[bytes]):
         response = await self._open(url, on_connection=on_connection)
         try:
             return await response.read(self.max_bytes)
-        except _BODY_ERRORS as exc:
+        except _UNNAMED_ERRORS as exc:
             raise _at(response.url, exc) from exc.__cause__
         finally:
             response.release()
@@ -210,7 +226,7 @@ class HTTPSource(AsyncDataset[bytes]):
         try:
             async for chunk in response.chunks(chunk_size):
                 yield chunk
-        except _BODY_ERRORS as exc:
+        except _UNNAMED_ERRORS as exc:
             raise _at(response.url, exc) from exc.__cause__
         finally:
             response.release()
@@ -255,6 +271,8 @@ class HTTPSource(AsyncDataset[bytes]):
             )
         except RequestError as exc:
             raise ValueError(f"HTTPSource: {exc} ({redact_url(url)})") from None
+        except OSError as exc:  # no answer (a connection refused or closed, a timeout...)
+            raise _at(url, exc) from exc.__cause__
 
     def _redirect_target(self, url: str, status: int, location: str) -> str:
         target = urljoin(url, location)
@@ -264,7 +282,7 @@ class HTTPSource(AsyncDataset[bytes]):
             refused = "redirects are not followed (redirects='none')"
         elif scheme not in ("http", "https"):
             refused = f"redirect to a {scheme!r} URL refused"
-        elif url.startswith("https://") and scheme == "http":
+        elif url[:8].lower() == "https://" and scheme == "http":
             refused = "redirect from https to http refused"
         elif self.redirects == "same-origin" and not _same_origin(url, target):
             refused = (
