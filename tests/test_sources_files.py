@@ -143,6 +143,9 @@ async def test_follow_symlinks_reads_links_out_but_still_refuses_escaping_keys(
     assert await src.getitems([0, 1]) == [content(0), b"secret"]
     with pytest.raises(ValueError, match="outside root"):
         FileSource(["../outside/secret.bin"], root=tree, follow_symlinks=True)
+    (tree / "linkdir").symlink_to(tree.parent / "outside" / "deeper", target_is_directory=True)
+    with pytest.raises(ValueError, match=r"'\.\.' part"):  # lexically x.bin; really outside
+        FileSource(["linkdir/../x.bin"], root=tree, follow_symlinks=True)
     with pytest.raises(TypeError, match="follow_symlinks"):
         FileSource(["0.bin"], root=tree, follow_symlinks=1)  # type: ignore[arg-type]
 

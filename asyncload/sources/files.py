@@ -54,6 +54,12 @@ class FileSource(AsyncDataset[bytes]):
                     self._check_absolute(key, given)
                 elif ".." in key:
                     self._check_inside(key, os.path.normpath(os.path.join(self.root, key)))
+                    if follow_symlinks and ".." in pathlib.PurePath(key).parts:
+                        # Unresolved, "link/.." is the link's target's parent, not root.
+                        raise ValueError(
+                            f"FileSource: key {key!r} has a '..' part: refused with "
+                            "follow_symlinks=True, where a link before it may lead anywhere"
+                        )
 
     @classmethod
     def from_directory(
