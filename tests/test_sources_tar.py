@@ -7,16 +7,18 @@ Shards are written with the standard library's tarfile (ustar, GNU and pax forma
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import io
 import tarfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 from aiohttp import web
-from conftest import ASYNCIO_BACKENDS
+from conftest import ASYNCIO_BACKENDS, HTTPServer
 
 import asyncload as al
 from asyncload.sources import TarShardSource
@@ -54,6 +56,12 @@ def shards(tmp_path: Path) -> list[str]:
     return paths
 
 
+def rewrite(path: str, suffix: str, change: Callable[[bytes], bytes]) -> str:
+    """A copy of the file at ``path``, changed, at ``path + suffix``."""
+    Path(path + suffix).write_bytes(change(Path(path).read_bytes()))
+    return path + suffix
+
+
 def keys(samples: list[dict[str, Any]]) -> list[str]:
     return [s["__key__"] for s in samples]
 
@@ -88,6 +96,107 @@ async def test_long_names(tmp_path: Path, fmt: int) -> None:
         member(tar, "short.txt", b"short")
     got = [s async for s in TarShardSource([str(path)])]
     assert [(s["__key__"], s["txt"]) for s in got] == [(long_key, b"long"), ("short", b"short")]
+
+
+async def test_pax_names_that_are_not_utf8(tmp_path: Path) -> None:
+    """GNU tar --format=posix writes such names with hdrcharset=BINARY; they are read as
+    the ustar fields are, with surrogates, not as a failure of the whole shard."""
+    path = tmp_path / "latin1.tar"
+    with tarfile.open(
+        path, "w", format=tarfile.PAX_FORMAT, encoding="utf-8", errors="surrogateescape"
+    ) as tar:
+        member(tar, "caf\udce9.jpg", b"j")
+        member(tar, "caf\udce9.cls", b"c")
+        member(tar, "ok.jpg", b"ok")
+    got = [s async for s in TarShardSource([str(path)])]
+    assert [(s["__key__"], sorted(s)[:2]) for s in got] == [
+        ("caf\udce9", ["__key__", "__url__"]),
+        ("ok", ["__key__", "__url__"]),
+    ]
+    assert got[0]["jpg"] == b"j" and got[0]["cls"] == b"c"
+
+
+@pytest.mark.parametrize("chunk_size", [1, 1 << 20])
+async def test_gzip_shards_are_decompressed(shards: list[str], chunk_size: int) -> None:
+    """.tar.gz, recognised by gzip's magic number (split over two chunks at chunk_size=1);
+    a shard written as two gzip members (cat a.gz b.gz) reads as one."""
+    plain = [s async for s in TarShardSource([shards[1]])]
+    one = rewrite(shards[1], ".gz", gzip.compress)
+    two = rewrite(shards[1], ".2.gz", lambda b: gzip.compress(b[:5000]) + gzip.compress(b[5000:]))
+    for path in (one, two):
+        got = [s async for s in TarShardSource([path], chunk_size=chunk_size)]
+        assert [{**s, "__url__": shards[1]} for s in got] == plain
+        assert keys(got) == [k for k in ALL_KEYS if k.startswith("s01")]
+
+
+async def test_a_cut_or_corrupt_gzip_shard(shards: list[str]) -> None:
+    cut = rewrite(shards[1], ".cut.gz", lambda b: gzip.compress(b)[: len(gzip.compress(b)) // 2])
+    with pytest.raises(al.TruncatedBodyError, match="gzip stream ends early"):
+        _ = [s async for s in TarShardSource([cut])]
+    corrupt = rewrite(shards[1], ".bad.gz", lambda b: gzip.compress(b)[:20] + bytes(500))
+    with pytest.raises(tarfile.ReadError, match="corrupt gzip data") as info:
+        _ = [s async for s in TarShardSource([corrupt])]
+    assert not al.resilience.is_transient(info.value)  # no retries of a broken file
+
+
+async def test_other_compressions_are_named(tmp_path: Path, shards: list[str]) -> None:
+    """Not retried as a transient short read, and not a puzzling bad header."""
+    small = tmp_path / "small.tar"
+    with tarfile.open(small, "w") as tar:
+        member(tar, "a.txt", b"a")
+    for shard in (str(small), shards[1]):  # smaller than a header once compressed, larger
+        path = rewrite(shard, ".bz2", bz2.compress)
+        with pytest.raises(tarfile.ReadError, match="bzip2-compressed"):
+            _ = [s async for s in TarShardSource([path])]
+    named = tmp_path / "named.tar"
+    with tarfile.open(named, "w") as tar:
+        member(tar, "BZh.txt", b"a plain tar that starts like bzip2")
+    assert len([s async for s in TarShardSource([str(named)])]) == 1
+
+
+async def test_a_bad_header_names_the_shard_and_offset(shards: list[str]) -> None:
+    """Iterated directly, a shard that fails raises its error; the message must say which
+    of the shards is broken, and where."""
+    # The checksum of the second member's header.
+    bad = rewrite(shards[1], ".bad", lambda b: b[:1172] + bytes([b[1172] ^ 1]) + b[1173:])
+    with pytest.raises(tarfile.HeaderError) as info:
+        _ = [s async for s in TarShardSource([shards[0], bad, shards[2]])]
+    assert str(info.value) == f"{bad}: bad checksum in the tar header at offset 1024"
+
+
+async def test_a_hard_link_in_its_own_sample_is_resolved(tmp_path: Path) -> None:
+    path = tmp_path / "linked.tar"
+    with tarfile.open(path, "w") as tar:
+        member(tar, "a.jpg", b"JPEG")
+        link = tarfile.TarInfo("a.orig.jpg")
+        link.type, link.linkname = tarfile.LNKTYPE, "./a.jpg"
+        tar.addfile(link)
+        member(tar, "b.jpg", b"B")
+    got = [s async for s in TarShardSource([str(path)])]
+    assert [(s["__key__"], s.get("jpg"), s.get("orig.jpg")) for s in got] == [
+        ("a", b"JPEG", b"JPEG"),
+        ("b", b"B", None),
+    ]
+
+
+async def test_a_hard_link_to_another_sample_is_an_error(tmp_path: Path) -> None:
+    """`tar cf` stores a second name of a file as a link to the first: its data went out
+    with an earlier sample and is not kept, so the sample fails, naming the member,
+    instead of coming without that field."""
+    path = tmp_path / "linked.tar"
+    with tarfile.open(path, "w") as tar:
+        member(tar, "a.cls", b"0")
+        member(tar, "a.jpg", b"JPEG")
+        member(tar, "c.cls", b"1")
+        link = tarfile.TarInfo("c.jpg")
+        link.type, link.linkname = tarfile.LNKTYPE, "a.jpg"
+        tar.addfile(link)
+        member(tar, "d.cls", b"2")
+    loader = al.Loader(TarShardSource([str(path)]), batch_size=None, on_error="skip")
+    assert keys(await collect(loader)) == ["a", "d"]
+    (error,) = loader.statistics()["error_log"]
+    assert error["key"] == f"{path}#c.jpg"
+    assert "hard link to 'a.jpg'" in error["error"]
 
 
 async def test_loader_yields_every_sample_once(shards: list[str]) -> None:
@@ -306,6 +415,35 @@ async def test_member_size_limit(tmp_path: Path) -> None:
     assert "max_member_bytes" in repr(loader.statistics()["error_log"])
 
 
+async def test_a_refused_member_fails_its_whole_sample(tmp_path: Path) -> None:
+    """Never a part of a sample: the members around the refused one are not given as two
+    samples with the same key, and the shard still has one item per key."""
+    path = tmp_path / "big.tar"
+    with tarfile.open(path, "w") as tar:
+        for key, size in (("k0", 10), ("k1", 2000), ("k2", 10)):
+            member(tar, f"{key}.cls", key.encode())
+            member(tar, f"{key}.jpg", b"J" * size)
+            member(tar, f"{key}.txt", b"t")
+        member(tar, "k3.txt", b"t")
+        member(tar, "k3.txt", b"again")  # the same field twice: also the whole sample
+        member(tar, "k3.cls", b"3")
+        member(tar, "k4.txt", b"t")
+    loader = al.Loader(
+        TarShardSource([str(path)], max_member_bytes=1000, samples_per_shard=5),
+        batch_size=None,
+        on_error="skip",
+    )
+    got = await collect(loader)
+    assert [(s["__key__"], sorted(s)) for s in got] == [
+        ("k0", ["__key__", "__url__", "cls", "jpg", "txt"]),
+        ("k2", ["__key__", "__url__", "cls", "jpg", "txt"]),
+        ("k4", ["__key__", "__url__", "txt"]),
+    ]
+    stats = loader.statistics()
+    assert stats["skipped"] == 2
+    assert [e["key"] for e in stats["error_log"]] == [f"{path}#k1.jpg", f"{path}#k3.txt"]
+
+
 # -- over HTTP --------------------------------------------------------------------------------
 
 
@@ -407,6 +545,40 @@ async def test_http_shard_that_keeps_failing(server: ShardServer) -> None:
     stats = loader.statistics()
     assert stats["skipped"] == 1
     assert "shard-2.tar" in repr(stats["error_log"])
+
+
+async def test_http_prefetch_beyond_max_connections(shard_files: dict[str, bytes]) -> None:
+    """More prefetched shards than connections: a reader ahead fills its buffer and holds
+    the only connection while the shard being consumed is reopened after a cut (or waits
+    for its first connection); that must not deadlock."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for i in range(100):  # more samples than a reader's buffer holds
+            member(tar, f"big/{i:04d}.txt", b"x")
+    files = {**shard_files, "big.tar": buffer.getvalue()}
+    async with ShardServer(files) as server:
+        server.cut = {"shard-0.tar": 1}
+        source = TarShardSource(
+            [f"{server.base}/shard-0.tar", f"{server.base}/big.tar"],
+            prefetch_shards=2,
+            http_options={"max_connections": 1},
+        )
+        loader = al.Loader(source, batch_size=None, retry=al.Retry(attempts=3, sleep=no_sleep))
+        with anyio.fail_after(60):  # a guard: a deadlock fails here instead of hanging
+            got = keys(await collect(loader))
+    assert got == ALL_KEYS[:5] + [f"big/{i:04d}" for i in range(100)]
+    assert server.requests == {"shard-0.tar": 2, "big.tar": 1}
+
+
+async def test_a_stalled_http_shard_names_itself(http_server: HTTPServer) -> None:
+    """The Loader's timeout on a shard that never answers (its gate is never opened)."""
+    url = http_server.url("/gate/0") + "?sig=secret"
+    loader = al.Loader(TarShardSource([url]), batch_size=None, timeout=0.05)
+    with pytest.raises(al.SampleError) as info:
+        await collect(loader)
+    cause = info.value.__cause__
+    assert isinstance(cause, TimeoutError)
+    assert str(cause) == f"{http_server.url('/gate/0')}?...: no data for 0.05 s"
 
 
 def test_bad_arguments(shards: list[str]) -> None:

@@ -50,12 +50,19 @@ class TarShardSource(AsyncIterableDataset[Sample]):
       samples than declared has its extra samples left out, one with fewer makes its
       share repeat samples to make up the count;
     - ``prefetch_shards`` shards of a share are read at once, in the background, ahead of
-      the one being consumed, so a slow store is read over several connections;
+      the one being consumed, so a slow store is read over several connections (for HTTP
+      shards, at most ``http_options``' ``max_connections``: a reader ahead holds its
+      connection while it waits);
     - the loader's ``retry`` and ``timeout`` apply to opening a shard and to each read: a
       shard that fails part-way is opened again and the samples already given are passed
-      over, so nothing is lost or repeated; a shard that still fails, an unsafe member
-      name (absolute, or with ``..``), or a member over ``max_member_bytes`` becomes a
-      sample error under the loader's ``on_error`` (``key`` names the shard and member).
+      over, so nothing is lost or repeated; a shard that still fails becomes a sample
+      error under the loader's ``on_error`` (``key`` names the shard), as does a sample
+      with an unsafe member name (absolute, or with ``..``), a member over
+      ``max_member_bytes``, two members with the same extension, or a hard link to a
+      member of another sample (``key`` names the shard and member): the whole sample,
+      never a part of it;
+    - a shard that starts with gzip's magic number (``.tar.gz``) is decompressed as it is
+      read; errors name the shard and the offset in the tar stream.
 
     Nothing is ever written to disk: member names are only used as sample keys.
     """
@@ -114,13 +121,16 @@ class TarShardSource(AsyncIterableDataset[Sample]):
 
     # -- opening shards ----------------------------------------------------------------------
 
+    def _http_source(self) -> Any:
+        if self._http is None:
+            from .http import HTTPSource
+
+            self._http = HTTPSource([], **self.http_options)
+        return self._http
+
     def _open(self, shard: str) -> AsyncIterator[bytes]:
         if shard.startswith(("http://", "https://")):
-            if self._http is None:
-                from .http import HTTPSource
-
-                self._http = HTTPSource([], **self.http_options)
-            chunks: AsyncIterator[bytes] = self._http.iter_chunks(shard, self.chunk_size)
+            chunks: AsyncIterator[bytes] = self._http_source().iter_chunks(shard, self.chunk_size)
             return chunks
         if shard.startswith("s3://"):
             bucket, _, key = shard[len("s3://") :].partition("/")
@@ -147,14 +157,15 @@ class TarShardSource(AsyncIterableDataset[Sample]):
         the samples already given; when the policy gives up, one `StreamError` stands for
         the rest of the piece."""
         shard, start, stop = piece
+        shown = _shown(shard)
         retry, given, attempt = spec.retry, 0, 0
         started = retry.now() if retry is not None else 0.0
         while True:
             attempt += 1
-            chunks = _with_timeout(self._open(shard), spec.timeout)
+            chunks = _with_timeout(self._open(shard), spec.timeout, shown)
             seen = 0
             try:
-                members = iter_members(chunks, self.max_member_bytes)
+                members = iter_members(chunks, self.max_member_bytes, where=shown)
                 async with aclosing(iter_samples(members, shard)) as samples:
                     async for item in samples:
                         seen += 1
@@ -169,7 +180,7 @@ class TarShardSource(AsyncIterableDataset[Sample]):
                     None if retry is None else retry.next_delay(attempt, exc, retry.now() - started)
                 )
                 if delay is None:
-                    yield StreamError(exc, key=redact_url(shard) if "://" in shard else shard)
+                    yield StreamError(exc, key=shown)
                     return
                 if spec.on_retry is not None:
                     spec.on_retry(attempt, exc, delay)
@@ -226,7 +237,14 @@ class TarShardSource(AsyncIterableDataset[Sample]):
 
     async def _samples(self, pieces: list[Piece], spec: StreamEpoch) -> AsyncIterator[Item]:
         """The samples of ``pieces`` in order, read ``prefetch_shards`` pieces at a time."""
-        if spec.start_soon is None or self.prefetch_shards == 1:
+        readers = self.prefetch_shards
+        if any(shard.startswith(("http://", "https://")) for shard, _, _ in pieces):
+            # A reader holds a pool connection while it waits for room in its buffer. With
+            # more readers than connections, the shard being consumed could wait for a
+            # connection (to open, or to reopen after a cut) held by a reader that waits for
+            # the consumer: a deadlock. When each reader can have one, all make progress.
+            readers = min(readers, self._http_source().max_connections)
+        if spec.start_soon is None or readers == 1:
             for piece in pieces:
                 async with aclosing(self._shard_items(piece, spec)) as items:
                     async for item in items:
@@ -248,7 +266,7 @@ class TarShardSource(AsyncIterableDataset[Sample]):
                 pending.append(receive)
 
         try:
-            for _ in range(self.prefetch_shards):
+            for _ in range(readers):
                 start_next()
             while pending:
                 with pending.popleft() as receive:
@@ -286,18 +304,25 @@ class TarShardSource(AsyncIterableDataset[Sample]):
             yield item
 
 
+def _shown(shard: str) -> str:
+    """A shard's name for messages: a URL without its credentials and query string."""
+    return redact_url(shard) if "://" in shard else shard
+
+
 async def _with_timeout(
-    chunks: AsyncIterator[bytes], seconds: float | None
+    chunks: AsyncIterator[bytes], seconds: float | None, shown: str
 ) -> AsyncGenerator[bytes, None]:
     """``chunks``, each read bounded by ``seconds``: a stalled shard fails like a stalled
     request."""
     async with aclosing(chunks):
         while True:
             try:
-                with anyio.fail_after(seconds):  # None: no limit
+                with anyio.move_on_after(seconds) as scope:  # None: no limit
                     chunk = await chunks.__anext__()
             except StopAsyncIteration:
                 return
+            if scope.cancelled_caught:
+                raise TimeoutError(f"{shown}: no data for {seconds} s")
             yield chunk
 
 
