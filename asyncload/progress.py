@@ -31,6 +31,7 @@ class Reporter:
         self.on_statistics = on_statistics
         self.every = every
         self.batches = 0
+        self._sent: tuple[int, ...] | None = None  # _counts(...) of the last snapshot sent
         self._bar: Any = None
         self._next_refresh = 0.0
         if bar:
@@ -51,15 +52,29 @@ class Reporter:
                 self._next_refresh = now + 0.5
                 self._bar.set_postfix_str(describe(self.statistics()), refresh=False)
         if self.on_statistics is not None and self.batches % self.every == 0:
-            self.on_statistics(self.statistics())
+            self._send(self.statistics())
 
     def end(self) -> None:
-        if self.on_statistics is not None and self.batches % self.every:
-            self.on_statistics(self.statistics())
+        """The last snapshot, unless the one sent at the last batch already says it all:
+        an epoch that failed after it (or before any batch) is still reported."""
+        if self.on_statistics is not None:
+            snapshot = self.statistics()
+            if _counts(snapshot) != self._sent:
+                self._send(snapshot)
         if self._bar is not None:
             self._bar.set_postfix_str(describe(self.statistics()), refresh=False)
             self._bar.close()
             self._bar = None
+
+
+    def _send(self, snapshot: dict[str, Any]) -> None:
+        assert self.on_statistics is not None
+        self._sent = _counts(snapshot)
+        self.on_statistics(snapshot)
+
+
+def _counts(s: dict[str, Any]) -> tuple[int, ...]:
+    return s["batches"], s["samples"], s["errors"], s["retries"]
 
 
 def describe(s: dict[str, Any]) -> str:

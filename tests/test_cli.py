@@ -223,6 +223,22 @@ def test_bench_s3_prefix(tmp_path: Path) -> None:
         assert (row["samples"], row["bytes"]) == (25, expected_bytes)
 
 
+def test_the_rate_spans_the_whole_run_for_every_loader(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A DataLoader's workers fill their prefetch queues during start-up, so its batches
+    # can arrive in a burst: timed from the first batch, 2 batches 1 ms apart would read
+    # as 32,000 samples/s. The rate spans building the loader to the last batch.
+    from asyncload._cli import measure
+
+    clock = iter([100.0, 101.0, 101.001, 101.001])
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: next(clock))
+    tally = measure.Tally()
+    tally.add([b"x"] * 32)
+    tally.add([b"y"] * 32)
+    result = tally.finish()
+    assert result.first_batch_s == pytest.approx(1.0)
+    assert result.samples_per_s == pytest.approx(64 / 1.001)
+
+
 @pytest.mark.parametrize(
     ("args", "argument"),
     [
@@ -241,6 +257,8 @@ def test_bench_s3_prefix(tmp_path: Path) -> None:
         (["bench", "s3:///prefix"], "SOURCE"),
         (["bench", "s3://b/p", "--endpoint-url", "localhost:9000"], "--endpoint-url"),
         (["demo", "--latency-ms", "-1"], "--latency-ms"),
+        (["demo", "--latency-ms", "inf"], "--latency-ms"),
+        (["demo", "--latency-ms", "nan"], "--latency-ms"),
         (["demo", "--samples", "0"], "--samples"),
     ],
 )

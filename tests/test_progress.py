@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+import anyio
 import pytest
 
 import asyncload as al
@@ -34,6 +35,44 @@ def test_statistics_through_the_sync_bridge_and_a_break() -> None:
         if i == 44:
             break
     assert [s["batches"] for s in got] == [40, 45]  # the last when the loop is left
+
+
+async def test_an_epoch_that_fails_is_reported() -> None:
+    # Before the first batch: the error reaches the hook in the end snapshot.
+    def broken(i: int) -> int:
+        raise OSError(f"sample {i} is broken")
+
+    got: list[dict[str, Any]] = []
+    run = al.Loader(al.from_sequence(list(range(8))).map(broken), batch_size=4,
+                    on_statistics=got.append)  # fmt: skip
+    with pytest.raises(al.SampleError):
+        _ = [b async for b in run]
+    assert len(got) == 1 and got[0]["batches"] == 0 and got[0]["errors"] >= 1
+
+
+async def test_a_failure_after_a_snapshot_is_reported() -> None:
+    # Batch 5 sends a snapshot (every 5); sample 20 fails only once the consumer holds
+    # batch 5, so the snapshot at the end is the only one that can carry the error.
+    consumer_has_batch_5 = anyio.Event()
+
+    class Gated(al.AsyncDataset[int]):
+        def __len__(self) -> int:
+            return 40
+
+        async def __getitem__(self, i: int) -> int:
+            if i == 20:
+                await consumer_has_batch_5.wait()
+                raise OSError("sample 20 is broken")
+            return i
+
+    got: list[dict[str, Any]] = []
+    run = al.Loader(Gated(), batch_size=4, concurrency=1, on_statistics=got.append,
+                    statistics_every=5)  # fmt: skip
+    with pytest.raises(al.SampleError):
+        async for batch in run:
+            if 19 in batch:
+                consumer_has_batch_5.set()
+    assert [(s["batches"], s["errors"]) for s in got] == [(5, 0), (5, 1)]
 
 
 class Failing:

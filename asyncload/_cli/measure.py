@@ -62,8 +62,10 @@ class RunConfig:
 @dataclass
 class Measurement:
     """What one run measured. Times are seconds from just before the loader was built;
-    ``samples_per_s`` spans the first batch to the last (start-up shows in
-    ``first_batch_s`` only); with a single batch it is samples over the whole run."""
+    ``samples_per_s`` is every sample over the time from then to the last batch, the same
+    span for every loader: timed from the first batch, a DataLoader whose workers filled
+    their prefetch queues during start-up would be credited with a burst no storage gave
+    (start-up also shows alone in ``first_batch_s``)."""
 
     samples: int = 0
     bytes: int = 0
@@ -82,15 +84,12 @@ class Tally:
     def __init__(self) -> None:
         self.result = Measurement()
         self.t0 = time.perf_counter()
-        self._t_first = self._t_last = self.t0
-        self._first_samples = 0
+        self._t_last = self.t0
 
     def add(self, batch: list[bytes]) -> None:
         now = time.perf_counter()
         r = self.result
         if r.batches == 0:
-            self._t_first = now
-            self._first_samples = len(batch)
             r.first_batch_s = now - self.t0
         self._t_last = now
         r.batches += 1
@@ -100,11 +99,9 @@ class Tally:
     def finish(self) -> Measurement:
         r = self.result
         r.wall_s = time.perf_counter() - self.t0
-        span = self._t_last - self._t_first
-        if r.batches > 1 and span > 0:
-            r.samples_per_s = (r.samples - self._first_samples) / span
-        elif r.samples and r.wall_s > 0:
-            r.samples_per_s = r.samples / r.wall_s
+        span = self._t_last - self.t0
+        if r.samples and span > 0:
+            r.samples_per_s = r.samples / span
         return r
 
 

@@ -78,8 +78,8 @@ def summary(results: Sequence[Result]) -> str:
 
 def footnote() -> str:
     return (
-        "samples/s: from the first batch to the last; first batch s: from building the "
-        f"loader.\npeak RSS: {rss_method()}."
+        "samples/s: all samples over the time from building the loader to the last batch;"
+        f" first batch s: from building the loader.\npeak RSS: {rss_method()}."
     )
 
 
