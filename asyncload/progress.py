@@ -66,7 +66,6 @@ class Reporter:
             self._bar.close()
             self._bar = None
 
-
     def _send(self, snapshot: dict[str, Any]) -> None:
         assert self.on_statistics is not None
         self._sent = _counts(snapshot)
