@@ -450,9 +450,11 @@ class Epoch(_Assembly):
                 except StopAsyncIteration:
                     return
                 except Exception as exc:
-                    # A stream that raised cannot be resumed: the epoch fails here.
+                    # A stream that raised cannot be resumed: the epoch fails here. str(),
+                    # not repr(): an OSError's repr leaves out the file it names.
                     error = SampleError(
-                        f"stream failed after sample {position}: {exc!r}", index=position + 1
+                        f"stream failed after sample {position}: {type(exc).__name__}: {exc}",
+                        index=position + 1,
                     )
                     error.__cause__ = exc
                     self._fail(error)

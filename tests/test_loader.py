@@ -949,7 +949,7 @@ class BrokenStream(al.AsyncIterableDataset[int]):
         for i in range(self.fail_at):
             await anyio.lowlevel.checkpoint()
             yield i
-        raise OSError("stream broke")
+        raise FileNotFoundError(2, "No such file or directory", "/data/shard-7.bin")
 
 
 async def test_stream_failure_is_a_sample_error() -> None:
@@ -961,7 +961,9 @@ async def test_stream_failure_is_a_sample_error() -> None:
                 got.append(batch)
         finally:
             await loader.aclose()
-    assert isinstance(info.value.__cause__, OSError)
+    assert isinstance(info.value.__cause__, FileNotFoundError)
+    # The message names the file, as str(exc) does and repr(exc) does not.
+    assert "FileNotFoundError" in str(info.value) and "/data/shard-7.bin" in str(info.value)
     assert as_lists(got) == [[0, 1], [2, 3]][: len(got)]
 
 
