@@ -8,17 +8,23 @@ once, in a child process, and reports how many samples and bytes it got.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import HTTPServer, sample_body
 
+import asyncload as al
 from asyncload._cli import main as cli_main
+from asyncload._cli.baselines import BlockingHTTP
+from asyncload._cli.demo_server import DemoServer
 
 pytest.importorskip("torch")  # the DataLoader baseline; the torch-free path is tested in-process
 
@@ -221,6 +227,103 @@ def test_bench_s3_prefix(tmp_path: Path) -> None:
     for row in data["results"]:
         assert row["ok"], row["error"]
         assert (row["samples"], row["bytes"]) == (25, expected_bytes)
+
+
+def test_the_baseline_sends_the_urls_credentials_as_asyncload_does(
+    http_server: HTTPServer, tmp_path: Path
+) -> None:
+    host = http_server.base_url.split("://")[1]
+    # Percent-encoded: "al ice" and "p@ss:w" (everything after the first colon).
+    headers_url = f"http://al%20ice:p%40ss:w@{host}/headers"
+    expected = "Basic " + base64.b64encode(b"al ice:p@ss:w").decode()
+
+    baseline = BlockingHTTP([headers_url, f"http://al%20ice:s3cret@{host}/status/404"])
+    try:
+        sent = json.loads(baseline[0])
+        with pytest.raises(OSError, match="HTTP 404") as failed:
+            baseline[1]
+    finally:
+        baseline.close()
+    with al.Loader(al.sources.HTTPSource([headers_url]), batch_size=1) as loader:
+        [[body]] = list(loader)
+    assert sent["Authorization"] == json.loads(body)["Authorization"] == expected
+    assert "s3cret" not in str(failed.value) and "al%20ice" not in str(failed.value)
+
+    # The whole command: both sides read the list, and nothing shows the credentials.
+    urls = tmp_path / "urls.txt"
+    urls.write_text("".join(f"http://alice:s3cret@{host}/sample/{i}\n" for i in range(20)))
+    proc = run_cli("bench", str(urls), "--concurrency", "4", "--workers", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert "DataLoader, 0 workers" in proc.stdout
+    assert "s3cret" not in proc.stdout + proc.stderr
+    urls.write_text(f"http://alice:s3cret@{host}/status/404\n")
+    proc = run_cli("bench", str(urls))
+    assert proc.returncode == 1
+    assert f"GET http://{host}/status/404: HTTP 404" in proc.stderr
+    assert "s3cret" not in proc.stdout + proc.stderr
+
+
+def test_sigterm_stops_the_running_child_and_its_workers(tmp_path: Path) -> None:
+    psutil = pytest.importorskip("psutil")
+    # A server of this process, not bench's (demo's dies with it, and so would the
+    # child's reads): an orphaned child would go on reading from it. 64 samples, 1 s
+    # each: asyncload (64 in flight) is through in about 1 s, the DataLoader's 2 workers
+    # would need half a minute. SIGTERM comes while they read.
+    with DemoServer(latency_ms=1000, size=1024, count=64) as server:
+        urls = tmp_path / "urls.txt"
+        urls.write_text("\n".join(server.urls()) + "\n")
+        args = ["--concurrency", "64", "--workers", "2", "--batch-size", "4"]
+        bench = subprocess.Popen(
+            [sys.executable, "-m", "asyncload", "bench", str(urls), *args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        tree: list[Any] = []
+        try:
+            tree = _wait_for_dataloader_workers(psutil, bench, workers=2)
+            bench.send_signal(signal.SIGTERM)
+            _, stderr = bench.communicate(timeout=60)
+            _, alive = psutil.wait_procs(tree, timeout=30)
+            assert [p for p in alive if _running(psutil, p)] == []
+            assert bench.returncode == 128 + signal.SIGTERM, stderr
+            assert "python -m asyncload bench: terminated" in stderr
+        finally:
+            if bench.poll() is None:
+                bench.kill()
+                bench.communicate()
+            for p in tree:  # only after a failure: whatever the command left behind
+                if _running(psutil, p):
+                    p.kill()
+
+
+def _wait_for_dataloader_workers(
+    psutil: Any, bench: subprocess.Popen[str], *, workers: int
+) -> list[Any]:
+    """The measure child of ``bench`` and its DataLoader workers, once it has ``workers``
+    of them. Nothing to wait on but the process table: a generous deadline, polled."""
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        assert bench.poll() is None, bench.communicate()[1]
+        for child in psutil.Process(bench.pid).children():
+            try:
+                if "asyncload._cli.measure" not in child.cmdline():
+                    continue
+                found = child.children(recursive=True)
+            except psutil.NoSuchProcess:
+                continue
+            if len(found) >= workers:
+                return [child, *found]
+        time.sleep(0.05)
+    raise AssertionError(f"no DataLoader run with {workers} workers within 90 s")
+
+
+def _running(psutil: Any, process: Any) -> bool:
+    # A zombie is dead: it only waits for whoever reaps it (init, for orphaned workers).
+    try:
+        return bool(process.status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return False
 
 
 def test_the_rate_spans_the_whole_run_for_every_loader(monkeypatch: pytest.MonkeyPatch) -> None:

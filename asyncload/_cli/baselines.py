@@ -14,6 +14,8 @@ import os
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+from .._redact import redact_url
+from ..sources._http1 import basic_auth
 from .sources import SourceSpec
 
 TIMEOUT_S = 60.0  # per blocking request: generous, a slow store must not fail the run
@@ -42,9 +44,10 @@ def blocking_dataset(spec: SourceSpec) -> BlockingDataset:
 class BlockingHTTP:
     """``ds[i]``: the body of a GET of ``urls[i]`` with ``http.client``.
 
-    A non-2xx answer raises ``OSError``; a body shorter than its Content-Length raises
-    ``http.client.IncompleteRead``. A keep-alive connection the server closed is reopened
-    once. Redirects are not followed.
+    A URL's ``user:password@`` is sent as Basic auth, as ``HTTPSource`` sends it. A non-2xx
+    answer raises ``OSError`` (its message names the URL without credentials or query); a
+    body shorter than its Content-Length raises ``http.client.IncompleteRead``. A
+    keep-alive connection the server closed is reopened once. Redirects are not followed.
     """
 
     def __init__(self, urls: list[str]) -> None:
@@ -56,37 +59,40 @@ class BlockingHTTP:
         return len(self.urls)
 
     def __getitem__(self, index: int) -> bytes:
-        parts = urlsplit(self.urls[index])
+        url = self.urls[index]
+        parts = urlsplit(url)
+        # http.client takes host[:port] only: credentials go in a header, never to the resolver.
+        origin = (parts.scheme, parts.netloc.rpartition("@")[2])
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        auth = basic_auth(parts)
+        headers = {"Authorization": auth} if auth is not None else {}
         for attempt in (0, 1):
-            conn = self._connection(parts.scheme, parts.netloc)
+            conn = self._connection(*origin)
             try:
-                conn.request("GET", path)
+                conn.request("GET", path, headers=headers)
                 response = conn.getresponse()
                 body = response.read()
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
                 conn.close()
-                del self._conns[parts.scheme, parts.netloc]
+                del self._conns[origin]
                 if attempt:
                     raise
                 continue
             if not 200 <= response.status < 300:
-                raise OSError(
-                    f"GET {parts.scheme}://{parts.netloc}{parts.path}: HTTP {response.status}"
-                )
+                raise OSError(f"GET {redact_url(url)}: HTTP {response.status}")
             return body
         raise AssertionError("unreachable")
 
-    def _connection(self, scheme: str, netloc: str) -> http.client.HTTPConnection:
+    def _connection(self, scheme: str, host: str) -> http.client.HTTPConnection:
         # A forked worker must not share its parent's sockets: one set per process.
         if self._pid != os.getpid():
             self._conns, self._pid = {}, os.getpid()
-        conn = self._conns.get((scheme, netloc))
+        conn = self._conns.get((scheme, host))
         if conn is None:
             factory = (
                 http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
             )
-            conn = self._conns[scheme, netloc] = factory(netloc, timeout=TIMEOUT_S)
+            conn = self._conns[scheme, host] = factory(host, timeout=TIMEOUT_S)
         return conn
 
     def close(self) -> None:

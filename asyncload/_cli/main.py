@@ -1,17 +1,22 @@
 """``python -m asyncload``: argument parsing and the two subcommands.
 
 Exit status: 0 when every configuration read every sample; 1 when a run failed or no
-sample could be read; 2 for a bad argument (the message names it); 130 on Ctrl-C.
+sample could be read; 2 for a bad argument (the message names it); 130 on Ctrl-C (SIGINT),
+143 on SIGTERM. Either signal stops the running child and the demo server first.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import math
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from types import FrameType
 from typing import Any
 
 from .._redact import redact_url
@@ -319,14 +324,45 @@ def _demo(args: argparse.Namespace) -> int:
         return _compare("demo", spec, args, settings)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread as ``KeyboardInterrupt`` is for SIGINT, so that
+    the same ``finally`` blocks stop the running child and the demo server on the way out.
+    A ``BaseException``: no ``except Exception`` may take it for a failed read."""
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    # One is enough: a second SIGTERM must not cut the cleanup the first one started.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated`; the previous handler is back
+    after it. Nothing changes off the main thread (no handler can be set there) or where
+    SIGTERM is ignored (whoever started us chose that, as Python does for SIGINT)."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    ):
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (see the module docstring)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     subparser: argparse.ArgumentParser = args.command_parser
     try:
-        _check_json_path(args.json)
-        return _bench(args) if args.command == "bench" else _demo(args)
+        with _sigterm_raises():
+            _check_json_path(args.json)
+            return _bench(args) if args.command == "bench" else _demo(args)
     except ArgumentError as exc:
         subparser.error(str(exc))  # exits with status 2, after the usage line
     except NoSamplesError as exc:
@@ -335,3 +371,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"{PROG} {args.command}: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM

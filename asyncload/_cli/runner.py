@@ -13,6 +13,7 @@ import contextlib
 import importlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -72,7 +73,8 @@ def run_all(
 
 def run_one(spec: SourceSpec, cfg: RunConfig) -> Result:
     """Run ``cfg`` over ``spec`` in a fresh interpreter. The child (and its workers) is
-    killed if this returns early, by an exception or Ctrl-C."""
+    killed if this returns early, by an exception, Ctrl-C or SIGTERM (which the command
+    line turns into an exception)."""
     with tempfile.TemporaryDirectory(prefix="asyncload-bench-") as tmp:
         payload = os.path.join(tmp, "payload.json")
         with open(payload, "w", encoding="utf-8") as f:
@@ -133,15 +135,24 @@ def _wait_sampling_rss(proc: subprocess.Popen[bytes]) -> int | None:
 
 
 def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
+    """Kill ``proc`` and, with psutil, every process under it (its DataLoader workers);
+    reap ``proc``. Nothing to do once it has exited."""
     if proc.poll() is not None:
         return
-    if psutil is not None:
-        with contextlib.suppress(psutil.Error):
-            for child in psutil.Process(proc.pid).children(recursive=True):
-                with contextlib.suppress(psutil.Error):
-                    child.kill()
-    proc.kill()  # DataLoader workers also exit on their own when their parent dies
-    proc.wait()
+    try:
+        if psutil is not None:
+            stop = getattr(signal, "SIGSTOP", None)  # POSIX
+            if stop is not None:
+                # Frozen, it forks no worker between the listing below and its own kill.
+                with contextlib.suppress(OSError):
+                    proc.send_signal(stop)
+            with contextlib.suppress(psutil.Error):
+                for child in psutil.Process(proc.pid).children(recursive=True):
+                    with contextlib.suppress(psutil.Error):
+                        child.kill()
+    finally:  # even if a second Ctrl-C cuts the above: never leave it stopped, or running
+        proc.kill()  # DataLoader workers also exit on their own when their parent dies
+        proc.wait()
 
 
 def _parse(out: IO[bytes], err: IO[bytes], status: int | None) -> Measurement:

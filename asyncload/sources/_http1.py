@@ -34,7 +34,7 @@ import weakref
 import zlib
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, cast
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import SplitResult, quote, unquote, urlsplit
 
 from .._redact import redact_url
 from ..errors import ObjectTooLargeError, TruncatedBodyError
@@ -422,12 +422,16 @@ class _Target:
         self.origin = (scheme, host, port)
         shown = f"[{host}]" if ":" in host else host
         self.host_header = shown if parts.port is None else f"{shown}:{parts.port}"
-        self.auth: str | None = None
-        if parts.username is not None:
-            user = unquote(parts.username)
-            password = unquote(parts.password or "")
-            token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
-            self.auth = f"Basic {token}"
+        self.auth = basic_auth(parts)
+
+
+def basic_auth(parts: SplitResult) -> str | None:
+    """The ``Authorization`` value for a URL's ``user:password@`` (percent-decoded, UTF-8),
+    or None for a URL without one."""
+    if parts.username is None:
+        return None
+    credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+    return "Basic " + base64.b64encode(credentials.encode()).decode("ascii")
 
 
 def _is_ip(host: str) -> bool:
