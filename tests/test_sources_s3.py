@@ -9,10 +9,14 @@ and on trio the source must raise a clear RuntimeError.
 
 from __future__ import annotations
 
+import io
 import pickle
 import subprocess
 import sys
-from collections.abc import Iterator
+import tarfile
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import anyio
@@ -23,6 +27,7 @@ from s3_faults import FAULTS, LIST, FaultKind, FaultProxy
 from seaweedfs import SeaweedFS
 
 import asyncload as al
+from asyncload._cli.sources import NoSamplesError, S3Options, resolve
 from asyncload.resilience.classify import is_transient
 from asyncload.sources import S3PrefixStream, S3Source
 
@@ -36,6 +41,17 @@ BIG_SIZE = 64 * 1024
 # Per-attempt timeout where a request is stalled on purpose: each stall costs this much
 # wall time; every other request has the rest of a generous retry budget.
 STALL_TIMEOUT = 0.4
+PASSWORD = "PASSW0RDX"  # in an endpoint's userinfo: it must never appear in an error
+# Objects as the S3 console's "Create folder" makes them: folder markers (zero-size, key
+# ending with "/"), one with contents and one without, beside a real empty object.
+MARKED_OBJECTS = {
+    "marked/a/": b"",
+    "marked/a/1": b"a1",
+    "marked/b-empty/": b"",
+    "marked/empty": b"",
+    "marked/z": b"z",
+}
+MARKED_SAMPLES = {"marked/a/1": b"a1", "marked/empty": b"", "marked/z": b"z"}
 
 
 def body_of(i: int) -> bytes:
@@ -61,6 +77,17 @@ def seaweed() -> Iterator[SeaweedFS]:
         objects[BIG_KEY] = bytes(range(256)) * (BIG_SIZE // 256)
         server.put_objects(BUCKET, objects, concurrency=64)
         yield server
+
+
+@pytest.fixture(scope="session")
+def marked(seaweed: SeaweedFS) -> SeaweedFS:
+    """The server, with MARKED_OBJECTS stored under their exact keys: obstore (and so
+    put_objects) would drop a key's trailing "/", so these go up by plain unsigned PUTs."""
+    for key, body in MARKED_OBJECTS.items():
+        url = f"{seaweed.endpoint_url}/{BUCKET}/{urllib.parse.quote(key)}"
+        with urllib.request.urlopen(urllib.request.Request(url, body, method="PUT")) as answer:
+            answer.read()
+    return seaweed
 
 
 @pytest.fixture(scope="session")
@@ -104,6 +131,21 @@ async def collect(loader: al.Loader) -> list[Any]:
         return [batch async for batch in loader]
     finally:
         await loader.aclose()
+
+
+def with_password(endpoint_url: str) -> str:
+    """``endpoint_url`` with ``user:PASSWORD@`` (SeaweedFS ignores it)."""
+    return endpoint_url.replace("://", f"://user:{PASSWORD}@", 1)
+
+
+def tar_bytes(members: Mapping[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
 
 
 def error_texts(exc: BaseException) -> list[str]:
@@ -251,6 +293,72 @@ async def test_missing_bucket_is_file_not_found(seaweed: SeaweedFS) -> None:
             await src[0]
     finally:
         await src.aclose()
+
+
+@pytest.mark.anyio
+async def test_listing_a_missing_bucket_is_file_not_found(seaweed: SeaweedFS) -> None:
+    """A failed listing raises what a failed GET would, naming the bucket and prefix; the
+    endpoint's password is in no message, the chained obstore errors' included."""
+    endpoint = with_password(seaweed.endpoint_url)
+    objects = S3Source.from_prefix("no-such-bucket", "x/", endpoint_url=endpoint, anonymous=True)
+    try:
+        with pytest.raises(FileNotFoundError, match="bucket does not exist") as caught:
+            [key async for key in objects.list_keys()]
+        assert caught.value.filename == "s3://no-such-bucket/x/"
+        assert all(PASSWORD not in t for t in error_texts(caught.value))
+        with pytest.raises(FileNotFoundError, match="bucket does not exist") as caught:
+            [sample async for sample in objects]
+        assert caught.value.filename == "s3://no-such-bucket/x/"
+        assert not is_transient(caught.value)
+        assert all(PASSWORD not in t for t in error_texts(caught.value))
+    finally:
+        await objects.aclose()
+    loader = al.Loader(
+        S3Source.from_prefix("no-such-bucket", "x/", endpoint_url=endpoint, anonymous=True),
+        batch_size=2,
+    )
+    with pytest.raises(al.SampleError) as failed:
+        await collect(loader)
+    assert isinstance(failed.value.__cause__, FileNotFoundError)
+    assert all(PASSWORD not in t for t in error_texts(failed.value))
+    # A GET's error, chained obstore error included, has no password either.
+    src = S3Source("no-such-bucket", ["k"], endpoint_url=endpoint, anonymous=True)
+    try:
+        with pytest.raises(FileNotFoundError) as caught:
+            await src[0]
+        assert all(PASSWORD not in t for t in error_texts(caught.value))
+    finally:
+        await src.aclose()
+
+
+def test_cli_listing_error_names_no_password(seaweed: SeaweedFS) -> None:
+    options = S3Options(endpoint_url=with_password(seaweed.endpoint_url), anonymous=True)
+    with pytest.raises(NoSamplesError, match="bucket does not exist") as caught:
+        resolve("s3://no-such-bucket/x/", urls_file=None, limit=10, s3=options)
+    assert "s3://no-such-bucket/x/" in str(caught.value)
+    assert all(PASSWORD not in t for t in error_texts(caught.value))
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("kind", "error"),
+    [("slowdown", al.HTTPStatusError), ("reset", ConnectionError), ("forbidden", PermissionError)],
+)
+async def test_listing_fault_raises_the_right_error(
+    seaweed: SeaweedFS, proxy: FaultProxy, kind: FaultKind, error: type[Exception]
+) -> None:
+    objects = stream(proxy.endpoint_url, "obj/")
+    try:
+        for listing in (objects.list_keys, objects.__aiter__):
+            proxy.fail(LIST, kind)
+            with pytest.raises(error) as caught:
+                async for _ in listing():
+                    pass
+            assert f"s3://{BUCKET}/obj/" in str(caught.value)
+            assert is_transient(caught.value) == (kind != "forbidden")
+            assert all(SECRET not in t for t in error_texts(caught.value))
+    finally:
+        await objects.aclose()
 
 
 @pytest.mark.anyio
@@ -414,6 +522,34 @@ async def test_loader_first_batch_after_one_listing_page(
     finally:
         await iterator.aclose()
         await loader.aclose()
+
+
+@pytest.mark.anyio
+async def test_from_prefix_skips_folder_markers(marked: SeaweedFS) -> None:
+    """obstore lists "marked/a/" as "marked/a", a key that a GET does not find: such
+    markers are no samples, and the listing goes on; a real empty object is one."""
+    objects = stream(marked.endpoint_url, "marked/")
+    try:
+        assert [k async for k in objects.list_keys()] == list(MARKED_SAMPLES)
+        assert [s async for s in objects] == list(MARKED_SAMPLES.values())
+        only_markers = stream(marked.endpoint_url, "marked/b")
+        assert [k async for k in only_markers.list_keys()] == []
+        assert [s async for s in only_markers] == []
+    finally:
+        await objects.aclose()
+    got = []
+    for rank in range(2):
+        loader = al.Loader(
+            stream(marked.endpoint_url, "marked/"), batch_size=None, rank=rank, world_size=2
+        )
+        got += await collect(loader)
+    assert sorted(got) == sorted(MARKED_SAMPLES.values())
+
+
+def test_cli_lists_no_folder_markers(marked: SeaweedFS) -> None:
+    options = S3Options(endpoint_url=marked.endpoint_url, anonymous=True)
+    spec = resolve(f"s3://{BUCKET}/marked/", urls_file=None, limit=10, s3=options)
+    assert spec.keys == list(MARKED_SAMPLES)
 
 
 # -- faults, through the proxy --------------------------------------------------------------
@@ -622,6 +758,42 @@ async def test_max_connections_bounds_requests_in_flight(
 
 
 @pytest.mark.anyio
+async def test_max_connections_counts_open_chunk_streams(
+    seaweed: SeaweedFS, proxy: FaultProxy
+) -> None:
+    """An iter_chunks stream holds its connection until it is closed, read or not: with
+    max_connections=1, a second stream's GET waits for the first stream to close."""
+    src = source(proxy.endpoint_url, max_connections=1)
+    first = src.iter_chunks(BIG_KEY, 4096)
+    second: list[bytes] = []
+
+    async def read_second() -> None:
+        chunks = src.iter_chunks(obj_key(1))
+        try:
+            async for chunk in chunks:
+                second.append(chunk)
+        finally:
+            await chunks.aclose()  # type: ignore[attr-defined]
+
+    try:
+        assert await first.__anext__()  # open, part read
+        proxy.fail(obj_key(1), "stall")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read_second)
+            # A bounded wait for what must not happen: the second GET reaching the store.
+            with pytest.raises(AssertionError, match="stalled"):
+                await anyio.to_thread.run_sync(proxy.wait_stalled, 1, STALL_TIMEOUT)
+            assert proxy.count(obj_key(1)) == 0
+            await first.aclose()  # type: ignore[attr-defined]
+            await anyio.to_thread.run_sync(proxy.wait_stalled, 1)  # now it is sent
+            proxy.release_stalled()
+        assert b"".join(second) == body_of(1)
+    finally:
+        await first.aclose()  # type: ignore[attr-defined]
+        await src.aclose()
+
+
+@pytest.mark.anyio
 async def test_stream_with_retry_recovers(seaweed: SeaweedFS, proxy: FaultProxy) -> None:
     kinds: tuple[FaultKind, ...] = ("slowdown", "reset", "truncate")
     for i, kind in zip(FAULTED, kinds, strict=True):
@@ -729,6 +901,42 @@ async def test_tar_shards_from_s3(seaweed: SeaweedFS) -> None:
     got = await collect(al.Loader(tar_source, batch_size=None))
     assert [s["__key__"] for s in got] == [f"s{j}/{i:03d}" for j in range(3) for i in range(4)]
     assert [s["bin"] for s in got] == [body_of(j * 10 + i) * 50 for j in range(3) for i in range(4)]
+
+
+@pytest.mark.anyio
+async def test_tar_shards_from_s3_within_max_connections(
+    seaweed: SeaweedFS, proxy: FaultProxy
+) -> None:
+    """max_connections=1 with prefetch_shards=4 finishes: a shard read ahead, its buffer
+    full, holds its connection, so it must not take the one connection that the shard
+    being consumed needs, here to be opened again after it was cut off."""
+    n_samples = 100  # more than a prefetch reader's buffer
+    shards = {
+        f"tars-limited/shard-{shard}.tar": tar_bytes(
+            {f"s{shard}/{i:03d}.bin": body_of(i)[:100] + bytes([shard]) for i in range(n_samples)}
+        )
+        for shard in range(4)
+    }
+    seaweed.put_objects(BUCKET, shards, concurrency=4)
+    proxy.fail("tars-limited/shard-0.tar", "truncate")
+    tar_source = al.sources.TarShardSource(
+        [f"s3://{BUCKET}/{key}" for key in shards],
+        prefetch_shards=4,
+        chunk_size=4096,
+        s3_options={
+            "endpoint_url": proxy.endpoint_url,
+            "access_key_id": KEY_ID,
+            "secret_access_key": SECRET,
+            "max_connections": 1,
+        },
+    )
+    loader = al.Loader(tar_source, batch_size=None, retry=no_wait_retry())
+    with anyio.fail_after(60):  # a deadlock fails here rather than hanging the run
+        got = await collect(loader)
+    assert [s["__key__"] for s in got] == [
+        f"s{shard}/{i:03d}" for shard in range(4) for i in range(n_samples)
+    ]
+    assert proxy.count("tars-limited/shard-0.tar") == 2
 
 
 @pytest.mark.anyio

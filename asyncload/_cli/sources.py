@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 from collections.abc import AsyncGenerator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, cast
@@ -19,6 +20,8 @@ from typing import Any, Literal, cast
 from .._redact import redact_url
 
 Kind = Literal["http", "files", "s3"]
+
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
 
 
 class ArgumentError(Exception):
@@ -175,14 +178,23 @@ async def _list_keys(bucket: str, prefix: str, limit: int, s3: S3Options) -> lis
         # list_keys is an async generator: aclosing ends the listing when we stop early.
         listing = cast("AsyncGenerator[str, None]", stream.list_keys())
         async with contextlib.aclosing(listing):
-            async for key in listing:
-                if key.endswith("/"):  # a "folder" marker object, not a sample
-                    continue
+            async for key in listing:  # (folder markers are left out by list_keys)
                 keys.append(key)
                 if len(keys) == limit:
                     break
     except Exception as exc:
-        raise NoSamplesError(f"cannot list s3://{bucket}/{prefix}: {exc}") from exc
+        raise NoSamplesError(f"cannot list s3://{bucket}/{prefix}: {_reason(exc)}") from exc
     finally:
         await stream.aclose()
     return keys
+
+
+def _reason(exc: Exception) -> str:
+    """Why ``exc`` happened: an OSError's strerror (its filename is the prefix, named
+    already), else its message; URLs in it redacted either way."""
+    if isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror
+    else:
+        text = str(exc) or type(exc).__name__
+    # The endpoint may carry user:password@, and a request URL a signed query string.
+    return _URL.sub(lambda url: redact_url(url.group()), text)

@@ -8,6 +8,7 @@ first use, never by ``import asyncload``; install it with ``pip install 'asynclo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import re
@@ -37,11 +38,26 @@ DEFAULT_MAX_OBJECT_BYTES = 1 << 30
 
 _S3_CODE = re.compile(r"<Code>([A-Za-z0-9.]+)</Code>")
 _REQUEST = re.compile(r"Error performing ([A-Z]+) (\S+)")
+_USERINFO = re.compile(r"(?<=://)[^/\s@]*@")
+
+
+def _scrub(exc: BaseException) -> None:
+    """Take ``user:password@`` out of the URLs in ``exc``'s message, in place."""
+    # obstore's messages name the request URL as configured, an endpoint's userinfo
+    # included, and the original error is chained to ours (tracebacks print it).
+    if any(isinstance(arg, str) and "@" in arg for arg in exc.args):
+        exc.args = tuple(_USERINFO.sub("", a) if isinstance(a, str) else a for a in exc.args)
 
 
 # The process whose obstore (tokio) runtime has run requests. Its threads do not survive a
 # fork: a forked child's requests would hang forever, so the child gets an error instead.
 _runtime_pid: int | None = None
+
+
+def _note_runtime() -> None:
+    global _runtime_pid
+    if _runtime_pid is None:
+        _runtime_pid = os.getpid()
 
 
 def _check_not_forked() -> None:
@@ -179,6 +195,13 @@ class _Client:
     def url(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
 
+    def slot(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        """One of the running loop's ``max_connections``, held while the context is open
+        (a no-op without a limit)."""
+        if self.max_connections is None:
+            return contextlib.nullcontext()
+        return self._limits.get()
+
     async def get(self, key: str, store: S3Store | None = None) -> bytes:
         """The whole object at ``key``, through ``store`` (default: the running loop's),
         holding one of ``max_connections`` while it runs."""
@@ -221,60 +244,103 @@ class _Client:
             raise TruncatedBodyError(f"{self.url(key)}: body has {len(data)} of {size} bytes")
         return data
 
+    async def exists(self, key: str, store: S3Store) -> bool:
+        """Whether a HEAD of ``key`` finds it, holding one of ``max_connections`` while it
+        runs. Failures other than "not found" raise, translated as for a GET."""
+        _note_runtime()
+        try:
+            async with self.slot():
+                await _obstore.head_async(store, key)  # imported with the store
+        except Exception as exc:
+            error = self.translate(exc, key, reading_body=False, method="HEAD")
+            if isinstance(error, FileNotFoundError):
+                return False
+            if error is exc:
+                raise
+            raise error from exc
+        return True
+
     async def iter_chunks(self, key: str, chunk_size: int) -> AsyncIterator[bytes]:
         """The object at ``key`` as it arrives, in chunks of about ``chunk_size`` bytes
-        (for tar shards, too large to hold whole; ``max_object_bytes`` does not apply)."""
-        store = self.store()
-        try:
-            result = await _obstore.get_async(store, key)
-        except Exception as exc:
-            error = self.translate(exc, key, reading_body=False)
-            if error is exc:
-                raise
-            raise error from exc
-        start, end = result.range
-        received = 0
-        try:
-            async for chunk in result.stream(min_chunk_size=chunk_size):
-                data = chunk if type(chunk) is bytes else bytes(chunk)
-                received += len(data)
-                yield data
-        except Exception as exc:
-            error = self.translate(exc, key, reading_body=True)
-            if error is exc:
-                raise
-            raise error from exc
-        if received != end - start:
-            raise TruncatedBodyError(f"{self.url(key)}: body has {received} of {end - start} bytes")
+        (for tar shards, too large to hold whole; ``max_object_bytes`` does not apply).
 
-    def translate(self, exc: BaseException, key: str, *, reading_body: bool) -> BaseException:
-        """An obstore error as the error asyncload users expect (the caller chains the
-        original as ``__cause__``):
+        Holds one of ``max_connections`` from the request until the stream ends or is
+        closed, also while its consumer is not reading: an open stream keeps its connection.
+        """
+        store = self.store()
+        _note_runtime()
+        async with self.slot():
+            try:
+                result = await _obstore.get_async(store, key)
+            except Exception as exc:
+                error = self.translate(exc, key, reading_body=False)
+                if error is exc:
+                    raise
+                raise error from exc
+            start, end = result.range
+            received = 0
+            try:
+                async for chunk in result.stream(min_chunk_size=chunk_size):
+                    data = chunk if type(chunk) is bytes else bytes(chunk)
+                    received += len(data)
+                    yield data
+            except Exception as exc:
+                error = self.translate(exc, key, reading_body=True)
+                if error is exc:
+                    raise
+                raise error from exc
+            if received != end - start:
+                raise TruncatedBodyError(
+                    f"{self.url(key)}: body has {received} of {end - start} bytes"
+                )
+
+    def translate(
+        self,
+        exc: BaseException,
+        key: str,
+        *,
+        reading_body: bool,
+        method: str = "GET",
+        listing: bool = False,
+    ) -> BaseException:
+        """An obstore error from a ``method`` request for ``key`` (or, with ``listing``, from
+        listing the prefix ``key``) as the error asyncload users expect (the caller chains
+        the original as ``__cause__``):
 
         - a missing key or bucket: ``FileNotFoundError`` (``filename`` is ``s3://bucket/key``);
+          a listing fails only for a missing bucket (an empty prefix lists nothing);
         - 401/403: ``PermissionError``;
         - any other non-2xx answer: `HTTPStatusError` (status, S3 error code in the message);
         - a body cut short: `TruncatedBodyError`; a timeout: ``TimeoutError``; a failed
           connection or request: ``ConnectionError``.
 
-        Anything else is returned as it is. Messages name the key, never credentials.
+        Anything else is returned as it is. Messages name the key (or prefix), never
+        credentials: the original's message loses any ``user:password@`` of the endpoint.
         """
         if not isinstance(exc, Exception):
             return exc
+        _scrub(exc)
         url = self.url(key)
         text = str(exc)
         code_match = _S3_CODE.search(text)
         code = code_match.group(1) if code_match else None
         new: BaseException | None = None
         request = _REQUEST.search(text)
-        if request is not None and request.group(1) != "GET":
-            # Not the object's GET: e.g. a credentials request to instance metadata.
+        ours = request is None or request.group(1) == method
+        if request is not None and not ours:
+            # Not the request we made: e.g. a credentials request to instance metadata.
             url = f"{url} (failed on {request.group(1)} {redact_url(request.group(2))})"
-        if isinstance(exc, FileNotFoundError):
-            what = "the bucket does not exist" if code == "NoSuchBucket" else "no such key"
+        status, kind = obstore_error_facts(exc)
+        if (
+            isinstance(exc, FileNotFoundError)
+            or code == "NoSuchBucket"
+            or (listing and ours and status == 404)
+        ):
+            # obstore reports a listing's 404 as a GenericError, not as NotFoundError.
+            missing_bucket = listing or code == "NoSuchBucket"
+            what = "the bucket does not exist" if missing_bucket else "no such key"
             new = FileNotFoundError(errno.ENOENT, what, url)
         elif not isinstance(exc, (TruncatedBodyError, ValueError)):
-            status, kind = obstore_error_facts(exc)
             name = type(exc).__name__
             if status in (401, 403) or name in ("PermissionDeniedError", "UnauthenticatedError"):
                 new = PermissionError(errno.EACCES, f"access denied ({code or status})", url)
@@ -315,7 +381,8 @@ class S3Source(AsyncDataset[bytes]):
     - ``allow_http``: plain HTTP to the endpoint; default True exactly when
       ``endpoint_url`` starts with ``http://``.
     - ``max_connections``: requests in flight at most per event loop (default ``None``:
-      bounded only by the Loader's ``concurrency``).
+      bounded only by the Loader's ``concurrency``); an :meth:`iter_chunks` stream counts
+      as one for as long as it is open.
     - ``config``, ``client_options``, ``retry_config``: passed to obstore's ``S3Store``
       (``S3Config``, ``ClientConfig`` e.g. ``{"timeout": "120s"}`` for large objects,
       ``RetryConfig``). obstore's own retries are off unless ``retry_config`` turns them on,
@@ -374,6 +441,12 @@ class S3Source(AsyncDataset[bytes]):
     @property
     def bucket(self) -> str:
         return self._client.bucket
+
+    @property
+    def max_connections(self) -> int | None:
+        """Requests in flight (open :meth:`iter_chunks` streams included) at most per event
+        loop; ``None``: no limit."""
+        return self._client.max_connections
 
     @classmethod
     def from_prefix(
@@ -457,7 +530,12 @@ class S3Source(AsyncDataset[bytes]):
 
     def iter_chunks(self, key: str, chunk_size: int = 1 << 20) -> AsyncIterator[bytes]:
         """The object at ``key`` (any key of the bucket) as it arrives, in chunks: for
-        streams too large to hold whole, such as tar shards."""
+        streams too large to hold whole, such as tar shards. Errors are as for a sample.
+
+        The stream holds one of ``max_connections`` from its request until it ends or is
+        closed (``aclose()``), also while nobody reads it: whoever keeps several streams
+        open at once must need no more than ``max_connections`` of them to make progress.
+        """
         return self._client.iter_chunks(key, chunk_size)
 
     async def aclose(self) -> None:
@@ -482,7 +560,13 @@ class S3PrefixStream(AsyncIterableDataset[bytes]):
       (an `asyncload.Retry`) retries a failed GET, its first attempt being the one
       started ahead. Without ``retry``, a failed GET ends the stream with its error
       (``FileNotFoundError`` for a key deleted since it was listed), which the Loader
-      raises as a `SampleError`.
+      raises as a `SampleError`;
+    - a failed listing ends the stream with the error a GET would raise, naming
+      ``s3://bucket/prefix`` (``FileNotFoundError`` for a bucket that does not exist);
+    - folder markers (zero-size objects whose key ends with ``/``, as the S3 console's
+      "Create folder" makes) are not samples: they are skipped. obstore lists such a key
+      without its ``/``, so a zero-size key that a GET does not find is taken for one
+      (an empty object deleted since it was listed is skipped too).
 
     Every pass lists afresh. Under a Loader with several ranks or workers, each one reads
     the whole listing but fetches only its share of the objects (every ``shares``-th key).
@@ -529,8 +613,24 @@ class S3PrefixStream(AsyncIterableDataset[bytes]):
         return obstore.list(store, parent or None, offset=prefix[:-1], chunk_size=self.page_size)
 
     def _pages(self, store: S3Store) -> Callable[[], asyncio.Future[Any]]:
+        """A function that starts reading the next listing page: its future gives the page's
+        object metas, raises ``StopAsyncIteration`` after the last, or a translated error."""
+        _note_runtime()
         listing = self._listing(store)
-        return lambda: asyncio.ensure_future(listing.__anext__())
+        client, prefix = self._client, self.prefix
+
+        async def next_page() -> Any:
+            try:
+                return await listing.__anext__()
+            except StopAsyncIteration:
+                raise
+            except Exception as exc:
+                error = client.translate(exc, prefix, reading_body=False, listing=True)
+                if error is exc:
+                    raise
+                raise error from exc
+
+        return lambda: asyncio.ensure_future(next_page())
 
     def _accept(self, key: str) -> bool | None:
         """True to keep ``key``, False to skip it, None when the listing is past the prefix."""
@@ -540,19 +640,47 @@ class S3PrefixStream(AsyncIterableDataset[bytes]):
         return None if key > self.prefix else False
 
     async def list_keys(self) -> AsyncIterator[str]:
-        """The keys under the prefix, listed lazily, page by page, in listing order."""
-        next_page = self._pages(self._client.store())
-        while True:
+        """The keys under the prefix, listed lazily, page by page, in listing order.
+
+        Folder markers are left out: each zero-size key costs a HEAD request (at most
+        ``in_flight`` at once), since only that tells a marker (not found) from an empty
+        object. A failed listing or HEAD raises as :class:`S3PrefixStream` says.
+        """
+        store = self._client.store()
+        next_page = self._pages(store)
+        past_prefix = False
+        while not past_prefix:
             try:
                 page = await next_page()
             except StopAsyncIteration:
                 return
+            metas = []
             for meta in page:
                 verdict = self._accept(meta["path"])
                 if verdict is None:
-                    return
+                    past_prefix = True
+                    break
                 if verdict:
+                    metas.append(meta)
+            markers = await self._folder_markers(
+                store, [meta["path"] for meta in metas if meta["size"] == 0]
+            )
+            for meta in metas:
+                if meta["path"] not in markers:
                     yield meta["path"]
+
+    async def _folder_markers(self, store: S3Store, empty: list[str]) -> set[str]:
+        """Those of the listed zero-size keys ``empty`` that a HEAD does not find."""
+        if not empty:
+            return set()
+        limiter = anyio.CapacityLimiter(self.in_flight)
+
+        async def exists(key: str) -> bool:
+            async with limiter:
+                return await self._client.exists(key, store)
+
+        found = await gather(exists, empty)
+        return {key for key, there in zip(empty, found, strict=True) if not there}
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._objects(0, 1)
@@ -570,13 +698,13 @@ class S3PrefixStream(AsyncIterableDataset[bytes]):
         store = client.store()
         listed = 0  # keys under the prefix listed so far
         next_page = self._pages(store)
-        keys: deque[str] = deque()
+        keys: deque[tuple[str, int]] = deque()  # (key, listed size) to fetch
         page: asyncio.Future[Any] | None = None
         listed_all = False
-        # (key, its fetch, when it started), in listing order. Tasks owned by this window
-        # and cancelled when the stream ends: a generator cannot hold a task group open
-        # across its yields, and obstore runs on asyncio only anyway.
-        window: deque[tuple[str, asyncio.Task[bytes], float]] = deque()
+        # (key, listed size, its fetch, when it started), in listing order. Tasks owned by
+        # this window and cancelled when the stream ends: a generator cannot hold a task
+        # group open across its yields, and obstore runs on asyncio only anyway.
+        window: deque[tuple[str, int, asyncio.Task[bytes], float]] = deque()
         try:
             while True:
                 if page is None and not listed_all and len(keys) < self.in_flight:
@@ -595,21 +723,30 @@ class S3PrefixStream(AsyncIterableDataset[bytes]):
                             break
                         if verdict:
                             if listed % shares == slot:
-                                keys.append(meta["path"])
+                                keys.append((meta["path"], meta["size"]))
                             listed += 1
                     continue
                 while keys and len(window) < self.in_flight:
-                    key = keys.popleft()
+                    key, size = keys.popleft()
                     fetch = asyncio.ensure_future(client.get(key, store))
-                    window.append((key, fetch, anyio.current_time()))
+                    window.append((key, size, fetch, anyio.current_time()))
                 if not window:
                     if listed_all and page is None:
                         return
                     continue
-                key, fetch, started = window.popleft()
-                yield await self._finish(store, key, fetch, started)
+                key, size, fetch, started = window.popleft()
+                try:
+                    data = await self._finish(store, key, fetch, started)
+                except FileNotFoundError:
+                    # Listed with size 0 but not there: a folder marker ("key/", which
+                    # obstore lists as "key"), and its GET costs no more than an empty
+                    # object's would.
+                    if size == 0:
+                        continue
+                    raise
+                yield data
         finally:
-            pending: list[asyncio.Future[Any]] = [fetch for _, fetch, _ in window]
+            pending: list[asyncio.Future[Any]] = [fetch for _, _, fetch, _ in window]
             if page is not None:
                 pending.append(page)
             for future in pending:

@@ -51,8 +51,8 @@ class TarShardSource(AsyncIterableDataset[Sample]):
       share repeat samples to make up the count;
     - ``prefetch_shards`` shards of a share are read at once, in the background, ahead of
       the one being consumed, so a slow store is read over several connections (for HTTP
-      shards, at most ``http_options``' ``max_connections``: a reader ahead holds its
-      connection while it waits);
+      shards, at most ``http_options``' ``max_connections``, for S3 shards at most
+      ``s3_options``' when it is set: a reader ahead holds its connection while it waits);
     - the loader's ``retry`` and ``timeout`` apply to opening a shard and to each read: a
       shard that fails part-way is opened again and the samples already given are passed
       over, so nothing is lost or repeated; a shard that still fails becomes a sample
@@ -134,14 +134,17 @@ class TarShardSource(AsyncIterableDataset[Sample]):
             return chunks
         if shard.startswith("s3://"):
             bucket, _, key = shard[len("s3://") :].partition("/")
-            source = self._s3.get(bucket)
-            if source is None:
-                from .s3 import S3Source
-
-                source = self._s3[bucket] = S3Source(bucket, [], **self.s3_options)
-            chunks = source.iter_chunks(key, self.chunk_size)
+            chunks = self._s3_source(bucket).iter_chunks(key, self.chunk_size)
             return chunks
         return _file_chunks(shard.removeprefix("file://"), self.chunk_size)
+
+    def _s3_source(self, bucket: str) -> Any:
+        source = self._s3.get(bucket)
+        if source is None:
+            from .s3 import S3Source
+
+            source = self._s3[bucket] = S3Source(bucket, [], **self.s3_options)
+        return source
 
     async def aclose(self) -> None:
         if self._http is not None:
@@ -244,6 +247,13 @@ class TarShardSource(AsyncIterableDataset[Sample]):
             # connection (to open, or to reopen after a cut) held by a reader that waits for
             # the consumer: a deadlock. When each reader can have one, all make progress.
             readers = min(readers, self._http_source().max_connections)
+        s3_shard = next((shard for shard, _, _ in pieces if shard.startswith("s3://")), None)
+        if s3_shard is not None:
+            # The same for S3 shards, when s3_options set max_connections (for every bucket).
+            bucket = s3_shard[len("s3://") :].partition("/")[0]
+            limit = self._s3_source(bucket).max_connections
+            if limit is not None:
+                readers = min(readers, limit)
         if spec.start_soon is None or readers == 1:
             for piece in pieces:
                 async with aclosing(self._shard_items(piece, spec)) as items:
