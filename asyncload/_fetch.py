@@ -119,20 +119,25 @@ class ErrorPolicy:
             return self.settle()
         return None
 
-    def settle(self) -> Failure | None:
-        """Check the budget once 100 samples were attempted, if no failure has since."""
-        if self._checked or self.attempted < 100 or not isinstance(self.max_errors, float):
+    def settle(self, *, final: bool = False) -> Failure | None:
+        """Check the budget once 100 samples were attempted, if no failure has since;
+        ``final`` (every sample of the epoch attempted): whatever the count, since the
+        fraction can no longer change, and an epoch of 50 samples that all failed must not
+        pass as an empty one."""
+        if self._checked or not isinstance(self.max_errors, float):
+            return None
+        if self.attempted < 100 and not final:
             return None
         self._checked = True
-        budget = self._over_budget() if self.on_error != "raise" else None
+        budget = self._over_budget(final=final) if self.on_error != "raise" else None
         return None if budget is None else Failure(budget)
 
-    def _over_budget(self) -> ErrorBudgetExceeded | None:
+    def _over_budget(self, *, final: bool = False) -> ErrorBudgetExceeded | None:
         limit, errors = self.max_errors, self.stats.errors
         if limit is None:
             return None
         if isinstance(limit, float):
-            if self.attempted < 100 or errors <= limit * self.attempted:
+            if (self.attempted < 100 and not final) or errors <= limit * self.attempted:
                 return None
             what = f"{errors} of {self.attempted} samples failed, more than max_errors={limit}"
         elif errors <= limit:

@@ -247,7 +247,7 @@ class _Assembly:
 
     def _end_fetching(self) -> None:
         """Every unit is fetched: settle the error budget, flush the last partial batch."""
-        settled = self.fetcher.policy.settle()
+        settled = self.fetcher.policy.settle(final=True)
         if settled is not None:
             self._fail(settled.exc)
         if self.failure is None and not (self.drop_last and isinstance(self.batcher, CountBatcher)):
