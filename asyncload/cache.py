@@ -20,7 +20,7 @@ import anyio
 import numpy as np
 
 from ._redact import redact_key
-from .datasets import DROPPED, AsyncDataset, normalize_index
+from .datasets import DROPPED, AsyncDataset, _dataset_token, normalize_index
 from .errors import SampleError, SampleFiltered
 
 __all__ = ["CacheStatistics", "LRUCache", "Policy", "WarmResult", "cache_key"]
@@ -221,15 +221,23 @@ def _check_limit(name: str, value: object) -> int | None:
 
 
 def cache_key(dataset: AsyncDataset[Any], index: int) -> Hashable:
-    """The key under which sample ``index`` of ``dataset`` is cached: ``dataset.key_of(index)``
-    (tagged by each ``map`` view it passed through), or ``index`` itself where that is ``None``.
+    """The key under which sample ``index`` of ``dataset`` is cached (the Loader's and
+    :meth:`LRUCache.warm`'s): ``dataset.key_of(index)`` for a source with keys (a path, a
+    URL, an object key: the same in every process and run), else ``(token, index)`` with a
+    random token of the dataset object, kept by its pickled copies (DataLoader workers);
+    views add their part (a ``map`` or ``filter`` view its function's tag, a
+    ``ConcatDataset`` the part's number), and a ``Subset`` passes its parent's key on.
+    So datasets and views that share a cache never share an entry unless they hold the
+    same value, and a dataset without keys never finds entries stored by another run.
 
     ``index`` must already be in ``range(len(dataset))`` (as the Loader's plan gives it), so
     that ``-1`` and ``len - 1`` share one entry.
     """
-    get = getattr(dataset, "_cache_key", None) or dataset.key_of  # (duck-typed datasets)
-    key = get(index)
-    return index if key is None else key
+    get = getattr(dataset, "_cache_key", None)
+    if get is not None:
+        return get(index)  # type: ignore[no-any-return]
+    key = dataset.key_of(index)  # a duck-typed dataset
+    return (_dataset_token(dataset), index) if key is None else key
 
 
 @dataclass(frozen=True)

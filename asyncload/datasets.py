@@ -19,10 +19,11 @@ import bisect
 import functools
 import inspect
 import operator
+import os
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Hashable, Sequence
-from typing import Any, Final, Generic, TypeVar, final, overload
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar, final, overload
 
 import anyio.to_thread
 
@@ -91,6 +92,23 @@ def function_tag(fn: Callable[..., Any]) -> str:
     return f"view-{uuid.uuid4().hex}"
 
 
+def _new_token() -> str:
+    # 128 random bits, as many as a uuid4 has, made in a quarter of the time.
+    return f"dataset-{os.urandom(16).hex()}"
+
+
+def _dataset_token(dataset: object) -> str:
+    """The random token that names ``dataset``'s samples in caches where it has no keys:
+    made with the object, kept by its copies (pickled into DataLoader workers, or
+    ``copy.copy``), never the same for two datasets built apart."""
+    token = getattr(dataset, "_cache_token", None)
+    if not isinstance(token, str):
+        # An object that never went through AsyncDataset.__new__ (a duck-typed dataset):
+        # made now; setdefault keeps the first of two threads racing here.
+        token = vars(dataset).setdefault("_cache_token", _new_token())
+    return token
+
+
 def normalize_index(index: int, length: int) -> int:
     """Map a Python-style index (negative counts from the end) into ``range(length)``.
 
@@ -109,6 +127,18 @@ def normalize_index(index: int, length: int) -> int:
 
 class AsyncDataset(ABC, Generic[T]):
     """Abstract map-style dataset: ``len(ds)`` samples, fetched with ``await ds[i]``."""
+
+    if not TYPE_CHECKING:  # (hidden from type checkers: constructors keep their signatures)
+
+        def __new__(cls, *args, **kwargs):
+            if (args or kwargs) and cls.__init__ is object.__init__:
+                # object.__init__ stops checking once __new__ is overridden: check here.
+                raise TypeError(f"{cls.__name__}() takes no arguments")
+            self = super().__new__(cls)
+            # In __new__, not __init__, which subclasses need not call; and with the object,
+            # so that DataLoader workers, forked or sent a pickled copy, share it.
+            self._cache_token = _new_token()
+            return self
 
     @abstractmethod
     def __len__(self) -> int: ...
@@ -129,11 +159,19 @@ class AsyncDataset(ABC, Generic[T]):
         """The storage key of sample ``index`` (a path, a URL), or None for datasets without keys."""
         return None
 
-    def _cache_key(self, index: int) -> Hashable | None:
-        """What names sample ``index``'s value in a cache: ``key_of`` for a source; a view
-        that changes values (``map``) adds its own part, so that a cache shared by a source
-        and its views never hands one's value to the other."""
-        return self.key_of(index)
+    def _cache_key(self, index: int) -> Hashable:
+        """What names sample ``index``'s value in a cache (``index`` in ``range(len(self))``):
+        ``key_of(index)`` for a source with keys, else ``(token, index)`` where ``token`` is
+        this object's own (kept by its pickled copies, new for every dataset built); a
+        view that keeps the values (``Subset``) passes its parent's key on, one that
+        changes or drops them (``map``, ``filter``) adds its own part, so that a cache
+        shared by datasets and their views never hands one's value to another.
+
+        A key from ``key_of`` means the same bytes in every process and run; a token only
+        this object and its copies, so a persistent cache never serves a dataset without
+        keys what another run (or a dataset built elsewhere) stored."""
+        key = self.key_of(index)
+        return (_dataset_token(self), index) if key is None else key
 
     async def aclose(self) -> None:
         """Release what this dataset holds in the running event loop (connections, sessions)."""
@@ -222,9 +260,8 @@ class MappedDataset(AsyncDataset[U], Generic[T, U]):
     def key_of(self, index: int) -> Hashable | None:
         return self.dataset.key_of(index)
 
-    def _cache_key(self, index: int) -> Hashable | None:
-        key = self.dataset._cache_key(index)
-        return None if key is None else (*self._cache_tag, key)
+    def _cache_key(self, index: int) -> Hashable:
+        return (*self._cache_tag, self.dataset._cache_key(index))
 
     async def aclose(self) -> None:
         await self.dataset.aclose()
@@ -238,6 +275,8 @@ class FilteredDataset(AsyncDataset[T]):
             raise TypeError(f"filter: pred must be callable, got {type(pred).__name__}")
         self.dataset = dataset
         self.pred = pred
+        # Entries of its own: the source's (cached whole) would skip the predicate.
+        self._cache_tag = ("filter", function_tag(pred))
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -272,17 +311,32 @@ class FilteredDataset(AsyncDataset[T]):
     def key_of(self, index: int) -> Hashable | None:
         return self.dataset.key_of(index)
 
-    def _cache_key(self, index: int) -> Hashable | None:
-        return self.dataset._cache_key(index)
+    def _cache_key(self, index: int) -> Hashable:
+        return (*self._cache_tag, self.dataset._cache_key(index))
 
     async def aclose(self) -> None:
         await self.dataset.aclose()
 
 
+_WRAP_HINT: Final = (
+    " (wrap a torch Dataset with al.from_torch(...), a list or an array with al.from_sequence(...))"
+)
+
+
 class Subset(AsyncDataset[T]):
-    """A view on ``dataset`` at the given ``indices`` (in that order)."""
+    """A view on ``dataset`` at the given ``indices`` (in that order).
+
+    Raises ``TypeError`` when ``dataset`` is not an :class:`AsyncDataset` (wrap a torch
+    dataset with :func:`from_torch`, a list or an array with :func:`from_sequence`), and
+    ``IndexError``/``TypeError`` for an index out of range or not an integer.
+    """
 
     def __init__(self, dataset: AsyncDataset[T], indices: Sequence[int]) -> None:
+        if not isinstance(dataset, AsyncDataset):
+            raise TypeError(
+                f"Subset: dataset must be an AsyncDataset, got {type(dataset).__name__}"
+                + _WRAP_HINT
+            )
         n = len(dataset)
         self.dataset = dataset
         self.indices = [normalize_index(i, n) for i in indices]
@@ -314,7 +368,8 @@ class Subset(AsyncDataset[T]):
     def key_of(self, index: int) -> Hashable | None:
         return self.dataset.key_of(self.indices[normalize_index(index, len(self.indices))])
 
-    def _cache_key(self, index: int) -> Hashable | None:
+    def _cache_key(self, index: int) -> Hashable:
+        # The parent's key: Subset(ds, [4])[0] and ds[4] are one sample, one entry.
         return self.dataset._cache_key(self.indices[normalize_index(index, len(self.indices))])
 
     async def aclose(self) -> None:
@@ -331,6 +386,7 @@ class ConcatDataset(AsyncDataset[T]):
             if not isinstance(d, AsyncDataset):
                 raise TypeError(
                     f"ConcatDataset: datasets must be AsyncDataset instances, got {type(d).__name__}"
+                    + _WRAP_HINT
                 )
             # ds1 + ds2 + ds3 gives one flat concatenation, not a nested one.
             flat.extend(d.datasets if type(d) is ConcatDataset else [d])
@@ -393,10 +449,9 @@ class ConcatDataset(AsyncDataset[T]):
         # two buckets): the part's number keeps them apart, in caches above all.
         return None if key is None else (d, key)
 
-    def _cache_key(self, index: int) -> Hashable | None:
+    def _cache_key(self, index: int) -> Hashable:
         d, local = self.locate(index)
-        key = self.datasets[d]._cache_key(local)
-        return None if key is None else (d, key)
+        return (d, self.datasets[d]._cache_key(local))
 
     async def aclose(self) -> None:
         for d in self.datasets:

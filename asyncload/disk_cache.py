@@ -306,8 +306,11 @@ class DiskCache:
 
     Keys: see :func:`encode_key` (``str``, ``bytes``, ``int``, ``None``, tuples of them;
     anything else raises ``TypeError``). The file name is the SHA-256 of ``namespace`` and
-    the encoded key. The Loader falls back to the sample index as the key for datasets
-    without ``key_of``: give each such dataset its own ``namespace`` (or directory).
+    the encoded key. The Loader's keys (:func:`~asyncload.cache.cache_key`) from ``key_of``
+    are the same in every process and run, so entries outlive restarts; those of a dataset
+    without ``key_of`` hold a random token of the dataset object (kept by its pickled
+    copies, DataLoader workers), so they are shared by its workers and never served to
+    another dataset or a restarted run.
 
     Single flight: concurrent calls for one key in one process run ``load`` once (as
     :class:`~asyncload.LRUCache`); across processes a per-key ``flock`` makes the others wait

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import sys
 import zlib
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -422,7 +424,12 @@ def test_a_map_view_never_shares_entries_with_its_source(mapped_first: bool) -> 
     assert cache_key(upper, 0) != cache_key(source.map(bytes.upper), 0)
     assert cache_key(al.Subset(upper, [2, 0]), 1) == cache_key(upper, 0)
     assert cache_key((source + upper), 3) == (1, cache_key(upper, 0))
-    assert cache_key(upper.filter(bool), 0) == cache_key(upper, 0)
+    # A filter view drops samples: its own entries, or the source's would skip the predicate.
+    assert cache_key(upper.filter(callable), 0) == (
+        "filter",
+        "builtins.callable",
+        cache_key(upper, 0),
+    )
     assert pickle.loads(pickle.dumps(named))._cache_key(1) == named._cache_key(1)
 
 
@@ -432,3 +439,91 @@ def test_a_mapped_view_through_concat_and_subset_keeps_its_values() -> None:
     assert _epoch(both, cache) == [b"raw0", b"raw1", b"RAW0", b"RAW1"]
     assert _epoch(source, cache) == [b"raw0", b"raw1"]  # not the same entries
     assert source.fetches == 6
+
+
+def test_a_filter_view_never_serves_what_its_source_cached() -> None:
+    source, cache = Keyed(4), LRUCache(max_items=100)
+    assert _epoch(source, cache) == [b"raw0", b"raw1", b"raw2", b"raw3"]
+    even = source.filter(lambda b: int(b[3:]) % 2 == 0)
+    assert _epoch(even, cache) == [b"raw0", b"raw2"]  # not the source's entries for 1 and 3
+    assert _epoch(source, cache) == [b"raw0", b"raw1", b"raw2", b"raw3"]
+
+
+# -- keys of datasets without key_of: one namespace per dataset object ----------------------
+
+
+class Unkeyed(al.AsyncDataset[str]):
+    """``n`` strings ``"{name}-{i}"`` and no ``key_of``, as most users' own datasets."""
+
+    def __init__(self, name: str, n: int) -> None:
+        self.name = name
+        self.n = n
+        self.fetches = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    async def __getitem__(self, index: int) -> str:
+        self.fetches += 1
+        return f"{self.name}-{index}"
+
+
+def test_datasets_without_keys_and_their_views_never_share_values() -> None:
+    base = Unkeyed("x", 4)
+    cache = LRUCache(max_items=100)
+    assert _epoch(base.map(lambda s: s + "-aug"), cache) == [
+        "x-0-aug",
+        "x-1-aug",
+        "x-2-aug",
+        "x-3-aug",
+    ]
+    assert _epoch(base.map(lambda s: s), cache) == ["x-0", "x-1", "x-2", "x-3"]
+    assert _epoch(Unkeyed("val", 2), cache) == ["val-0", "val-1"]  # another dataset
+    a, b = al.from_sequence(["a0", "a1"]), al.from_sequence(["b0", "b1"])
+    assert _epoch(a, cache) == ["a0", "a1"] and _epoch(b, cache) == ["b0", "b1"]
+    assert _epoch(al.from_torch(["t0", "t1"]), cache) == ["t0", "t1"]
+
+
+def test_a_subset_shares_its_parents_entries_without_keys() -> None:
+    base, cache = Unkeyed("x", 6), LRUCache(max_items=100)
+    assert _epoch(al.Subset(base, [4, 5]), cache) == ["x-4", "x-5"]
+    assert _epoch(base, cache) == [f"x-{i}" for i in range(6)]  # its own index 0 is x-0
+    assert base.fetches == 6  # 4 and 5 were the subset's entries: the same samples
+    assert _epoch(base + base, cache) == [f"x-{i}" for i in range(6)] * 2
+    assert cache_key(al.Subset(base, [4, 5]), 0) == cache_key(base, 4)
+    assert cache_key(base.filter(bool), 4) != cache_key(base, 4)
+
+
+def test_the_token_of_a_dataset_without_keys_goes_with_its_copies() -> None:
+    base = Unkeyed("x", 4)
+    # Pickled before any lookup (a DataLoader worker's copy): the same keys, so workers
+    # sharing a DiskCache share its entries; a forked worker inherits the same token.
+    copy = pickle.loads(pickle.dumps(base))
+    assert [cache_key(copy, i) for i in range(4)] == [cache_key(base, i) for i in range(4)]
+    mapped = base.map(str.upper)
+    assert pickle.loads(pickle.dumps(mapped))._cache_key(1) == cache_key(mapped, 1)
+    # Another dataset, even an equal one (a restarted run's), never finds these entries.
+    assert cache_key(Unkeyed("x", 4), 1) != cache_key(base, 1)
+    assert cache_key(base, 1) != 1 and cache_key(base, 1) != cache_key(base, 2)
+
+
+def test_file_sources_over_two_roots_never_share_entries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    roots = [tmp_path / "a", tmp_path / "b"]
+    for root in roots:
+        root.mkdir()
+        for i in range(3):
+            (root / f"{i}.bin").write_bytes(root.name.encode() * (i + 1))
+    cache = LRUCache(max_items=100)
+    a, b = (al.sources.FileSource.from_directory(root) for root in roots)
+    assert a.key_of(0) == b.key_of(0) == "0.bin"  # messages and labels: as given
+    assert _epoch(a, cache) == [b"a", b"aa", b"aaa"]
+    assert _epoch(b, cache) == [b"b", b"bb", b"bbb"]
+    # Keyed by the absolute path: the same file through the same root is one entry, in
+    # any process or run.
+    assert cache_key(a, 1) == os.path.join(os.path.realpath(roots[0]), "1.bin")
+    assert cache_key(al.sources.FileSource(["1.bin"], root=roots[0]), 0) == cache_key(a, 1)
+    # Without a root, relative paths name files in the working directory, as reads do.
+    monkeypatch.chdir(roots[1])
+    assert cache_key(al.sources.FileSource(["1.bin"]), 0) == os.path.join(os.getcwd(), "1.bin")

@@ -127,12 +127,14 @@ async def test_batched_dataset_warms_a_chunk_per_call() -> None:
 
 async def test_keys_are_the_loaders_keys() -> None:
     plain, keyed = Counting(5), Counting(5, keyed=True)
-    assert cache_key(plain, 3) == 3
+    # Without keys: the index under a token of the dataset object, never a bare index that
+    # another dataset sharing the cache would also look up.
+    assert cache_key(plain, 3) == cache_key(plain, 3) != cache_key(Counting(5), 3)
     assert cache_key(keyed, 3) == "key-3"
     cache = LRUCache()
     result = await cache.warm(plain, indices=[-1, 4, 0])  # -1 is 4: one entry, as the Loader's
     assert (result.warmed, result.already_cached) == (2, 1)
-    assert 4 in cache and 0 in cache and -1 not in cache
+    assert len(cache) == 2 and cache_key(plain, 4) in cache and cache_key(plain, 0) in cache
     plain.calls.clear()
     await epoch(al.Loader(plain, sampler=[4, 0], batch_size=2, cache=cache))
     assert plain.calls == []
@@ -209,7 +211,7 @@ async def test_stops_at_max_items_with_a_prefix_however_loads_complete() -> None
             await anyio.wait_all_tasks_blocked()
     result = results[0]
     assert result.full and result.warmed == 5 and result.done == 5
-    assert sorted(k for k in order if k in cache) == sorted(order[:5])
+    assert sorted(k for k in order if cache_key(ds, k) in cache) == sorted(order[:5])
     assert cache.statistics()["evictions"] == 0
 
 
@@ -217,11 +219,12 @@ async def test_stops_at_max_bytes_and_never_evicts_what_was_there() -> None:
     cache = LRUCache(max_bytes=100)
     await cache.get_or_load("old", lambda: _value(b"x" * 20))
     seen: list[tuple[int, int]] = []
-    result = await cache.warm(Batched(10), chunk_size=4, progress=lambda d, t: seen.append((d, t)))
+    ds = Batched(10)
+    result = await cache.warm(ds, chunk_size=4, progress=lambda d, t: seen.append((d, t)))
     # 20 bytes were there; 5 samples of 16 fit in the remaining 80.
     assert (result.warmed, result.bytes, result.full) == (5, 80, True)
     assert "old" in cache and cache.statistics()["evictions"] == 0
-    assert [k for k in range(10) if k in cache] == [0, 1, 2, 3, 4]
+    assert [k for k in range(10) if cache_key(ds, k) in cache] == [0, 1, 2, 3, 4]
     assert seen == [(0, 10), (4, 10), (5, 10)]  # the last call says how far it got
 
 
@@ -263,7 +266,7 @@ async def test_filtered_samples_are_counted_not_cached() -> None:
     cache = LRUCache()
     result = await cache.warm(odd, chunk_size=3)
     assert (result.warmed, result.filtered, result.full) == (5, 5, False)
-    assert [k for k in range(10) if k in cache] == [1, 3, 5, 7, 9]
+    assert [k for k in range(10) if cache_key(odd, k) in cache] == [1, 3, 5, 7, 9]
 
 
 @pytest.mark.parametrize("kind", [Counting, Batched])

@@ -374,3 +374,35 @@ async def test_concat_keys_keep_parts_apart(tmp_path: Any) -> None:
     assert ds.key_of(0) != ds.key_of(1)
     loader = al.Loader(ds, batch_size=None, cache=al.LRUCache())
     assert [x async for x in loader] == [b"A", b"B"]
+
+
+@pytest.mark.parametrize("wrong", [list(range(10)), "torch"])
+def test_subset_refuses_what_is_not_an_async_dataset(wrong: Any) -> None:
+    class TD(torch.utils.data.Dataset[int]):
+        def __len__(self) -> int:
+            return 10
+
+        def __getitem__(self, index: int) -> int:
+            return index
+
+    dataset: Any = TD() if wrong == "torch" else wrong
+    name = type(dataset).__name__
+    with pytest.raises(TypeError, match=rf"^Subset: dataset must be an AsyncDataset, got {name}"):
+        al.Subset(dataset, [1, 2])
+    with pytest.raises(TypeError, match=r"al\.from_torch\(.*al\.from_sequence\("):
+        al.Subset(dataset, [1, 2])
+    with pytest.raises(TypeError, match=r"^ConcatDataset: .*al\.from_torch\("):
+        al.ConcatDataset([dataset])
+
+
+def test_a_dataset_class_without_init_refuses_arguments() -> None:
+    class Fixed(al.AsyncDataset[int]):
+        def __len__(self) -> int:
+            return 1
+
+        async def __getitem__(self, index: int) -> int:
+            return index
+
+    assert len(Fixed()) == 1
+    with pytest.raises(TypeError, match=r"Fixed\(\) takes no arguments"):
+        Fixed(5)  # type: ignore[call-arg]

@@ -37,6 +37,7 @@ import asyncload as al
 from asyncload.cache import LRUCache
 from asyncload.datasets import normalize_index
 from asyncload.disk_cache import DiskCache, encode_key
+from asyncload.sources import FileSource
 from asyncload.tiered import TieredCache
 
 ENTRY = re.compile(r"[0-9a-f]{64}")
@@ -896,6 +897,66 @@ async def test_loader_over_tiers_calls_the_source_once_also_across_runs(tmp_path
     assert (stats["cache_misses"], stats["cache_hits"]) == (0, n)
     mem_stats, disk_stats = tiers.statistics()["tiers"]
     assert (mem_stats["misses"], disk_stats["hits"], disk_stats["misses"]) == (n, n, 0)
+
+
+class Unkeyed(al.AsyncDataset[bytes]):
+    """A counting dataset without ``key_of``: sample ``i`` is ``payload(f"{name}/{i}")``."""
+
+    def __init__(self, name: str, n: int) -> None:
+        self.name = name
+        self.n = n
+        self.calls = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    async def __getitem__(self, index: int) -> bytes:
+        self.calls += 1
+        return payload(f"{self.name}/{normalize_index(index, self.n)}")
+
+
+@pytest.mark.anyio
+async def test_a_dataset_without_keys_is_cached_for_its_own_copies_only(tmp_path: Path) -> None:
+    n = 6
+    first = Unkeyed("first", n)
+    # Pickled before any lookup, as the DataLoader sends a dataset to its workers.
+    worker = pickle.loads(pickle.dumps(first))
+
+    def loader(dataset: Unkeyed) -> al.Loader:
+        cache = DiskCache(tmp_path, max_bytes=1 << 20)  # one per process, one directory
+        return al.Loader(dataset, batch_size=None, cache=cache)
+
+    expected = [payload(f"first/{i}") for i in range(n)]
+    assert await _epoch(loader(first)) == expected
+    assert await _epoch(loader(worker)) == expected and worker.calls == 0  # shared entries
+    # Another dataset in the same directory and namespace gets its own values, never the
+    # first one's under a bare index.
+    second = Unkeyed("second", n)
+    assert await _epoch(loader(second)) == [payload(f"second/{i}") for i in range(n)]
+    # A restarted run builds its dataset again: an index names nothing across runs (the
+    # data may have changed), so it fetches again rather than trust the old entries.
+    restarted = Unkeyed("first", n)
+    assert await _epoch(loader(restarted)) == expected and restarted.calls == n
+
+
+@pytest.mark.anyio
+async def test_file_sources_are_cached_by_absolute_path_also_across_runs(tmp_path: Path) -> None:
+    roots = [tmp_path / "a", tmp_path / "b"]
+    for root in roots:
+        root.mkdir()
+        for i in range(3):
+            (root / f"{i}.bin").write_bytes(payload(f"{root.name}/{i}"))
+
+    def loader(root: Path) -> tuple[al.Loader, DiskCache]:
+        cache = DiskCache(tmp_path / "cache", max_bytes=1 << 20)
+        return al.Loader(FileSource.from_directory(root), batch_size=None, cache=cache), cache
+
+    for root in roots:  # the same relative names under two roots: two sets of entries
+        load, _ = loader(root)
+        assert await _epoch(load) == [payload(f"{root.name}/{i}") for i in range(3)]
+    load, cache = loader(roots[0])  # a restarted run over the same root: all hits
+    assert await _epoch(load) == [payload(f"a/{i}") for i in range(3)]
+    assert (cache.statistics()["hits"], cache.statistics()["misses"]) == (3, 0)
 
 
 # -- pickling --------------------------------------------------------------------------------

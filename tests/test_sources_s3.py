@@ -954,3 +954,18 @@ async def test_prefix_stream_ranks_fetch_only_their_share(
     assert not set(got[0]) & set(got[1])
     # One GET per object, not one per object per rank.
     assert sum(proxy.count(key) for key in OBJECT_KEYS) == N_OBJECTS
+
+
+def test_cache_keys_name_the_store_and_bucket_without_credentials() -> None:
+    # Two buckets (or two stores) with the same object keys must never share an entry
+    # of a cache; a key that DiskCache writes to disk must carry no password.
+    from asyncload.cache import cache_key
+
+    def key(bucket: str, endpoint_url: str | None) -> Any:
+        return cache_key(S3Source(bucket, ["a/1"], endpoint_url=endpoint_url), 0)
+
+    local = "http://bob:s3cret@127.0.0.1:8333"
+    keys = {key("one", local), key("two", local), key("one", None), key("one", "http://[::1]:8333")}
+    assert len(keys) == 4
+    assert key("one", local) == key("one", "http://127.0.0.1:8333/")
+    assert "s3cret" not in repr(keys)

@@ -25,6 +25,10 @@ class FileSource(AsyncDataset[bytes]):
     time, unless ``follow_symlinks`` (then symlinks under ``root`` may point anywhere, and
     only the keys themselves must stay inside it). A batch of files is read in one thread call (a thread hop costs 100-250 us, so
     reading 64 small files per hop is ~20x faster than one hop per file).
+
+    ``key_of(i)`` is the path as given (relative to ``root``, for messages and labels); a
+    cache keys the sample by the file's absolute path, so sources over different roots
+    with the same file names never share an entry.
     """
 
     def __init__(
@@ -117,6 +121,15 @@ class FileSource(AsyncDataset[bytes]):
 
     def key_of(self, index: int) -> Hashable:
         return self.keys[normalize_index(index, len(self.keys))]
+
+    def _cache_key(self, index: int) -> Hashable:
+        """The file's absolute path: the key joined to the resolved ``root`` (to the working
+        directory when there is none, as a read resolves it). Two sources over different
+        roots never share an entry, though their keys (relative paths) may be equal; the
+        same key under the same root always does, in every process and run."""
+        key = self.keys[normalize_index(index, len(self.keys))]
+        # (join keeps an absolute key as it is; no realpath: a syscall per lookup)
+        return os.path.join(self.root if self.root is not None else os.getcwd(), key)
 
     def __repr__(self) -> str:
         return f"<FileSource of {len(self.keys)} files" + (

@@ -15,6 +15,7 @@ import re
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import anyio
 import sniffio
@@ -52,6 +53,11 @@ def _scrub(exc: BaseException) -> None:
 # The process whose obstore (tokio) runtime has run requests. Its threads do not survive a
 # fork: a forked child's requests would hang forever, so the child gets an error instead.
 _runtime_pid: int | None = None
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme.lower()}://{parts.netloc.rpartition('@')[2].lower()}"
 
 
 def _note_runtime() -> None:
@@ -137,6 +143,9 @@ class _Client:
         _check_positive("max_connections", max_connections)
         self.bucket = bucket
         self.endpoint_url = endpoint_url
+        # Where the objects live, without credentials or path: "aws" for AWS (whose
+        # bucket names are global).
+        self.origin = _origin(endpoint_url) if endpoint_url is not None else "aws"
         self.max_object_bytes = max_object_bytes
         self.max_connections = max_connections
         store_config: dict[str, Any] = dict(config or {})
@@ -527,6 +536,13 @@ class S3Source(AsyncDataset[bytes]):
 
     def key_of(self, index: int) -> Hashable:
         return self.keys[normalize_index(index, len(self.keys))]
+
+    def _cache_key(self, index: int) -> Hashable:
+        """The object named in full (endpoint, bucket, key), so that sources over two
+        buckets or stores with the same keys never share a cache entry. The endpoint is
+        its scheme, host and port only: DiskCache writes keys into its files, and an
+        endpoint URL may carry credentials."""
+        return ("s3", self._client.origin, self.bucket, self.key_of(index))
 
     def iter_chunks(self, key: str, chunk_size: int = 1 << 20) -> AsyncIterator[bytes]:
         """The object at ``key`` (any key of the bucket) as it arrives, in chunks: for
