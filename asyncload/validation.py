@@ -79,7 +79,8 @@ class SchemaError(ValidationError):
     for the sample itself), ``rule`` the rule's keyword (``"dtype"``, ``"shape"``, ``"min"``,
     ``"max"``, ``"nan"``, ``"inf"``, ``"pattern"``, ``"min_bytes"``, ``"max_bytes"``,
     ``"prefix"``, ``"required"``, ``"type"``, ``"keys"``, ``"length"``, ``"decode"``,
-    ``"custom:<name>"``) and ``level`` one of ``"existence"``, ``"format"``, ``"content"``.
+    ``"encode"``, ``"custom:<name>"``) and ``level`` one of ``"existence"``, ``"format"``,
+    ``"content"``.
     """
 
     def __init__(
@@ -151,7 +152,7 @@ class Rule:
     __slots__ = ("custom", "optional")
 
     def __init__(self, *, optional: bool = False, custom: Custom = None) -> None:
-        self.optional = optional
+        self.optional = _check_flag("optional", optional)
         self.custom = _custom_checks(custom)
 
     def __call__(self, sample: Any) -> None:
@@ -235,22 +236,48 @@ def _custom_checks(custom: Custom) -> tuple[tuple[str, Callable[[Any], Any]], ..
     return checks
 
 
+# Constructor checks: a bad setting fails when the rule is built, naming the argument,
+# never once per sample.
+
+
+def _check_flag(name: str, value: object) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {_short(value)}")
+    return bool(value)
+
+
 def _check_bound(name: str, value: float | None) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a number or None, got {value!r}")
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+        value, (int, float, np.integer, np.floating)
+    ):
+        raise TypeError(f"{name} must be a number or None, got {_short(value)}")
     if math.isnan(value):
         raise ValueError(f"{name} must not be NaN")
     return value
 
 
-def _check_sizes(min_bytes: int | None, max_bytes: int | None) -> None:
-    for name, size in (("min_bytes", min_bytes), ("max_bytes", max_bytes)):
-        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
-            raise ValueError(f"{name} must be a non-negative int or None, got {size!r}")
-    if min_bytes is not None and max_bytes is not None and min_bytes > max_bytes:
-        raise ValueError(f"min_bytes={min_bytes} is larger than max_bytes={max_bytes}")
+def _check_count(name: str, value: int | None) -> int | None:
+    """A size or a number of items: a non-negative int, or ``None`` for no bound."""
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be a non-negative int or None, got {_short(value)}")
+    if value < 0:
+        raise ValueError(f"{name} must be a non-negative int or None, got {value!r}")
+    return int(value)
+
+
+def _check_order(low_name: str, low: Any, high_name: str, high: Any) -> None:
+    if low is not None and high is not None and low > high:
+        raise ValueError(f"{low_name}={low!r} is larger than {high_name}={high!r}")
+
+
+def _check_sizes(min_bytes: int | None, max_bytes: int | None) -> tuple[int | None, int | None]:
+    sizes = _check_count("min_bytes", min_bytes), _check_count("max_bytes", max_bytes)
+    _check_order("min_bytes", sizes[0], "max_bytes", sizes[1])
+    return sizes
 
 
 def _size_failure(size: int, min_bytes: int | None, max_bytes: int | None) -> _Failure | None:
@@ -344,6 +371,8 @@ class _DTypeSpec:
 
     def __init__(self, spec: Any) -> None:
         items = spec if isinstance(spec, (tuple, list, set, frozenset)) else (spec,)
+        if not items:
+            raise ValueError(f"dtype: {spec!r} is empty: it would match no array")
         names: list[str] = []
         kinds: list[type[Any]] = []
         for item in items:
@@ -357,13 +386,17 @@ class _DTypeSpec:
                 and (item in _KINDS.values() or item is np.generic)
             ):
                 kinds.append(item)
-            elif str(item).startswith("torch."):
+            elif _is_torch_dtype(item):
                 names.append(_dtype_of(item).name)
+            elif item is None:  # np.dtype(None) is float64: never what None meant here
+                raise TypeError(
+                    "dtype: None inside a tuple of dtypes is neither a dtype nor a kind"
+                )
             else:
                 try:
                     names.append(np.dtype(item).name)
-                except TypeError:
-                    raise TypeError(f"dtype: {item!r} is neither a dtype nor a kind") from None
+                except Exception as exc:  # TypeError mostly; SyntaxError for "i4,,"
+                    raise TypeError(f"dtype: {_short(item)} is neither a dtype nor a kind") from exc
         self.names = frozenset(names)
         self.kinds = tuple(kinds)
         self.text = " or ".join([*sorted(self.names), *(k.__name__ for k in self.kinds)])
@@ -372,20 +405,48 @@ class _DTypeSpec:
         return dtype.name in self.names or issubclass(dtype.type, self.kinds)
 
 
+def _is_torch_dtype(item: object) -> bool:
+    """A torch dtype, or its name as ``"torch.<name>"`` (checked against torch when it is
+    imported, else against numpy's names and ``_TORCH_ONLY``)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(item, torch.dtype):
+        return True
+    if not (isinstance(item, str) and item.startswith("torch.")):
+        return False
+    name = item.removeprefix("torch.")
+    if torch is not None:
+        return isinstance(getattr(torch, name, None), torch.dtype)
+    if name in _TORCH_ONLY:
+        return True
+    try:
+        np.dtype(name)
+    except TypeError:
+        return False
+    return True
+
+
 class _Shape:
     """A shape pattern: ints, ``None`` for any one dimension, one ``...`` for any number."""
 
     __slots__ = ("_exact", "_fixed", "_ndim", "spec", "variadic")
 
     def __init__(self, spec: Sequence[Any]) -> None:
-        spec = tuple(spec)
+        # torch.Size is a tuple; a bare int or a string is a mistake, not a 1-d shape.
+        if not isinstance(spec, (tuple, list)):
+            raise TypeError(
+                f"shape must be a tuple or list of ints >= 0, None or ..., got {_short(spec)}"
+            )
+        dims: list[Any] = []
         for dim in spec:
-            if not (
-                dim is None
-                or dim is Ellipsis
-                or (isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0)
-            ):
-                raise ValueError(f"shape entries must be ints >= 0, None or ..., got {dim!r}")
+            if dim is None or dim is Ellipsis:
+                dims.append(dim)
+            elif isinstance(dim, (int, np.integer)) and not isinstance(dim, (bool, np.bool_)):
+                if dim < 0:
+                    raise ValueError(f"shape entries must be ints >= 0, None or ..., got {dim!r}")
+                dims.append(int(dim))  # numpy ints compare equal, but repr as np.int64(3)
+            else:
+                raise TypeError(f"shape entries must be ints >= 0, None or ..., got {dim!r}")
+        spec = tuple(dims)
         if spec.count(Ellipsis) > 1:
             raise ValueError("shape may contain at most one ...")
         self.spec = spec
@@ -471,13 +532,10 @@ class Array(Rule):
         self._shape = _Shape(shape) if shape is not None else None
         self.min = _check_bound("min", min)
         self.max = _check_bound("max", max)
-        if self.min is not None and self.max is not None and self.min > self.max:
-            raise ValueError(f"min={min!r} is larger than max={max!r}")
-        self.allow_nan = allow_nan
-        self.allow_inf = allow_inf
-        _check_sizes(min_bytes, max_bytes)
-        self.min_bytes = min_bytes
-        self.max_bytes = max_bytes
+        _check_order("min", self.min, "max", self.max)
+        self.allow_nan = _check_flag("allow_nan", allow_nan)
+        self.allow_inf = _check_flag("allow_inf", allow_inf)
+        self.min_bytes, self.max_bytes = _check_sizes(min_bytes, max_bytes)
 
     def _format(self, value: Any) -> _Failure | None:
         if isinstance(value, (np.ndarray, np.generic)):
@@ -602,6 +660,7 @@ class Int(Rule):
         super().__init__(optional=optional, custom=custom)
         self.min = _check_bound("min", min)
         self.max = _check_bound("max", max)
+        _check_order("min", self.min, "max", self.max)
 
     @staticmethod
     def _number(value: Any) -> Any:
@@ -646,8 +705,9 @@ class Float(Rule):
         super().__init__(optional=optional, custom=custom)
         self.min = _check_bound("min", min)
         self.max = _check_bound("max", max)
-        self.allow_nan = allow_nan
-        self.allow_inf = allow_inf
+        _check_order("min", self.min, "max", self.max)
+        self.allow_nan = _check_flag("allow_nan", allow_nan)
+        self.allow_inf = _check_flag("allow_inf", allow_inf)
 
     @staticmethod
     def _number(value: Any) -> Any:
@@ -700,12 +760,9 @@ class Str(Rule):
         custom: Custom = None,
     ) -> None:
         super().__init__(optional=optional, custom=custom)
-        self._pattern = re.compile(pattern) if pattern is not None else None
-        _check_sizes(min_bytes, max_bytes)
-        self.min_bytes = min_bytes
-        self.max_bytes = max_bytes
-        # An unknown codec fails here (LookupError), not once per sample.
-        codec = codecs.lookup(encoding or "utf-8").name
+        self._pattern = _compile(pattern)
+        self.min_bytes, self.max_bytes = _check_sizes(min_bytes, max_bytes)
+        codec = _check_encoding(encoding)
         self.encoding = encoding
         # In these, ASCII text is one byte per character: its size needs no encode.
         self._ascii_compatible = codec in ("utf-8", "ascii", "latin-1", "iso8859-1", "cp1252")
@@ -727,7 +784,12 @@ class Str(Rule):
             if self._ascii_compatible and value.isascii():
                 size = len(value)
             else:
-                size = len(value.encode(self.encoding or "utf-8"))
+                encoding = self.encoding or "utf-8"
+                try:
+                    size = len(value.encode(encoding))
+                except UnicodeEncodeError as exc:  # "é" in ascii, a lone surrogate in utf-8
+                    detail = f"text does not encode as {encoding}: {exc.reason}"
+                    return _Failure(FORMAT, "encode", detail)
         elif self.encoding is not None and isinstance(value, (bytes, bytearray, memoryview)):
             size = memoryview(value).nbytes
         else:
@@ -757,6 +819,43 @@ class Str(Rule):
         return {**options, **super()._options()}
 
 
+def _compile(pattern: str | re.Pattern[str] | None) -> re.Pattern[str] | None:
+    if pattern is None:
+        return None
+    if isinstance(pattern, re.Pattern):
+        compiled = pattern
+    elif isinstance(pattern, str):
+        try:
+            compiled = re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(
+                f"pattern {_short(pattern)} is not a regular expression: {exc}"
+            ) from exc
+    else:
+        raise TypeError(f"pattern must be a str or a compiled regex, got {_short(pattern)}")
+    if not isinstance(compiled.pattern, str):  # a bytes regex fails on every str sample
+        raise TypeError(f"pattern must match text, got a bytes regex {_short(compiled.pattern)}")
+    return compiled
+
+
+def _check_encoding(encoding: str | None) -> str:
+    """The codec's canonical name (``utf-8`` for ``None``); a name Python does not know,
+    or a codec that is not a text encoding (``"base64"``), fails here, not once per
+    sample."""
+    if encoding is None:
+        return "utf-8"
+    if not isinstance(encoding, str):
+        raise TypeError(f"encoding must be a str or None, got {_short(encoding)}")
+    try:
+        name = codecs.lookup(encoding).name
+        "a".encode(encoding)  # LookupError for bytes-to-bytes codecs, UnicodeError "undefined"
+    except UnicodeEncodeError:
+        pass  # a text codec without "a" (none known; harmless)
+    except (LookupError, UnicodeError) as exc:
+        raise ValueError(f"encoding {encoding!r}: {exc}") from exc
+    return name
+
+
 class Bytes(Rule):
     """``bytes``, ``bytearray`` or ``memoryview``. ``prefix``: the data must start with it
     (a magic number, e.g. ``b"\\x89PNG\\r\\n\\x1a\\n"``), or with one of a tuple of them.
@@ -774,11 +873,14 @@ class Bytes(Rule):
         custom: Custom = None,
     ) -> None:
         super().__init__(optional=optional, custom=custom)
-        _check_sizes(min_bytes, max_bytes)
-        self.min_bytes = min_bytes
-        self.max_bytes = max_bytes
-        if prefix is not None and not isinstance(prefix, (bytes, tuple)):
-            raise TypeError(f"prefix must be bytes or a tuple of bytes, got {prefix!r}")
+        self.min_bytes, self.max_bytes = _check_sizes(min_bytes, max_bytes)
+        if prefix is not None and not (
+            isinstance(prefix, bytes)
+            or (isinstance(prefix, tuple) and all(isinstance(p, bytes) for p in prefix))
+        ):
+            raise TypeError(f"prefix must be bytes or a tuple of bytes, got {_short(prefix)}")
+        if prefix == ():
+            raise ValueError("prefix=() is empty: it would match no data")
         self.prefix = prefix
         # How much of a memoryview to copy for the prefix test.
         options = (prefix,) if isinstance(prefix, bytes) else (prefix or ())
@@ -854,7 +956,7 @@ class Dict(Rule):
         if not isinstance(fields, Mapping):
             raise TypeError(f"fields must be a dict of rules, got {_type_name(fields)}")
         self.fields = {key: _rule(spec) for key, spec in fields.items()}
-        self.allow_extra = allow_extra
+        self.allow_extra = _check_flag("allow_extra", allow_extra)
 
     def _children(self, value: Any, level: int) -> _Failure | None:
         for key, rule in self.fields.items():
@@ -958,8 +1060,9 @@ class Each(Rule):
     ) -> None:
         super().__init__(optional=optional, custom=custom)
         self.item = _rule(item)
-        self.min_items = min_items
-        self.max_items = max_items
+        self.min_items = _check_count("min_items", min_items)
+        self.max_items = _check_count("max_items", max_items)
+        _check_order("min_items", self.min_items, "max_items", self.max_items)
 
     def _children(self, value: Any, level: int) -> _Failure | None:
         check = self.item._check

@@ -183,3 +183,95 @@ def test_object_arrays_are_stacked_as_np_stack_does() -> None:
     samples = [np.array([[1, 2], [3]], dtype=object), np.array([[4], [5, 6]], dtype=object)]
     batch = collate(samples)
     assert batch.shape == (2, 2) and batch[1, 1] == [5, 6]
+
+
+def test_tensors_of_different_shapes_name_the_positions() -> None:
+    """As numpy arrays do: a ValueError naming shapes and positions, not torch's
+    RuntimeError naming two entries."""
+    samples = [torch.zeros(2), torch.zeros(3), torch.zeros(2)]
+    with pytest.raises(ValueError) as info:
+        collate(samples)
+    assert str(info.value).startswith(
+        "default_collate: samples differ in shape ((2,) at batch positions 0, 2; "
+        "(3,) at batch position 1)"
+    )
+    assert info.value.__suppress_context__  # torch's RuntimeError it explains: noise
+    # Other failures of torch.stack are torch's own (here: tensors on two devices).
+    with pytest.raises(RuntimeError):
+        collate([torch.zeros(2), torch.zeros(2, device="meta")])
+
+
+def test_a_key_only_in_a_later_sample_is_named() -> None:
+    """Dropped silently before; now the same error as a key missing from a later sample."""
+    with pytest.raises(
+        ValueError,
+        match=r"position 2 has a key 'z' that the first sample has not "
+        r"\(the first sample's keys: \['x', 'y'\]\)",
+    ):
+        collate([{"x": 1, "y": 2}, {"x": 1, "y": 2}, {"x": 3, "y": 4, "z": 5}])
+    with pytest.raises(ValueError, match="position 1 has a key 'b'") as info:
+        collate([{"m": {"a": 1}}, {"m": {"a": 1, "b": 2}}])
+    if sys.version_info >= (3, 11):
+        assert info.value.__notes__ == ["default_collate: in key 'm'"]
+    # Same keys in another order are the same keys.
+    batch = collate([{"x": 1, "y": 2}, {"y": 4, "x": 3}])
+    assert batch["x"].tolist() == [1, 3] and batch["y"].tolist() == [2, 4]
+
+
+def test_a_tensor_batch_refuses_other_kinds_by_position() -> None:
+    samples = [torch.zeros(2), np.zeros(2), torch.zeros(2), np.zeros(2)]
+    with pytest.raises(TypeError) as info:
+        collate(samples)
+    assert str(info.value) == (
+        "default_collate: the sample at batch position 0 is Tensor, but the batch also holds "
+        "ndarray at batch positions 1, 3: samples must be of one kind"
+    )
+
+
+def test_a_numpy_batch_converts_tensors_among_its_samples() -> None:
+    """The first sample decides (documented): numpy first, a numpy batch, as np.stack
+    gives; torch's default_collate converts the other way, to a tensor."""
+    batch = collate([np.zeros(2, np.float32), torch.ones(2)])
+    assert type(batch) is np.ndarray and batch.tolist() == [[0, 0], [1, 1]]
+    with pytest.raises(ValueError, match=r"\(2,\) at batch position 0; \(3,\) at batch position 1"):
+        collate([np.zeros(2), torch.ones(3)])
+
+
+@pytest.mark.parametrize(
+    ("samples", "message"),
+    [
+        ([1, None, 2, None], "is int, but the batch also holds NoneType at batch positions 1, 3"),
+        ([None, 1.5, 2.5], "is NoneType, but the batch also holds float at batch positions 1, 2"),
+        ([np.float32(1), "a"], "is float32, but the batch also holds str at batch position 1"),
+        ([1, np.zeros(2)], "is int, but the batch also holds ndarray at batch position 1"),
+        ([np.zeros(2), None], "is ndarray, but the batch also holds NoneType at batch position 1"),
+        ([np.zeros(()), None], "is ndarray, but the batch also holds NoneType"),  # 0-d
+        ([torch.zeros(2), None], "is Tensor, but the batch also holds NoneType"),
+        ([{"x": 1}, None], "is dict, but the batch also holds NoneType at batch position 1"),
+        ([None, {"x": 1}], "is NoneType, but the batch also holds dict at batch position 1"),
+        ([{"x": 1}, [1]], "is dict, but the batch also holds list at batch position 1"),
+        ([(1, 2), None], "is tuple, but the batch also holds NoneType at batch position 1"),
+    ],
+)
+def test_a_sample_of_another_kind_is_named(samples: list[object], message: str) -> None:
+    """A None (an on_error substitute) or another kind among numbers, arrays, tensors,
+    dicts or tuples: a TypeError naming it, whatever its position, instead of an object
+    array ([1, None, 2]), a list ([None, 1]) or a stray numpy or torch error."""
+    with pytest.raises(TypeError) as info:
+        collate(samples)
+    assert message in str(info.value)
+    assert ('on_error="skip"' in str(info.value)) == any(s is None for s in samples)
+
+
+def test_what_stays_a_list_or_an_object_array() -> None:
+    """Not refused: None among strings or bytes (an optional caption), all None, numbers
+    numpy holds only as objects."""
+    assert collate([None, "a"]) == [None, "a"]
+    assert collate(["a", None]) == ["a", None]
+    assert collate([None, None]) == [None, None]
+    assert collate([None, object]) == [None, object]
+    huge = collate([2**70, 1])
+    assert huge.dtype == object and huge.tolist() == [2**70, 1]
+    from decimal import Decimal
+
+    assert collate([Decimal(1), 2]).tolist() == [Decimal(1), 2]

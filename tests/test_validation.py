@@ -390,8 +390,7 @@ def test_custom_predicates() -> None:
         (lambda: Int(min="0"), TypeError, "min must be a number"),  # type: ignore[arg-type]
         (lambda: Str(max_bytes=-1), ValueError, "max_bytes"),
         (lambda: Str(min_bytes=3, max_bytes=2), ValueError, "larger than"),
-        (lambda: Str(encoding="no-such-codec"), LookupError, "no-such-codec"),
-        (lambda: Str(pattern="("), re.error, "missing"),
+        (lambda: Str(encoding="no-such-codec"), ValueError, "encoding 'no-such-codec'"),
         (lambda: Bytes(prefix="PNG"), TypeError, "prefix"),  # type: ignore[arg-type]
         (lambda: Value(custom=3), TypeError, "custom"),  # type: ignore[arg-type]
         (lambda: Schema([Int()]), TypeError, "a schema entry"),  # type: ignore[arg-type]
@@ -401,6 +400,86 @@ def test_custom_predicates() -> None:
 def test_bad_arguments_fail_at_construction(make: Any, error: type, match: str) -> None:
     with pytest.raises(error, match=match):
         make()
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "message"),
+    [
+        # Ranges: a rule that no value could pass.
+        (lambda: Int(min=5, max=1), ValueError, "min=5 is larger than max=1"),
+        (lambda: Float(min=1.0, max=0.5), ValueError, "min=1.0 is larger than max=0.5"),
+        (lambda: Array(min_bytes=4, max_bytes=np.int64(2)), ValueError, "min_bytes=4 is larger"),
+        (lambda: Each(Int(), min_items=3, max_items=1), ValueError, "min_items=3 is larger"),
+        (lambda: Each(Int(), max_items=-1), ValueError, "max_items must be a non-negative"),
+        (lambda: Each(Int(), min_items="3"), TypeError, "min_items must be"),  # type: ignore[arg-type]
+        (lambda: Str(max_bytes="3"), TypeError, "max_bytes must be"),  # type: ignore[arg-type]
+        # Shapes: a tuple or list of ints, None and one ...
+        (lambda: Array(shape=3), TypeError, "shape must be a tuple or list"),  # type: ignore[arg-type]
+        (lambda: Array(shape="ab"), TypeError, "shape must be a tuple or list"),
+        (lambda: Array(shape=(2.0,)), TypeError, "shape entries must be ints"),
+        # dtypes: nothing that matches no array, nothing numpy reads as another dtype.
+        (lambda: Array(dtype=()), ValueError, "dtype: () is empty"),
+        (lambda: Array(dtype=("uint8", None)), TypeError, "dtype: None inside"),
+        (lambda: Array(dtype="i4,,"), TypeError, "dtype: 'i4,,' is neither"),
+        (lambda: Array(dtype="torch.floaty"), TypeError, "dtype: 'torch.floaty' is neither"),
+        # Regexes and codecs: ValueError naming the argument, not re.error or LookupError.
+        (lambda: Str(pattern="("), ValueError, "pattern '(' is not a regular expression: missing"),
+        (lambda: Str(pattern=3), TypeError, "pattern must be a str"),  # type: ignore[arg-type]
+        (lambda: Str(pattern=re.compile(b"x")), TypeError, "pattern must match text"),  # type: ignore[arg-type]
+        (lambda: Str(encoding="base64"), ValueError, "encoding 'base64': 'base64' is not a text"),
+        (lambda: Str(encoding=""), ValueError, "encoding '': unknown encoding"),
+        (lambda: Str(encoding=5), TypeError, "encoding must be a str"),  # type: ignore[arg-type]
+        # Prefixes: bytes only (a str in a tuple failed on every sample), never none at all.
+        (lambda: Bytes(prefix=(b"a", "b")), TypeError, "prefix must be bytes"),  # type: ignore[arg-type]
+        (lambda: Bytes(prefix=()), ValueError, "prefix=() is empty"),
+        # Flags.
+        (lambda: Value(optional="yes"), TypeError, "optional must be True or False"),  # type: ignore[arg-type]
+        (lambda: Dict({}, allow_extra=None), TypeError, "allow_extra must be"),  # type: ignore[arg-type]
+        (lambda: Float(allow_nan=1), TypeError, "allow_nan must be"),  # type: ignore[arg-type]
+        (lambda: Array(allow_inf="no"), TypeError, "allow_inf must be"),  # type: ignore[arg-type]
+    ],
+)
+def test_every_bad_setting_names_its_argument(make: Any, error: type, message: str) -> None:
+    """api.md: a bad setting raises ValueError or TypeError at construction, naming the
+    argument (not later, once per sample; not as re.error or LookupError)."""
+    with pytest.raises(error) as info:
+        make()
+    assert type(info.value) is error
+    assert str(info.value).startswith(message)
+
+
+def test_construction_errors_keep_their_cause() -> None:
+    with pytest.raises(ValueError) as info:
+        Str(pattern="a(")
+    assert isinstance(info.value.__cause__, re.error)
+    with pytest.raises(ValueError) as codec:
+        Str(encoding="no-such-codec")
+    assert isinstance(codec.value.__cause__, LookupError)
+
+
+def test_settings_of_other_spellings_are_accepted() -> None:
+    """What the stricter checks must not refuse: numpy ints, torch.Size, lists, torch
+    dtypes numpy lacks, compiled patterns, an empty range of one value."""
+    rule = Array(shape=(np.int64(2), None), max_bytes=np.int64(64))
+    assert repr(rule) == "Array(shape=(2, None), max_bytes=64)"
+    passes(rule, np.zeros((2, 5), np.uint8))
+    passes(Array(shape=torch.Size([2, 3])), np.zeros((2, 3)))
+    passes(Array(shape=[2, ...]), np.zeros((2, 3, 4)))
+    passes(Array(dtype=(torch.complex32, "torch.bfloat16", "torch.half")), torch.zeros(1).half())
+    passes(Str(pattern=re.compile("[a-z]+")), "abc")
+    passes(Int(min=3, max=3), 3)
+    passes(Each(Int(), min_items=1, max_items=1), [1])
+    passes(Value(optional=np.True_), None)  # type: ignore[arg-type]
+
+
+def test_text_that_does_not_encode_fails_the_rule() -> None:
+    """A str is sized in ``encoding``: one it cannot hold is a schema failure, not a
+    UnicodeEncodeError out of the check."""
+    e = failure(Schema({"t": Str(encoding="ascii", max_bytes=10)}), {"t": "café"})
+    assert (e.field, e.rule, e.level) == ("t", "encode", "format")
+    assert str(e) == "field 't': text does not encode as ascii: ordinal not in range(128)"
+    assert failure(Str(max_bytes=10), "\ud800").rule == "encode"  # a lone surrogate
+    passes(Str(encoding="ascii", max_bytes=10), "cafe")
 
 
 def test_schemas_pickle() -> None:
