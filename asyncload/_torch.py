@@ -113,7 +113,7 @@ class TorchLoader:
     ``loader.state_dict()`` (and this object's) counts exactly the batches taken here,
     whichever worker made them. Resume: ``loader.load_state_dict(state)``, then iterate a
     new ``TorchLoader`` (a map-style loader may change its number of workers; a stream
-    needs the same number).
+    needs the same number once a batch was taken, as its positions are per worker).
     """
 
     def __init__(self, loader: Loader, **dataloader_kwargs: Any) -> None:

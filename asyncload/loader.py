@@ -7,13 +7,15 @@ synchronous bridges (:mod:`asyncload.bridge`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import numbers
 import sys
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import zlib
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -26,6 +28,7 @@ from .bridge import InlineIterator, SyncIterator, runs_inline
 from .collate import default_collate
 from .datasets import AsyncDataset, AsyncIterableDataset
 from .drift import DriftMonitor
+from .mixing import StratifiedSampler
 from .progress import Reporter
 from .resilience.throttle import ConcurrencyGate, Throttle
 from .sampling import (
@@ -45,7 +48,9 @@ from .streaming import StreamEpoch
 
 __all__ = ["Loader"]
 
-_STATE_VERSION = 1
+# 2: states record the plan (``state["plan"]``). Version 1 states, which do not, still load.
+_STATE_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 
 
 class Loader:
@@ -140,6 +145,13 @@ class Loader:
         _check_int("prefetch", prefetch, minimum=0)
         _check_int("seed", seed, minimum=0)
         _check_int("shuffle_buffer", shuffle_buffer, minimum=1)
+        for name, flag in (
+            ("shuffle", shuffle),
+            ("drop_last", drop_last),
+            ("ordered", ordered),
+            ("progress", progress),
+        ):
+            _check_bool(name, flag)
         for name, fn in (
             ("transform", transform),
             ("collate_fn", collate_fn),
@@ -201,7 +213,8 @@ class Loader:
                 raise ValueError(
                     "sampler and shuffle=True are exclusive: shuffle inside the sampler"
                 )
-            if not isinstance(sampler, Iterable):
+            # (Iterable, but of characters: it would fail only when the epoch starts.)
+            if isinstance(sampler, (str, bytes, bytearray)) or not isinstance(sampler, Iterable):
                 raise TypeError(
                     f"sampler must be an iterable of indices, got {type(sampler).__name__}"
                 )
@@ -210,9 +223,30 @@ class Loader:
                     "sampler must be re-iterable (a list, a range or a torch Sampler), not a "
                     "one-shot iterator: every epoch iterates it again"
                 )
+            replicas = _distributed_replicas(sampler)
+            if replicas is not None and replicas != 1:
+                # It gives one rank's share, which the Loader would deal to ranks again:
+                # each rank would see 1/world_size of its share, silently.
+                raise TypeError(
+                    "sampler must give the whole epoch's order, the same on every rank, not a "
+                    f"torch DistributedSampler over {replicas} replicas: the Loader deals "
+                    "samples to ranks itself (rank and world_size from torch.distributed). Use "
+                    "shuffle=True (with seed=), or pass the sampler that orders the whole "
+                    "dataset"
+                )
         if isinstance(dataset, AsyncIterableDataset) and sampler is not None:
             raise ValueError(
                 "sampler is for map-style datasets; a streaming dataset has no indices"
+            )
+        if (
+            isinstance(sampler, StratifiedSampler)
+            and isinstance(dataset, AsyncDataset)
+            and len(sampler) != len(dataset)
+        ):
+            # Its order holds one position per label: another count yields another epoch.
+            raise ValueError(
+                f"sampler: StratifiedSampler has {len(sampler)} labels for a dataset of "
+                f"{len(dataset)} samples: labels must give one label per dataset index"
             )
         self.rank, self.world_size = _resolve_ranks(rank, world_size)
         if (
@@ -234,14 +268,14 @@ class Loader:
         # int(): numpy integers pass the checks, but a state_dict holding one would not
         # survive json, nor torch.load's weights_only default.
         self.batch_size = None if batch_size is None else int(batch_size)
-        self.shuffle = shuffle
+        self.shuffle = bool(shuffle)  # (bool(): numpy bools pass the check, not json)
         self.shuffle_buffer = int(shuffle_buffer)
         self.seed = int(seed)
         self.sampler = sampler
-        self.drop_last = drop_last
+        self.drop_last = bool(drop_last)
         self.concurrency = int(concurrency)
         self.prefetch = int(prefetch)
-        self.ordered = ordered
+        self.ordered = bool(ordered)
         self.transform = transform
         self.collate_fn = collate_fn
         self.retry = retry
@@ -256,9 +290,10 @@ class Loader:
         self.batch_cost = batch_cost
         # batch_cost as one cost per dataset index: batches are planned before fetching.
         self._costs = costs
+        self._costs_digest: int | None = None  # (its crc32, for state["plan"])
         self._slots: tuple[tuple[int, str], Sequence[int]] | None = None  # (epoch, plan)
         self.bucket = bucket
-        self.progress = progress
+        self.progress = bool(progress)
         self.on_statistics = on_statistics
         self.statistics_every = statistics_every
         # Shared by this loader's epochs: a store that throttled last epoch still does.
@@ -414,9 +449,13 @@ class Loader:
 
     # -- iteration ------------------------------------------------------------------------
 
-    def __aiter__(self) -> EpochIterator:
-        """One epoch in the running event loop (asyncio, uvloop or trio)."""
-        return self._start_epoch(self.prefetch)
+    def __aiter__(self) -> _EpochOnDemand:
+        """One epoch in the running event loop (asyncio, uvloop or trio). It starts at the
+        first ``__anext__``: an iterator never advanced starts nothing and changes no
+        state; one made before :meth:`close` yields nothing."""
+        iterator = _EpochOnDemand(self)
+        self._iterators.add(iterator)  # (so that close() reaches it)
+        return iterator
 
     def _start_epoch(self, prefetch: int, *, inline: bool = False) -> EpochIterator:
         # The sync bridge buffers ready batches on its side of the thread hand-off instead.
@@ -594,7 +633,9 @@ class Loader:
     # -- state ----------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """A plain, picklable dict: the epoch and the positions already delivered in it."""
+        """A plain, picklable (and json-able) dict: the epoch, the positions already
+        delivered in it, and the ``plan``, what decides which sample a position means
+        (:meth:`load_state_dict` refuses a mid-epoch state of another plan)."""
         progress = self._resume if self._resume is not None else self._progress
         return {
             "version": _STATE_VERSION,
@@ -606,7 +647,64 @@ class Loader:
             "finished": self._finished and self._resume is None,
             "progress": progress.state(),
             "excluded": [list(run) for run in self._excluded],
+            "plan": self._plan_state(),
         }
+
+    def _plan_state(self) -> dict[str, Any]:
+        """What decides which sample a saved position means, besides the seed, epoch,
+        rank and world size: the dataset's length (a stream's ``num_samples()``), shuffle
+        (and a stream's ``shuffle_buffer``), ``drop_last`` (padding or trimming), the
+        sampler's type and length (its contents are not compared), and planned batches'
+        settings and costs. Plain ints, bools, strings and None (json-able).
+
+        Not in it, since a saved position means the same sample under any of them:
+        ``batch_size`` (without planned batches), ``ordered``, ``concurrency``, the
+        number of DataLoader workers (checked apart, for a stream), transforms."""
+        sampler, sampler_length = self.sampler, None
+        if sampler is not None:
+            # Unsized: left out, as counting it would mean drawing an epoch's order.
+            with contextlib.suppress(TypeError, NotImplementedError):
+                sampler_length = len(sampler)  # type: ignore[arg-type]
+        if isinstance(self.dataset, AsyncDataset):
+            length: int | None = len(self.dataset)
+        else:
+            total = self.dataset.num_samples()
+            length = None if total is None else int(total)
+        batch_plan = None
+        if self._costs is not None:
+            if self._costs_digest is None:  # (once: the costs are fixed)
+                self._costs_digest = zlib.crc32(np.ascontiguousarray(self._costs).data)
+            batch_plan = {
+                "batch_size": self.batch_size,
+                "batch_budget": None if self.batch_budget is None else int(self.batch_budget),
+                "bucket": None if self.bucket is None else int(self.bucket),
+                "costs_crc32": self._costs_digest,
+            }
+        return {
+            "dataset_length": length,
+            "shuffle": self.shuffle,
+            "shuffle_buffer": self.shuffle_buffer if self.is_streaming and self.shuffle else None,
+            "drop_last": self.drop_last,
+            "sampler": None if sampler is None else type(sampler).__qualname__,
+            "sampler_length": sampler_length,
+            "batch_plan": batch_plan,
+        }
+
+    def _check_plan(self, saved: object, what: str) -> None:
+        """``ValueError`` naming the first setting where the ``saved`` plan differs from
+        this loader's: its positions would mean other samples (some delivered twice,
+        others never)."""
+        if not isinstance(saved, dict):
+            raise ValueError(f"{what}['plan'] is not from Loader.state_dict(): {saved!r}")
+        for key, value in self._plan_state().items():
+            if key not in saved:
+                raise ValueError(f"{what}['plan'] lacks {key!r}: not from Loader.state_dict()")
+            if saved[key] != value:
+                raise ValueError(
+                    f"{what} was saved by a loader with {key}={saved[key]!r}, this one has "
+                    f"{key}={value!r}: the saved positions would mean other samples (resume "
+                    "with the loader built as it was saved)"
+                )
 
     def merge_states(self, states: list[dict[str, Any]]) -> dict[str, Any]:
         """One state from every rank's :meth:`state_dict` (all ``world_size`` of them, a
@@ -618,6 +716,10 @@ class Loader:
         per rank) before the restart, then on every new rank::
 
             loader.load_state_dict(loader.merge_states(states))
+
+        The states must agree on their version and ``plan``, and when they hold positions
+        the plan must be this loader's (``ValueError`` otherwise); the merged state
+        records this loader's plan.
         """
         if not isinstance(self.dataset, AsyncDataset):
             raise TypeError("merge_states is for map-style loaders (a stream resumes per share)")
@@ -634,13 +736,15 @@ class Loader:
                     "merge_states: each state must be one rank's Loader.state_dict() (a "
                     "merged state has no rank: load it with load_state_dict)"
                 )
+            _check_version(state, "merge_states: a state")
         first = states[0]
         world = int(first["world_size"])
         # A rank that finished its share has dropped the epoch's exclusions: the others
         # still carry them.
         unfinished = [state for state in states if not state["finished"]]
         for name, group in (
-            *((name, states) for name in ("kind", "epoch", "seed", "world_size")),
+            *((name, states) for name in ("version", "kind", "epoch", "seed", "world_size")),
+            ("plan", states),
             ("excluded", unfinished),
         ):
             values = {repr(state.get(name)) for state in group}
@@ -653,6 +757,9 @@ class Loader:
             )
         if first["kind"] != "map" or first["seed"] != self.seed:
             raise ValueError("merge_states: the states are not from a loader built like this one")
+        # (Version 1 states lack a plan; states that hold no position fit any.)
+        if "plan" in first and any(_holds_positions(state) for state in states):
+            self._check_plan(first["plan"], "merge_states: the states")
         n = _sized(self.sampler) if self.sampler is not None else len(self.dataset)
         excluded = unfinished[0].get("excluded", []) if unfinished else []
         remaining = remaining_positions(n, excluded)
@@ -682,11 +789,21 @@ class Loader:
             "finished": finished,
             "progress": Progress().state(),
             "excluded": [] if finished else runs,
+            # The merge dealt the positions over this loader's plan (a version 1 state's
+            # too): it is what they mean.
+            "plan": self._plan_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from :meth:`state_dict`: the next iteration yields the rest of that epoch
-        (or, if it had ended, that epoch again in full)."""
+        (or, if it had ended, that epoch again in full).
+
+        Raises ``TypeError`` for a non-dict; ``ValueError`` (and changes nothing) for
+        missing keys, a version other than 1 or 2, another kind, seed or rank, and for a
+        state holding delivered positions whose ``plan`` differs from this loader's
+        (naming the setting and both values). A state saved at an epoch's start holds no
+        position: it fits any plan and any number of DataLoader workers; so does one
+        saved after its end. Version 1 states (no plan) load unchecked."""
         if not isinstance(state, dict):
             raise TypeError(
                 f"state must be a dict from Loader.state_dict(), got {type(state).__name__}"
@@ -694,8 +811,9 @@ class Loader:
         missing = {"version", "kind", "epoch", "seed", "finished", "progress"} - state.keys()
         if missing:
             raise ValueError(f"state is missing keys {sorted(missing)}")
-        if state["version"] != _STATE_VERSION:
-            raise ValueError(f"state version {state['version']} is not supported")
+        _check_version(state, "state")
+        if state["version"] >= 2 and "plan" not in state:
+            raise ValueError("state is missing keys ['plan']")
         kind = "stream" if self.is_streaming else "map"
         if state["kind"] != kind:
             raise ValueError(f"state is for a {state['kind']} loader, this one is {kind}")
@@ -732,6 +850,15 @@ class Loader:
                 f"state['progress'] or state['excluded'] is not from Loader.state_dict(): "
                 f"{type(exc).__name__}: {exc}"
             ) from None
+        if resume is not None and resume.empty:
+            # The epoch's start holds no position, so none per DataLoader worker either: it
+            # resumes under any number of workers (a stream's progress otherwise binds it).
+            resume = None
+        # Only positions depend on the plan: a state at an epoch's start or end fits any
+        # (a job that resumes after its dataset grew, at an epoch boundary, may). A version 1
+        # state, saved before plans were recorded, has none to check.
+        if "plan" in state and (resume is not None or excluded):
+            self._check_plan(state["plan"], "state")
         # Nothing is changed until the whole state is read.
         self._epoch, self._finished, self._excluded = epoch, False, excluded
         self._resume, self._progress = resume, Progress()
@@ -808,6 +935,44 @@ class Loader:
         )
 
 
+class _EpochOnDemand(AsyncIterator[Any]):
+    """``aiter(loader)``: starts the epoch (its background task) at the first
+    ``__anext__``, then passes each call on to its :class:`EpochIterator`.
+
+    Started in ``aiter()``, an epoch whose iterator was never advanced (an exception
+    between ``aiter()`` and the first ``anext()``, outside ``async with loader``) had its
+    tasks cancelled by ``asyncio.run`` before their first step, and anyio's task wrapper
+    then never awaited their coroutines: a RuntimeWarning at exit."""
+
+    buffered = 0  # (the running epoch's buffered batches are counted by the loader)
+
+    def __init__(self, loader: Loader) -> None:
+        self._loader = loader
+        self._iterator: EpochIterator | None = None
+        self._closed = False
+
+    def __aiter__(self) -> _EpochOnDemand:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._iterator is None:
+            if self._closed:
+                raise StopAsyncIteration
+            self._iterator = self._loader._start_epoch(self._loader.prefetch)
+        return await self._iterator.__anext__()
+
+    def close(self) -> None:
+        """From :meth:`Loader.close`: an epoch not started will not start (a started one
+        is cancelled by the loader)."""
+        self._closed = True
+
+    async def aclose(self) -> None:
+        """Cancel the epoch, if it started, and wait for its end."""
+        self._closed = True
+        if self._iterator is not None:
+            await self._iterator.aclose()
+
+
 def _sized(sampler: Iterable[int]) -> int:
     try:
         return len(sampler)  # type: ignore[arg-type]
@@ -817,6 +982,47 @@ def _sized(sampler: Iterable[int]) -> int:
 
 def _first(values: list[Any]) -> Any:
     return values[0]
+
+
+def _holds_positions(state: dict[str, Any]) -> bool:
+    """Whether ``state`` records positions delivered in its epoch (which only its plan
+    gives a meaning to): not at the epoch's start, nor after its end."""
+    if state["finished"]:
+        return False
+    if state.get("excluded"):
+        return True
+    saved = state["progress"]
+    progress = (
+        WorkerProgress.from_state(saved) if "workers" in saved else Progress.from_state(saved)
+    )
+    return not progress.empty
+
+
+def _check_version(state: dict[str, Any], what: str) -> None:
+    version = state.get("version")
+    if isinstance(version, bool) or version not in _READABLE_VERSIONS:
+        raise ValueError(
+            f"{what} has version {version!r}: this asyncload reads state versions "
+            f"{', '.join(map(str, _READABLE_VERSIONS))} (Loader.state_dict() saves "
+            f"{_STATE_VERSION})"
+        )
+
+
+def _check_bool(name: str, value: object) -> None:
+    # Not truthiness: shuffle="no" would shuffle.
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def _distributed_replicas(sampler: object) -> Any:
+    """``sampler.num_replicas`` when it is a torch ``DistributedSampler`` (over one
+    replica it gives the whole order), else None. torch is not imported: if it is not
+    loaded, the sampler cannot be one."""
+    module = sys.modules.get("torch.utils.data.distributed")
+    cls = getattr(module, "DistributedSampler", None)
+    if isinstance(cls, type) and isinstance(sampler, cls):
+        return getattr(sampler, "num_replicas", None)
+    return None
 
 
 def _check_int(name: str, value: object, *, minimum: int | None) -> None:

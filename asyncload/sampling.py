@@ -217,6 +217,11 @@ class Progress:
     def __contains__(self, position: int) -> bool:
         return position < self.watermark or position in self.done
 
+    @property
+    def empty(self) -> bool:
+        """Nothing delivered: the start of the epoch."""
+        return self.watermark == 0 and not self.done
+
     def state(self) -> dict[str, Any]:
         return {"watermark": self.watermark, "done": sorted(self.done)}
 
@@ -237,6 +242,12 @@ class WorkerProgress:
         # The worker the DataLoader asks next (it takes batches from each in turn): on
         # resume, that one is worker 0, so that batches come in the saved run's order.
         self.next_slot = next_slot
+
+    @property
+    def empty(self) -> bool:
+        """Nothing delivered by any worker, and worker 0 asked first: the start of the
+        epoch, which holds no per-worker position."""
+        return self.next_slot == 0 and all(slot.empty for slot in self.slots.values())
 
     def mark(self, worker: int, positions: Sequence[int]) -> None:
         self.slots.setdefault(worker, Progress()).mark(positions)

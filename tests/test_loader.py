@@ -653,6 +653,70 @@ def test_plain_async_for_leaves_nothing_unclosed(
     assert json.loads(result.stdout.strip().splitlines()[-1]) == []
 
 
+async def test_an_async_iterator_starts_its_epoch_at_the_first_anext(
+    live_tasks: Callable[[], set[object]],
+) -> None:
+    """``aiter(loader)`` starts nothing and changes no state until the first ``anext``;
+    one made before ``close()`` yields nothing."""
+    ds = Counting(20)
+    loader = al.Loader(ds, batch_size=4)
+    resumed_from = al.Loader(Counting(20), batch_size=4)
+    batches = iter(resumed_from)
+    next(batches)
+    resumed_from.close()
+    loader.load_state_dict(resumed_from.state_dict())
+    state = loader.state_dict()
+    baseline = live_tasks()
+    iterator = loader.__aiter__()
+    await anyio.wait_all_tasks_blocked()
+    assert ds.started == 0 and live_tasks() == baseline
+    assert loader.state_dict() == state
+    loader.close()
+    assert [batch async for batch in iterator] == []
+    assert flat(await collect(loader)) == list(range(4, 20))  # a new one runs the epoch
+
+
+AITER_UNUSED = """
+import asyncio, sys
+import numpy as np
+import asyncload as al
+
+async def fetch(x):
+    await asyncio.sleep(0)
+    return x
+
+loader = al.Loader(al.from_sequence(np.arange(200)).map(fetch), batch_size=10)
+
+async def main(scenario):
+    if scenario == "async with":
+        async with loader:
+            iterator = aiter(loader)
+            raise RuntimeError("a bug before the first batch")
+    iterator = aiter(loader)
+    raise RuntimeError("a bug before the first batch")
+
+try:
+    asyncio.run(main(sys.argv[1]))
+except RuntimeError:
+    pass
+"""
+
+
+@pytest.mark.parametrize("scenario", ["plain", "async with"])
+def test_an_async_iterator_never_advanced_leaves_no_warning(scenario: str) -> None:
+    """An exception between ``aiter(loader)`` and the first ``anext()``: asyncio.run
+    cancelled the eagerly started epoch's tasks before their first step, and their
+    coroutines were reported never awaited at exit. (A subprocess, with warnings as
+    errors: the report comes at interpreter exit.)"""
+    result = subprocess.run(
+        [sys.executable, "-W", "error", "-c", AITER_UNUSED, scenario],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+
+
 # -- statistics --------------------------------------------------------------------------------
 
 CONTRACT_KEYS = {
@@ -850,6 +914,219 @@ def test_resume_property(
             assert sorted(got) == sorted(flat(full))
 
 
+class Sized(Numbers):
+    """A stream that knows its size."""
+
+    def num_samples(self) -> int:
+        return self.n
+
+
+@pytest.mark.parametrize(
+    ("saved", "resumed", "key", "values"),
+    [
+        # One file added to a directory: the shuffle deals other samples to each position.
+        (
+            lambda: al.Loader(Indexed(20), shuffle=True),
+            lambda: al.Loader(Indexed(21), shuffle=True),
+            "dataset_length",
+            ("20", "21"),
+        ),
+        (
+            lambda: al.Loader(Indexed(20), shuffle=True),
+            lambda: al.Loader(Indexed(20)),
+            "shuffle",
+            ("True", "False"),
+        ),
+        (
+            lambda: al.Loader(Indexed(20), world_size=3, rank=1),
+            lambda: al.Loader(Indexed(20), world_size=3, rank=1, drop_last=True),
+            "drop_last",
+            ("False", "True"),
+        ),
+        (
+            lambda: al.Loader(Indexed(20), sampler=[3, 1, 2]),
+            lambda: al.Loader(Indexed(20), sampler=[3, 1, 2, 0]),
+            "sampler_length",
+            ("3", "4"),
+        ),
+        (
+            lambda: al.Loader(Indexed(20), sampler=[3, 1, 2]),
+            lambda: al.Loader(Indexed(20), sampler=(3, 1, 2)),
+            "sampler",
+            ("'list'", "'tuple'"),
+        ),
+        (
+            lambda: al.Loader(Indexed(20), sampler=range(4)),
+            lambda: al.Loader(Indexed(20)),
+            "sampler",
+            ("'range'", "None"),
+        ),
+        (
+            lambda: al.Loader(Sized(20), shuffle=True, shuffle_buffer=4),
+            lambda: al.Loader(Sized(20), shuffle=True, shuffle_buffer=5),
+            "shuffle_buffer",
+            ("4", "5"),
+        ),
+        (
+            lambda: al.Loader(Sized(20)),
+            lambda: al.Loader(Sized(21)),
+            "dataset_length",
+            ("20", "21"),
+        ),
+        (
+            lambda: al.Loader(Sized(20)),
+            lambda: al.Loader(Numbers(20)),
+            "dataset_length",
+            ("20", "None"),
+        ),
+        (
+            lambda: al.Loader(
+                Indexed(6), batch_size=4, batch_budget=4, batch_cost=[1, 2, 3, 1, 2, 3]
+            ),
+            lambda: al.Loader(
+                Indexed(6), batch_size=4, batch_budget=4, batch_cost=[1, 2, 3, 1, 2, 2]
+            ),
+            "batch_plan",
+            ("costs_crc32",),
+        ),
+        (
+            lambda: al.Loader(
+                Indexed(6), batch_size=4, batch_budget=4, batch_cost=[1, 2, 3, 1, 2, 3]
+            ),
+            lambda: al.Loader(
+                Indexed(6), batch_size=3, batch_budget=4, batch_cost=[1, 2, 3, 1, 2, 3]
+            ),
+            "batch_plan",
+            ("'batch_size': 4", "'batch_size': 3"),
+        ),
+    ],
+    ids=[
+        "dataset_grew",
+        "shuffle",
+        "drop_last",
+        "sampler_length",
+        "sampler_type",
+        "sampler_dropped",
+        "shuffle_buffer",
+        "stream_grew",
+        "stream_size_unknown",
+        "batch_costs",
+        "planned_batch_size",
+    ],
+)
+def test_load_state_dict_refuses_a_state_of_another_plan(
+    saved: Callable[[], al.Loader],
+    resumed: Callable[[], al.Loader],
+    key: str,
+    values: tuple[str, ...],
+) -> None:
+    """sync-bridge.md: a mid-epoch state from a loader built differently is refused,
+    naming what differs (its positions would mean other samples: some twice, others
+    never). The refusing loader is left as it was; a merge of such states is refused
+    too."""
+    loader = saved()
+    batches = iter(loader)
+    next(batches)
+    loader.close()
+    state = json.loads(json.dumps(loader.state_dict()))  # (json-able, as saved to disk)
+    assert state["progress"]["watermark"] > 0
+    other = resumed()
+    before = other.state_dict()
+    with pytest.raises(ValueError, match=key) as info:
+        other.load_state_dict(state)
+    assert all(value in str(info.value) for value in values), str(info.value)
+    assert other.state_dict() == before
+    if not loader.is_streaming and loader.batch_cost is None and loader.world_size == 1:
+        with pytest.raises(ValueError, match=key):
+            other.merge_states([state])
+
+
+async def test_a_state_without_positions_fits_any_plan() -> None:
+    """A state saved at an epoch's start or after its end holds no position: it loads into
+    a loader of another plan (a dataset that grew between epochs), which then runs full
+    passes of its own."""
+    loader = al.Loader(Indexed(20), batch_size=4, shuffle=True)
+    fresh = loader.state_dict()
+    await collect(loader)
+    finished = loader.state_dict()
+    assert finished["finished"]
+    for state in (fresh, finished):
+        grown = al.Loader(Indexed(21), batch_size=4)
+        grown.load_state_dict(state)
+        assert sorted(flat(await collect(grown))) == list(range(21))
+    merged = al.Loader(Indexed(21)).merge_states([finished])
+    assert merged["finished"] and merged["plan"]["dataset_length"] == 21
+
+
+async def test_a_state_resumes_under_settings_that_keep_positions() -> None:
+    """batch_size, ordered and concurrency do not change which sample a position means:
+    a state resumes under others, each sample once."""
+
+    def build(**kwargs: Any) -> al.Loader:
+        return al.Loader(Indexed(30), shuffle=True, seed=2, world_size=2, rank=1, **kwargs)
+
+    first = build(batch_size=4)
+    iterator = first.__aiter__()
+    taken = flat(await take(iterator, 2))
+    await iterator.aclose()
+    resumed = build(batch_size=3, ordered=False, concurrency=2)
+    resumed.load_state_dict(first.state_dict())
+    assert sorted(taken + flat(await collect(resumed))) == sorted(flat(await collect(build())))
+
+
+async def test_state_versions() -> None:
+    """Version 2 records the plan. A version 1 state (saved before plans were recorded)
+    still loads and resumes; a later version is refused, naming the versions read."""
+
+    def build() -> al.Loader:
+        return al.Loader(Indexed(20), batch_size=4, shuffle=True, seed=5)
+
+    loader = build()
+    iterator = loader.__aiter__()
+    taken = flat(await take(iterator, 2))
+    await iterator.aclose()
+    state = loader.state_dict()
+    assert state["version"] == 2 and state["plan"]["dataset_length"] == 20
+    old = {key: value for key, value in state.items() if key != "plan"}
+    resumed = build()
+    resumed.load_state_dict({**old, "version": 1})
+    assert sorted(taken + flat(await collect(resumed))) == list(range(20))
+    with pytest.raises(ValueError, match=r"missing keys \['plan'\]"):
+        build().load_state_dict(old)
+    with pytest.raises(ValueError, match="version 3: this asyncload reads state versions 1, 2"):
+        build().load_state_dict({**state, "version": 3})
+    with pytest.raises(ValueError, match="version 3"):
+        build().merge_states([{**state, "version": 3, "rank": 0}])
+
+
+def test_merge_states_carries_the_plan() -> None:
+    """Every rank's state must record the same plan, this loader's; the merged state
+    records it, so that a loader of another plan refuses it."""
+
+    def build(n: int = 20, **kwargs: Any) -> al.Loader:
+        return al.Loader(Indexed(n), batch_size=2, shuffle=True, **kwargs)
+
+    def one_batch(loader: al.Loader) -> dict[str, Any]:
+        batches = iter(loader)
+        next(batches)
+        loader.close()
+        return loader.state_dict()
+
+    states = [one_batch(build(rank=r, world_size=2)) for r in range(2)]
+    merged = build().merge_states(states)
+    assert merged["plan"] == build().state_dict()["plan"] and merged["excluded"]
+    with pytest.raises(ValueError, match="dataset_length=20, this one has dataset_length=21"):
+        build(21).load_state_dict(merged)
+    with pytest.raises(ValueError, match="dataset_length=20, this one has dataset_length=21"):
+        build(21).merge_states(states)
+    mixed = [states[0], one_batch(build(21, rank=1, world_size=2))]
+    with pytest.raises(ValueError, match="disagree on 'plan'"):
+        build().merge_states(mixed)
+    # Version 1 states (no plan) merge over this loader's plan.
+    old = [{**{k: v for k, v in s.items() if k != "plan"}, "version": 1} for s in states]
+    assert build().merge_states(old)["plan"] == merged["plan"]
+
+
 # -- arguments --------------------------------------------------------------------------------
 
 
@@ -878,6 +1155,18 @@ def test_resume_property(
         ({"validate": 1}, "validate"),
         ({"retry": object()}, "retry"),
         ({"cache": object()}, "cache"),
+        # Not truthiness: shuffle="no" would shuffle.
+        ({"shuffle": "no"}, "shuffle"),
+        ({"shuffle": 1}, "shuffle"),
+        ({"shuffle": None}, "shuffle"),
+        ({"drop_last": 1}, "drop_last"),
+        ({"drop_last": None}, "drop_last"),
+        ({"ordered": None}, "ordered"),
+        ({"ordered": 2}, "ordered"),
+        ({"progress": "yes"}, "progress"),
+        # Iterable, but of characters: it failed only when the epoch started.
+        ({"sampler": "abc"}, "sampler"),
+        ({"sampler": b"ab"}, "sampler"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs: dict[str, Any], name: str) -> None:
@@ -888,6 +1177,19 @@ def test_bad_arguments_name_the_argument(kwargs: dict[str, Any], name: str) -> N
         assert "sampler" in message or "shuffle" in message
     else:
         assert name in message
+
+
+def test_flags_take_bools_and_numpy_bools() -> None:
+    """TypeError for anything else; numpy bools are stored as bools (a json-able state)."""
+    loader = al.Loader(
+        al.from_sequence([1, 2, 3]), shuffle=np.True_, drop_last=np.False_, ordered=np.True_
+    )
+    assert (loader.shuffle, loader.drop_last, loader.ordered) == (True, False, True)
+    assert type(loader.shuffle) is bool and type(loader.drop_last) is bool
+    state = loader.state_dict()
+    assert json.loads(json.dumps(state)) == state
+    with pytest.raises(TypeError, match="sampler"):
+        al.Loader(al.from_sequence([1, 2, 3]), sampler="012")
 
 
 def test_dataset_must_be_a_dataset() -> None:

@@ -5,6 +5,8 @@ wrapping as torch's DistributedSampler, a permutation that is a pure function of
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from typing import Any
 
 import anyio
@@ -295,3 +297,41 @@ def test_tiny_plans(n: int) -> None:
     for w in (1, 2, 3):
         shares = [list(Plan(list(range(n)), rank=r, world_size=w)) for r in range(w)]
         assert [len(s) for s in shares] == [n and 1] * w
+
+
+@pytest.mark.parametrize("replicas", [2, 4])
+def test_a_distributed_sampler_over_several_replicas_is_refused(replicas: int) -> None:
+    """It gives one rank's share, which the Loader would deal to ranks again: each rank
+    would see 1/world_size of it, and half the data (of 2 ranks) never, silently."""
+    data = al.from_sequence(list(range(20)))
+    sampler = torch.utils.data.DistributedSampler(range(20), num_replicas=replicas, rank=1)
+    with pytest.raises(TypeError, match=f"sampler .*DistributedSampler over {replicas}"):
+        al.Loader(data, sampler=sampler, rank=1, world_size=replicas)
+    # Over one replica it is the whole order (a seeded shuffle with set_epoch): accepted.
+    whole = torch.utils.data.DistributedSampler(range(20), num_replicas=1, rank=0, seed=3)
+    assert sorted(int(x) for x in al.Loader(data, sampler=whole, batch_size=None)) == list(
+        range(20)
+    )
+
+
+def test_the_distributed_sampler_check_imports_no_torch() -> None:
+    code = (
+        "import sys, asyncload as al\n"
+        "loader = al.Loader(al.from_sequence([0, 1, 2]), sampler=[2, 0, 1], batch_size=None)\n"
+        "assert [int(x) for x in loader] == [2, 0, 1]\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("labels", [10, 21])
+def test_a_stratified_sampler_needs_one_label_per_index(labels: int) -> None:
+    """Its order holds one position per label: another count yielded another number of
+    samples (10 labels over 20 samples: half the dataset, silently)."""
+    data = al.from_sequence(list(range(20)))
+    sampler = al.StratifiedSampler([i % 2 for i in range(labels)], 4)
+    with pytest.raises(ValueError, match=f"sampler: .*{labels} labels for a dataset of 20"):
+        al.Loader(data, batch_size=4, sampler=sampler)
+    fitting = al.StratifiedSampler([i % 2 for i in range(20)], 4)
+    assert sum(len(b) for b in al.Loader(data, batch_size=4, sampler=fitting)) == 20

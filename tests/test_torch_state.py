@@ -8,6 +8,7 @@ same number.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -126,6 +127,73 @@ def test_stream_state_refuses_another_worker_count() -> None:
     resumed.load_state_dict(state)
     with pytest.raises(ValueError, match="2 DataLoader workers"):
         rest(resumed, 3)
+
+
+class SizedCounting(Counting):
+    def num_samples(self) -> int:
+        return self.n
+
+
+def fail(sample: int) -> int:  # (module level: spawned workers pickle it)
+    raise ValueError(f"bad {sample}")
+
+
+def stream_state_at_the_start(when: str) -> dict[str, Any]:
+    """A stream loader's state before any batch was taken."""
+    loader = al.Loader(SizedCounting(20), batch_size=4)
+    if when == "set_epoch":
+        loader.set_epoch(1)
+    elif when == "unstarted_iterator":
+        iter(loader.to_torch_loader(num_workers=2))  # dropped without a next()
+    elif when == "first_batch_failed":
+        # The workers started, and the epoch ended before any batch: progress per worker,
+        # none delivered.
+        failing = al.Loader(SizedCounting(20), batch_size=4, transform=fail)
+        with pytest.raises(Exception, match="bad"):
+            next(iter(failing.to_torch_loader(num_workers=2)))
+        # The failed DataLoader iterator is held in a cycle by its traceback: collected in
+        # a later test's forked worker, its finalizer imported amid the worker's own import
+        # (a KeyError in importlib on Python 3.11, and the worker died).
+        gc.collect()
+        state = failing.state_dict()
+        assert state["progress"]["workers"] == 2
+        return state
+    return loader.state_dict()
+
+
+@pytest.mark.parametrize("when", ["fresh", "set_epoch", "unstarted_iterator", "first_batch_failed"])
+@pytest.mark.parametrize("workers", [0, 2, 3])
+def test_a_stream_state_at_the_epochs_start_resumes_under_any_workers(
+    when: str, workers: int
+) -> None:
+    """It holds no position, per worker or not: the whole epoch, under any number of
+    workers (a plain for too)."""
+    state = stream_state_at_the_start(when)
+    resumed = al.Loader(SizedCounting(20), batch_size=4)
+    resumed.load_state_dict(state)
+    assert resumed.epoch == state["epoch"]
+    whole = al.Loader(SizedCounting(20), batch_size=4)
+    whole.set_epoch(state["epoch"])
+    # (Under 3 workers each share is padded on its own: 21 samples, one twice.)
+    assert sorted(flat(rest(resumed, workers))) == sorted(flat(rest(whole, workers)))
+    plain = al.Loader(SizedCounting(20), batch_size=4)
+    plain.load_state_dict(state)
+    assert sorted(flat(list(plain))) == list(range(20))
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["map", "stream"])
+def test_a_torch_loader_state_of_another_plan_is_refused(streaming: bool) -> None:
+    """The state kept by to_torch_loader() records the plan as a plain loop's does."""
+
+    def make(shuffle: bool) -> al.Loader:
+        if streaming:
+            return al.Loader(Counting(30), batch_size=4, shuffle=shuffle, seed=1)
+        return build(shuffle=shuffle)
+
+    _, state = take(make(True), 2, 2)
+    assert state["plan"]["shuffle"] is True
+    with pytest.raises(ValueError, match="shuffle=True, this one has shuffle=False"):
+        make(False).load_state_dict(state)
 
 
 def test_dataloader_keywords_that_belong_to_the_loader_are_refused() -> None:
