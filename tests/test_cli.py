@@ -297,6 +297,35 @@ def test_sigterm_stops_the_running_child_and_its_workers(tmp_path: Path) -> None
                     p.kill()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_sigkill_to_bench_takes_the_running_child_down(tmp_path: Path) -> None:
+    # SIGKILL runs no cleanup in bench: the kernel's parent-death signal stops the child.
+    psutil = pytest.importorskip("psutil")
+    with DemoServer(latency_ms=1000, size=1024, count=64) as server:
+        urls = tmp_path / "urls.txt"
+        urls.write_text("\n".join(server.urls()) + "\n")
+        args = ["--concurrency", "64", "--workers", "2", "--batch-size", "4"]
+        bench = subprocess.Popen(
+            [sys.executable, "-m", "asyncload", "bench", str(urls), *args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        tree: list[Any] = []
+        try:
+            tree = _wait_for_dataloader_workers(psutil, bench, workers=2)  # type: ignore[arg-type]
+            bench.kill()
+            bench.wait(timeout=60)
+            _, alive = psutil.wait_procs(tree, timeout=30)
+            assert [p for p in alive if _running(psutil, p)] == []
+        finally:
+            if bench.poll() is None:
+                bench.kill()
+                bench.wait()
+            for p in tree:
+                if _running(psutil, p):
+                    p.kill()
+
+
 def _wait_for_dataloader_workers(
     psutil: Any, bench: subprocess.Popen[str], *, workers: int
 ) -> list[Any]:

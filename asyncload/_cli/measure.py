@@ -10,9 +10,11 @@ status is 1 when the run failed, with the traceback on stderr.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import importlib
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -204,7 +206,27 @@ def _rusage_peak() -> int | None:
     return (own + child) * scale
 
 
+def _die_with_parent() -> None:
+    """On Linux, have the kernel send this process SIGTERM when ``bench`` dies: a
+    ``bench`` killed with SIGKILL (or SIGHUP'd alone) runs no cleanup, and this child would
+    go on reading the whole source. Its DataLoader workers follow it (torch's workers
+    watch their parent)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # bench died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
 def main(argv: list[str]) -> int:
+    _die_with_parent()
     with open(argv[0], encoding="utf-8") as f:
         payload = json.load(f)
     spec = SourceSpec.from_json(payload["source"])
