@@ -9,12 +9,14 @@ once, in a child process, and reports how many samples and bytes it got.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -263,12 +265,18 @@ def test_the_baseline_sends_the_urls_credentials_as_asyncload_does(
     assert "s3cret" not in proc.stdout + proc.stderr
 
 
-def test_sigterm_stops_the_running_child_and_its_workers(tmp_path: Path) -> None:
-    psutil = pytest.importorskip("psutil")
-    # A server of this process, not bench's (demo's dies with it, and so would the
-    # child's reads): an orphaned child would go on reading from it. 64 samples, 1 s
-    # each: asyncload (64 in flight) is through in about 1 s, the DataLoader's 2 workers
-    # would need half a minute. SIGTERM comes while they read.
+@contextlib.contextmanager
+def _bench_reading_with_workers(
+    tmp_path: Path, psutil: Any, *, stderr: int = subprocess.PIPE
+) -> Iterator[tuple[subprocess.Popen[str], list[Any]]]:
+    """``bench`` running, and its measure child with its 2 DataLoader workers reading.
+
+    The server is this process's, not bench's (demo's dies with it, and so would the
+    child's reads): an orphaned child would go on reading from it. 64 samples, 1 s each:
+    asyncload (64 in flight) is through in about 1 s, the DataLoader's 2 workers would
+    need half a minute, so a signal sent now comes while they read. Whatever is still
+    running at the end (only after a failure) is killed. ``stderr``: bench's (its
+    children inherit it, so a pipe is open until the last of them exits)."""
     with DemoServer(latency_ms=1000, size=1024, count=64) as server:
         urls = tmp_path / "urls.txt"
         urls.write_text("\n".join(server.urls()) + "\n")
@@ -276,54 +284,48 @@ def test_sigterm_stops_the_running_child_and_its_workers(tmp_path: Path) -> None
         bench = subprocess.Popen(
             [sys.executable, "-m", "asyncload", "bench", str(urls), *args],
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stderr=stderr,
             text=True,
         )
         tree: list[Any] = []
         try:
             tree = _wait_for_dataloader_workers(psutil, bench, workers=2)
-            bench.send_signal(signal.SIGTERM)
-            _, stderr = bench.communicate(timeout=60)
-            _, alive = psutil.wait_procs(tree, timeout=30)
-            assert [p for p in alive if _running(psutil, p)] == []
-            assert bench.returncode == 128 + signal.SIGTERM, stderr
-            assert "python -m asyncload bench: terminated" in stderr
+            yield bench, tree
         finally:
             if bench.poll() is None:
                 bench.kill()
                 bench.communicate()
-            for p in tree:  # only after a failure: whatever the command left behind
+            for p in tree:
                 if _running(psutil, p):
                     p.kill()
+
+
+def test_sigterm_stops_the_running_child_and_its_workers(tmp_path: Path) -> None:
+    psutil = pytest.importorskip("psutil")
+    with _bench_reading_with_workers(tmp_path, psutil) as (bench, tree):
+        bench.send_signal(signal.SIGTERM)
+        _, stderr = bench.communicate(timeout=60)
+        _, alive = psutil.wait_procs(tree, timeout=30)
+        assert [p for p in alive if _running(psutil, p)] == []
+        assert bench.returncode == 128 + signal.SIGTERM, stderr
+        assert "python -m asyncload bench: terminated" in stderr
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_sigkill_to_bench_takes_the_running_child_down(tmp_path: Path) -> None:
     # SIGKILL runs no cleanup in bench: the kernel's parent-death signal stops the child.
     psutil = pytest.importorskip("psutil")
-    with DemoServer(latency_ms=1000, size=1024, count=64) as server:
-        urls = tmp_path / "urls.txt"
-        urls.write_text("\n".join(server.urls()) + "\n")
-        args = ["--concurrency", "64", "--workers", "2", "--batch-size", "4"]
-        bench = subprocess.Popen(
-            [sys.executable, "-m", "asyncload", "bench", str(urls), *args],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        tree: list[Any] = []
-        try:
-            tree = _wait_for_dataloader_workers(psutil, bench, workers=2)  # type: ignore[arg-type]
-            bench.kill()
-            bench.wait(timeout=60)
-            _, alive = psutil.wait_procs(tree, timeout=30)
-            assert [p for p in alive if _running(psutil, p)] == []
-        finally:
-            if bench.poll() is None:
-                bench.kill()
-                bench.wait()
-            for p in tree:
-                if _running(psutil, p):
-                    p.kill()
+    with _bench_reading_with_workers(tmp_path, psutil, stderr=subprocess.DEVNULL) as (
+        bench,
+        tree,
+    ):
+        bench.kill()
+        bench.wait(timeout=60)
+        # The measure child (tree[0]) gets SIGTERM at once. Its DataLoader workers leave
+        # when torch's watchdog sees their parent gone, after the batch they are reading,
+        # which is torch's business (the context manager kills any left at the end).
+        _, alive = psutil.wait_procs(tree[:1], timeout=30)
+        assert [p for p in alive if _running(psutil, p)] == []
 
 
 def _wait_for_dataloader_workers(
