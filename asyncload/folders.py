@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import io
 import os
-import uuid
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import unquote, urlsplit
@@ -25,7 +24,7 @@ import numpy as np
 
 from ._callables import PerLoop, gather
 from ._redact import redact_key
-from .datasets import AsyncDataset, normalize_index
+from .datasets import AsyncDataset, _dataset_token, normalize_index
 from .sources.files import FileSource, StrPath
 
 if TYPE_CHECKING:
@@ -239,9 +238,6 @@ class ImageFolder(AsyncDataset[tuple[Any, Any]]):
         self.classes = classes
         self.class_to_idx = {name: i for i, name in enumerate(classes)}
         self.keys = keys
-        # Its samples are decoded and labelled, not the files' bytes: cache entries of its
-        # own, never the source's (see AsyncDataset._cache_key).
-        self._cache_tag = f"image-folder-{uuid.uuid4().hex}"
         self.targets = targets
         self.transform = transform
         self.target_transform = target_transform
@@ -431,7 +427,9 @@ class ImageFolder(AsyncDataset[tuple[Any, Any]]):
         return self.keys[normalize_index(index, len(self.keys))]
 
     def _cache_key(self, index: int) -> Hashable:
-        return (self._cache_tag, self.key_of(index))
+        # Its samples are decoded and labelled, not the files' bytes: entries of its own
+        # (under its object's token), never the source's (see AsyncDataset._cache_key).
+        return (_dataset_token(self), self.key_of(index))
 
     async def aclose(self) -> None:
         await self.source.aclose()

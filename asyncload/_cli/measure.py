@@ -210,8 +210,9 @@ def _die_with_parent() -> None:
     """On Linux, have the kernel send this process SIGTERM when ``bench`` dies: a
     ``bench`` killed with SIGKILL (or SIGHUP'd alone) runs no cleanup, and this child would
     go on reading the whole source. Its DataLoader workers leave when torch's watchdog sees
-    their parent gone (after the batch they are reading). (The signal follows the thread that started this process, which
-    :mod:`.runner` keeps waiting for it: it never ends first.)"""
+    their parent gone (after the batch they are reading). The signal follows the thread
+    that started this process, which :mod:`.runner` keeps waiting for it: it never ends
+    first."""
     if not sys.platform.startswith("linux"):
         return
     try:

@@ -224,9 +224,7 @@ class _Client:
     async def _get(self, store: S3Store, key: str) -> bytes:
         # Two awaits of obstore's own futures and nothing else: every extra hop through the
         # event loop costs several microseconds per object (measured against raw obstore).
-        global _runtime_pid
-        if _runtime_pid is None:
-            _runtime_pid = os.getpid()
+        _note_runtime()
         try:
             result = await _obstore.get_async(store, key)  # imported with the store
         except Exception as exc:
