@@ -37,7 +37,7 @@ from ._callables import as_failure, is_async_callable, is_cancellation
 
 if TYPE_CHECKING:
     from ._pipeline import EpochIterator
-    from .loader import Loader
+    from .loader import EpochStart, Loader
 
 __all__ = ["InlineIterator", "SyncIterator"]
 
@@ -105,27 +105,35 @@ class _Raised:
 
 
 class _Pump:
-    """The loop-side half: moves batches from the epoch iterator into the queue, one per
-    credit. It must not reference the :class:`SyncIterator`, so that dropping that stops it."""
+    """The loop-side half: starts the epoch, then moves its batches into the queue, one
+    per credit. It must not reference the :class:`SyncIterator`, so that dropping that
+    stops it."""
 
-    def __init__(self, loader: Loader) -> None:
+    def __init__(self, loader: Loader, epoch: EpochStart) -> None:
         self.loader = loader
+        self.epoch = epoch
+        self.iterator: EpochIterator | None = None  # (once run() has started the epoch)
         self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        # The ready batches wait in the queue, not in the epoch's stream: the consumer then
-        # takes every batch that is there in one go, without waiting for the loop thread
-        # to hand over the GIL for each one.
-        self.iterator = loader._start_epoch(prefetch=0)
         self.loop = asyncio.get_running_loop()
         self.thread = threading.get_ident()
         self.credit = anyio.Semaphore(max(1, loader.prefetch))
+        self.go = anyio.Event()
 
     async def run(self) -> None:
         credit, put = self.credit, self.queue.put
         try:
+            # Until the consuming thread is back from iter(): it needs the GIL to get
+            # there, and this thread, once fetching, would hold it for up to a switch
+            # interval (5 ms) at a time.
+            await self.go.wait()
+            # The ready batches wait in the queue, not in the epoch's stream: the consumer
+            # then takes every batch that is there in one go, without waiting for the loop
+            # thread to hand over the GIL for each one.
+            self.iterator = iterator = self.epoch.start()
             while True:
                 await credit.acquire()
                 try:
-                    item = await self.iterator.next_item()
+                    item = await iterator.next_item()
                 except StopAsyncIteration:
                     put(_END)
                     return
@@ -136,35 +144,50 @@ class _Pump:
             put(_Raised(as_failure(exc)))  # KeyboardInterrupt too: raised in the consumer
         finally:
             with anyio.CancelScope(shield=True):
-                await self.iterator.aclose(report=False)
+                if self.iterator is not None:
+                    await self.iterator.aclose(report=False)
                 await self.loader.dataset.aclose()
+
+    def release(self) -> None:
+        """Let the epoch start (called from the consuming thread, once, without waiting)."""
+        self.loop.call_soon_threadsafe(self.go.set)
 
     def grant(self) -> None:
         """Let the pump fetch the next batch (called from the consuming thread)."""
         self.loop.call_soon_threadsafe(self.credit.release)
 
+    def report_end(self) -> None:
+        """Close the progress report (from the consuming thread), started or not."""
+        (self.iterator or self.epoch).report_end()
+
 
 class SyncIterator(Iterator[Any]):
     """One epoch of ``loader`` for a plain ``for`` loop.
 
-    The background thread stops, and the dataset's connections in its loop are released,
-    when the epoch ends, when the loop is left early (the iterator is dropped), on
-    :meth:`close`, or when ``loader.close()`` is called.
+    ``iter(loader)`` changes the loader's state (the epoch has begun) before it returns;
+    the epoch's fetches start in the background thread as it returns. The background
+    thread stops, and the dataset's connections in its loop are released, when the epoch
+    ends, when the loop is left early (the iterator is dropped), on :meth:`close`, or
+    when ``loader.close()`` is called.
     """
 
     def __init__(self, loader: Loader) -> None:
         self._closed = False
         self.last_positions: list[int] = []  # of the batch last returned (for to_torch)
+        epoch = loader._prepare_epoch(prefetch=0)
         self._cm: AbstractContextManager[BlockingPortal] = start_blocking_portal(
             "asyncio", _BACKEND_OPTIONS
         )
         portal = self._cm.__enter__()
         try:
-            self._pump: _Pump = portal.call(_Pump, loader)
+            # Both waits for the loop thread end before the epoch has work for it.
+            self._pump: _Pump = portal.call(_Pump, loader, epoch)
             self._task: Future[None] = portal.start_task_soon(self._pump.run)
         except BaseException:
+            epoch.report_end()
             self._cm.__exit__(None, None, None)
             raise
+        self._pump.release()
         _OPEN.add(self)
 
     @property
@@ -185,9 +208,12 @@ class SyncIterator(Iterator[Any]):
         item = self._pump.queue.get()
         if self._closed:  # by close() from another thread while this one waited
             raise StopIteration
+        # An item in the queue was put after run() had started the epoch.
+        iterator = self._pump.iterator
+        assert iterator is not None
         if item is _END:
             try:
-                self._pump.iterator.end()  # (may raise: a DriftError, on_statistics)
+                iterator.end()  # (may raise: a DriftError, on_statistics)
             finally:
                 self.close()
             raise StopIteration
@@ -197,7 +223,7 @@ class SyncIterator(Iterator[Any]):
         # Delivered now, not when the pump queued it: state_dict() after a break must
         # not count the batches still waiting in the queue.
         try:
-            self._pump.iterator.commit(item)
+            iterator.commit(item)
         except BaseException:  # an on_statistics callback raised: the loop ends with it
             self.close()
             raise
@@ -211,7 +237,7 @@ class SyncIterator(Iterator[Any]):
             return
         self._closed = True
         self._pump.queue.put(_CLOSED)
-        self._pump.iterator.report_end()
+        self._pump.report_end()
         if threading.get_ident() == self._pump.thread:
             return  # dropped inside its own loop (a GC cycle): that loop is ending anyway
         if sys.is_finalizing():

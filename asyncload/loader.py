@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import numbers
 import sys
@@ -460,6 +461,12 @@ class Loader:
     def _start_epoch(self, prefetch: int, *, inline: bool = False) -> EpochIterator:
         # The sync bridge buffers ready batches on its side of the thread hand-off instead.
         # inline: fetch in the consumer's task (InlineEpoch; an in-memory map dataset).
+        return self._prepare_epoch(prefetch, inline=inline).start()
+
+    def _prepare_epoch(self, prefetch: int, *, inline: bool = False) -> EpochStart:
+        """Everything an epoch changes in this loader (the resume point taken, statistics
+        reset, the progress report opened), and its errors raised, in the calling thread;
+        what needs an event loop is left to :meth:`EpochStart.start`."""
         reporter = self._reporter()  # first: it may fail (no tqdm) before anything starts
         resume = self._resume
         if isinstance(resume, WorkerProgress) and resume.workers == 1:
@@ -503,7 +510,8 @@ class Loader:
         collate = _first if self.batch_size is None else (self.collate_fn or default_collate)
         # In memory under a plain for, the epoch's steps run on demand (see InlineEpoch).
         kind = InlineEpoch if inline and isinstance(units, MapUnits) else Epoch
-        epoch = kind(
+        build = functools.partial(
+            kind,
             units,
             fetcher,
             stats=stats,
@@ -514,8 +522,7 @@ class Loader:
             concurrency=self.concurrency,
             prefetch=prefetch,
         )
-        self._current = epoch
-        return EpochIterator(epoch, progress, on_end=self._on_end, reporter=reporter)
+        return EpochStart(self, build, progress, stats, reporter)
 
     def _reporter(self) -> Reporter | None:
         if not self.progress and self.on_statistics is None:
@@ -933,6 +940,42 @@ class Loader:
             f"Loader({self.dataset!r}, batch_size={self.batch_size}, concurrency={self.concurrency}, "
             f"prefetch={self.prefetch}, ordered={self.ordered}, rank={self.rank}/{self.world_size})"
         )
+
+
+class EpochStart:
+    """An epoch prepared by :meth:`Loader._prepare_epoch`, to be started in an event loop.
+
+    The sync bridge prepares in the consumer's thread and starts in its loop thread, so
+    that ``iter(loader)`` changes the loader's state before it returns without waiting
+    for the loop thread, which would be busy with the epoch's first fetches by then."""
+
+    def __init__(
+        self,
+        loader: Loader,
+        build: Callable[[], Epoch | InlineEpoch],
+        progress: Progress,
+        stats: LoaderStats,
+        reporter: Reporter | None,
+    ) -> None:
+        self._loader = loader
+        self._build = build
+        self._progress = progress
+        self._stats = stats
+        self._reporter = reporter
+
+    def start(self) -> EpochIterator:
+        """Start the epoch's tasks in the running event loop."""
+        epoch = self._build()
+        self._loader._current = epoch
+        loader = self._loader
+        return EpochIterator(epoch, self._progress, on_end=loader._on_end, reporter=self._reporter)
+
+    def report_end(self) -> None:
+        """What :meth:`EpochIterator.report_end` does, for an epoch that may not have
+        started (closed first): the rates stop, the progress report closes (once)."""
+        self._stats.stop()
+        if self._reporter is not None:
+            self._reporter.end()
 
 
 class _EpochOnDemand(AsyncIterator[Any]):

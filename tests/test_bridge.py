@@ -630,3 +630,83 @@ def test_an_error_at_the_end_of_the_epoch_still_closes_the_iterator(in_memory: b
         for _ in iterator:
             pass
     assert iterator.closed  # type: ignore[attr-defined]
+
+
+class BlocksItsLoop(al.AsyncDataset[int]):
+    """Each fetch blocks the event loop's thread until ``gate`` is set (or 10 s pass)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.gate = threading.Event()
+        self.timed_out = 0
+        self.fetched = 0
+        self.closed = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    async def __getitem__(self, index: int) -> int:
+        if not self.gate.wait(timeout=10):
+            self.timed_out += 1
+        self.fetched += 1
+        return index
+
+    async def aclose(self) -> None:
+        self.closed += 1
+
+
+def test_iter_returns_without_waiting_for_the_loop_thread_to_fetch() -> None:
+    """``iter(loader)`` hands the epoch to the loop thread and returns: it must not wait
+    on that thread once the fetches have started (there each wait costs the first batch
+    up to a GIL switch interval). Here the first fetch holds the loop thread until the
+    test goes on after ``iter()``; an ``iter()`` that waited on it would wait 10 s."""
+    ds = BlocksItsLoop(8)
+    loader = al.Loader(ds, batch_size=4, concurrency=4)
+    iterator = iter(loader)
+    ds.gate.set()
+    assert as_lists(list(iterator)) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert ds.timed_out == 0
+    assert ds.closed == 1
+
+
+def test_iter_sets_the_loaders_state_before_it_returns() -> None:
+    """The epoch's start (the resume point taken, statistics reset) is part of ``iter()``
+    even though its fetches start in the loop thread after: a state_dict() right after
+    iter() is that of the epoch begun, whatever the loop thread has done yet."""
+    ds = BlocksItsLoop(12)
+    loader = al.Loader(ds, batch_size=4, concurrency=4)
+    ds.gate.set()
+    iterator = iter(loader)
+    next(iterator)
+    saved = loader.state_dict()
+    iterator.close()  # type: ignore[attr-defined]
+
+    resumed = al.Loader(ds, batch_size=4, concurrency=4)
+    resumed.load_state_dict(saved)
+    ds.gate.clear()  # nothing fetched yet while we look
+    iterator = iter(resumed)
+    assert resumed.state_dict() == saved
+    assert resumed.statistics()["batches"] == 0
+    ds.gate.set()
+    assert as_lists(list(iterator)) == [[4, 5, 6, 7], [8, 9, 10, 11]]
+    assert ds.timed_out == 0
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_close_right_after_iter(progress: bool, baseline_threads: Threads) -> None:
+    """Closed before the loop thread may have started the epoch: the thread stops, the
+    dataset is closed, and the last statistics are reported once."""
+    for _ in range(20):  # the close lands at different points of the epoch's start
+        reports: list[dict[str, Any]] = []
+        ds = BlocksItsLoop(8)
+        ds.gate.set()
+        loader = al.Loader(
+            ds, batch_size=4, concurrency=4, progress=progress, on_statistics=reports.append
+        )
+        iterator = iter(loader)
+        iterator.close()  # type: ignore[attr-defined]
+        assert not {t for t in baseline_threads.new() if t.name != "tqdm_monitor"}
+        assert ds.closed == 1
+        assert len(reports) == 1 and reports[0]["batches"] == 0
+        with pytest.raises(StopIteration):
+            next(iterator)

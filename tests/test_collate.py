@@ -275,3 +275,18 @@ def test_what_stays_a_list_or_an_object_array() -> None:
     from decimal import Decimal
 
     assert collate([Decimal(1), 2]).tolist() == [Decimal(1), 2]
+
+
+def test_collating_does_not_import_numpy_ma() -> None:
+    """numpy imports ``numpy.ma`` on first use, which cost 26 ms of a first batch: plain
+    batches must not touch it (a masked array exists only once it is imported)."""
+    code = (
+        "import sys, numpy as np, asyncload as al\n"
+        "al.default_collate([b'a', b'b'])\n"
+        "al.default_collate([1, 2])\n"
+        "al.default_collate([{'x': np.zeros(2), 'y': 'a'}] * 2)\n"
+        "class Sub(np.ndarray): pass\n"
+        "al.default_collate([np.zeros(2).view(Sub)] * 2)\n"
+        "assert 'numpy.ma' not in sys.modules, 'numpy.ma imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
