@@ -763,8 +763,11 @@ def _split_section(report: harness.Report) -> list[str]:
     lines += [
         "",
         "64 against 16 requests in flight makes 4.0 the ideal last ratio. A DataLoader "
-        "worker builds a whole batch, so its batches come in waves of 16; timing from the "
-        "first batch counts the rest of the first wave as if it came after it.",
+        "worker builds a whole batch, so its batches come in waves of 16: samples/s is the "
+        "slope of a least-squares line through the batches' arrivals, which counts a wave "
+        "as the time it took (timing from the first batch to the last, as this page did "
+        "before 2026-11-27, credited the DataLoader with the rest of its first wave for "
+        "free; each run's JSON keeps that figure as `first_to_last_per_s`).",
         "",
         *results_table(
             split,

@@ -87,6 +87,7 @@ def measure(
         extra = run(tally)
     tally.finish()
     extra["loadavg_1min"] = os.getloadavg()[0]
+    extra["first_to_last_per_s"] = finite(tally.first_to_last_per_s)
     return RunResult(
         config=cfg,
         ok=True,

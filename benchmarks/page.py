@@ -135,8 +135,11 @@ def intro(machine: dict[str, Any] | None) -> str:
             "the rounds and the range (lowest to highest). Compare rows and ratios within a "
             "section: absolute figures move by ±20 % or more with the machine's load (each "
             "section gives its load average), so never compare them with another page.",
-            "- **samples/s** (objects/s, images/s): samples after the first batch divided by "
-            "the time from the first batch to the last.",
+            "- **samples/s** (objects/s, images/s): the steady rate from the first batch on, "
+            "the slope of a least-squares line through the batches' arrivals (time, samples "
+            "so far). DataLoader workers deliver whole batches in waves; the fit counts a "
+            "wave as the time it took, where samples over the time from the first batch to "
+            "the last credited the rest of the first wave as free.",
             "- **first batch**: from building the loader or client to receiving the first "
             "batch, worker start-up included.",
             "- **peak RSS**: peak of the resident memory summed over the consumer process and "
