@@ -16,7 +16,7 @@ import sys
 import tarfile
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 
 import anyio
@@ -375,6 +375,90 @@ async def test_missing_key_through_the_loader(seaweed: SeaweedFS) -> None:
     assert caught.value.index == 20
     assert [s for b in got for s in b] == [body_of(i) for i in range(16)]
     assert all(SECRET not in t for t in error_texts(caught.value))
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["slowdown", "reset", "internal", "stall"])
+async def test_listing_fault_with_retry_lists_every_key_once(
+    seaweed: SeaweedFS, proxy: FaultProxy, kind: FaultKind
+) -> None:
+    """A listing request that fails after the first page: with ``retry``, the listing goes
+    on from the key after the last one received, and every key comes exactly once."""
+    objects = stream(
+        proxy.endpoint_url,
+        "listing/",
+        in_flight=4,
+        page_size=100,
+        retry=no_wait_retry(3),
+        timeout=STALL_TIMEOUT,
+    )
+    try:
+        keys, bodies = LISTED_KEYS, [k.encode() for k in LISTED_KEYS]
+        listings: list[tuple[Callable[[], AsyncIterator[Any]], list[Any]]] = [
+            (objects.list_keys, keys),
+            (objects.__aiter__, bodies),
+        ]
+        for listing, expected in listings:
+            proxy.clear()
+            iterator = listing()
+            first = await iterator.__anext__()  # one listing request: the first page
+            proxy.fail(LIST, kind)  # the next one (the second page) fails
+            assert [first, *[item async for item in iterator]] == expected
+            # 1,100 keys: two listing requests of at most 1,000 keys (page_size sets how
+            # many each chunk of the listing hands over), the second one asked twice.
+            assert proxy.count(LIST) == 3
+            proxy.release_stalled()
+    finally:
+        await objects.aclose()
+
+
+@pytest.mark.anyio
+async def test_listing_requests_hold_one_of_max_connections(
+    seaweed: SeaweedFS, proxy: FaultProxy
+) -> None:
+    """With max_connections=1, no GET reaches the store while a listing request is out."""
+    objects = stream(proxy.endpoint_url, "listing/", in_flight=4, max_connections=1)
+    iterator = objects.__aiter__()
+    got: list[bytes] = []
+
+    async def drain() -> None:
+        got.extend([body async for body in iterator])
+
+    try:
+        got.append(await iterator.__anext__())  # the first listing page is in
+        proxy.fail(LIST, "stall")  # the second one stalls, once it is asked for
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(drain)
+            await anyio.to_thread.run_sync(proxy.wait_stalled, 1)
+            requests = proxy.total
+            # A bounded wait for what must not happen: a GET sent meanwhile.
+            await anyio.sleep(STALL_TIMEOUT)
+            assert proxy.total == requests
+            proxy.release_stalled()
+        assert got == [k.encode() for k in LISTED_KEYS]
+    finally:
+        await iterator.aclose()  # type: ignore[attr-defined]
+        await objects.aclose()
+
+
+@pytest.mark.anyio
+async def test_listing_retry_gives_up_on_a_permanent_error(
+    seaweed: SeaweedFS, proxy: FaultProxy
+) -> None:
+    objects = stream(proxy.endpoint_url, "listing/", retry=no_wait_retry(3))
+    try:
+        proxy.fail(LIST, "forbidden")
+        with pytest.raises(PermissionError):
+            async for _ in objects.list_keys():
+                pass
+        assert proxy.count(LIST) == 1
+        proxy.fail(LIST, "slowdown", times=3)  # as many as the attempts: the last one raises
+        with pytest.raises(al.HTTPStatusError):
+            async for _ in objects.list_keys():
+                pass
+        assert proxy.count(LIST) == 4
+    finally:
+        await objects.aclose()
 
 
 @pytest.mark.anyio

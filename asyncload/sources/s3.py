@@ -570,13 +570,15 @@ class S3PrefixStream(AsyncIterableDataset[bytes]):
       listing request), one chunk ahead of the fetches;
     - ``in_flight`` GETs run at once (the Loader's ``concurrency`` does not apply to
       streams); samples still come out in listing order;
-    - ``timeout`` (seconds) bounds each GET attempt, from the moment it starts; ``retry``
-      (an `asyncload.Retry`) retries a failed GET, its first attempt being the one
-      started ahead. Without ``retry``, a failed GET ends the stream with its error
-      (``FileNotFoundError`` for a key deleted since it was listed), which the Loader
-      raises as a `SampleError`;
-    - a failed listing ends the stream with the error a GET would raise, naming
-      ``s3://bucket/prefix`` (``FileNotFoundError`` for a bucket that does not exist);
+    - ``timeout`` (seconds) bounds each GET attempt, from the moment it starts, and each
+      listing request; ``retry`` (an `asyncload.Retry`) retries a failed GET, its first
+      attempt being the one started ahead, and a failed listing request (listing again
+      from the key after the last one received). Without ``retry``, a failed GET ends
+      the stream with its error (``FileNotFoundError`` for a key deleted since it was
+      listed), which the Loader raises as a `SampleError`;
+    - a failed listing (after ``retry``, if any) ends the stream with the error a GET
+      would raise, naming ``s3://bucket/prefix`` (``FileNotFoundError`` for a bucket
+      that does not exist); listing requests hold one of ``max_connections`` as GETs do;
     - folder markers (zero-size objects whose key ends with ``/``, as the S3 console's
       "Create folder" makes) are not samples: they are skipped. obstore lists such a key
       without its ``/``, so a zero-size key that a GET does not find is taken for one
@@ -616,33 +618,58 @@ class S3PrefixStream(AsyncIterableDataset[bytes]):
     def bucket(self) -> str:
         return self._client.bucket
 
-    def _listing(self, store: S3Store) -> Any:
+    def _listing(self, store: S3Store, after: str | None = None) -> Any:
+        """obstore's listing of the prefix, from the first key after ``after`` (all of it
+        when None)."""
         obstore = _import_obstore()
         prefix = self.prefix
         if not prefix or prefix.endswith("/"):
-            return obstore.list(store, prefix or None, chunk_size=self.page_size)
+            return obstore.list(store, prefix or None, offset=after, chunk_size=self.page_size)
         # object_store lists whole path segments ("data/ab" would miss "data/abc"): list the
         # parent folder, starting just before the prefix, and filter by _accept().
         parent, _, _ = prefix.rpartition("/")
-        return obstore.list(store, parent or None, offset=prefix[:-1], chunk_size=self.page_size)
+        start = prefix[:-1] if after is None else after
+        return obstore.list(store, parent or None, offset=start, chunk_size=self.page_size)
 
     def _pages(self, store: S3Store) -> Callable[[], asyncio.Future[Any]]:
         """A function that starts reading the next listing page: its future gives the page's
-        object metas, raises ``StopAsyncIteration`` after the last, or a translated error."""
-        _note_runtime()
-        listing = self._listing(store)
-        client, prefix = self._client, self.prefix
+        object metas, raises ``StopAsyncIteration`` after the last, or a translated error.
 
-        async def next_page() -> Any:
+        Each page's request holds one of ``max_connections``, and runs under ``timeout``
+        and ``retry`` as a GET does. A failed listing cannot go on, so a retry lists
+        afresh from the key after the last one received: nothing is listed twice."""
+        _note_runtime()
+        client, prefix, timeout = self._client, self.prefix, self.timeout
+        listing: Any = None
+        last: str | None = None  # the last key of the pages received
+
+        async def read() -> Any:
+            """The next page, or None after the last (not StopAsyncIteration: a retry
+            would take that for an error)."""
+            nonlocal listing, last
+            if listing is None:
+                listing = self._listing(store, last)
             try:
-                return await listing.__anext__()
+                async with client.slot():
+                    with anyio.fail_after(timeout):  # (None: no limit)
+                        page = await listing.__anext__()
             except StopAsyncIteration:
-                raise
+                return None
             except Exception as exc:
+                listing = None  # (a listing that failed ends; a retry starts another)
                 error = client.translate(exc, prefix, reading_body=False, listing=True)
                 if error is exc:
                     raise
                 raise error from exc
+            if page:
+                last = page[-1]["path"]
+            return page
+
+        async def next_page() -> Any:
+            page = await (read() if self.retry is None else self.retry.run(read))
+            if page is None:
+                raise StopAsyncIteration
+            return page
 
         return lambda: asyncio.ensure_future(next_page())
 
