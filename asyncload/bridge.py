@@ -180,7 +180,7 @@ class SyncIterator(Iterator[Any]):
         )
         portal = self._cm.__enter__()
         try:
-            # Both waits for the loop thread end before the epoch has work for it.
+            # Both waits on the loop thread end before the epoch gives it work (release()).
             self._pump: _Pump = portal.call(_Pump, loader, epoch)
             self._task: Future[None] = portal.start_task_soon(self._pump.run)
         except BaseException:

@@ -965,9 +965,8 @@ class EpochStart:
 
     def start(self) -> EpochIterator:
         """Start the epoch's tasks in the running event loop."""
-        epoch = self._build()
-        self._loader._current = epoch
-        loader = self._loader
+        loader, epoch = self._loader, self._build()
+        loader._current = epoch
         return EpochIterator(epoch, self._progress, on_end=loader._on_end, reporter=self._reporter)
 
     def report_end(self) -> None:
