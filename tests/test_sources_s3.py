@@ -30,6 +30,7 @@ import asyncload as al
 from asyncload._cli.sources import NoSamplesError, S3Options, resolve
 from asyncload.resilience.classify import is_transient
 from asyncload.sources import S3PrefixStream, S3Source
+from asyncload.sources.s3 import _MarkerTwins
 
 BUCKET = "asyncload-test"
 SECRET = "SUPERSECRET123"
@@ -628,6 +629,30 @@ async def test_from_prefix_skips_folder_markers(marked: SeaweedFS) -> None:
         )
         got += await collect(loader)
     assert sorted(got) == sorted(MARKED_SAMPLES.values())
+
+
+def test_a_markers_twin_is_spotted_in_listing_order() -> None:
+    """What obstore lists for the keys k, k-a, k/ (a marker), k/x, k0, l/ (a marker with no
+    object beside it): k twice, the second time with size 0. (Not through SeaweedFS: a
+    filer, it refuses a marker k/ beside an object k with 409 Conflict; S3 keeps both.)"""
+    listed = [("k", 5), ("k-a", 1), ("k", 0), ("k/x", 2), ("k0", 0), ("l", 0), ("m", 3)]
+    twins = _MarkerTwins()
+    assert [twins.repeated(key, size) for key, size in listed] == [
+        False,
+        False,
+        True,
+        False,
+        False,
+        False,
+        False,
+    ]
+    empty = _MarkerTwins()  # an empty object k beside the marker k/
+    assert [empty.repeated(key, 0) for key in ("k", "k.a", "k", "k/a")] == [
+        False,
+        False,
+        True,
+        False,
+    ]
 
 
 def test_cli_lists_no_folder_markers(marked: SeaweedFS) -> None:

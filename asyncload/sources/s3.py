@@ -562,6 +562,27 @@ class S3Source(AsyncDataset[bytes]):
         return f"<S3Source of {len(self.keys)} objects in s3://{self.bucket}{where}>"
 
 
+class _MarkerTwins:
+    """Spots the second listing of a key: obstore lists a folder marker ``k/`` as ``k``, so
+    beside an object ``k`` the same key comes twice, the marker's with size 0 (and its
+    GET would fetch the object ``k`` again). The listing is in key order, where ``k/``
+    comes after ``k`` with only keys that start with ``k`` between them, so the keys
+    that are prefixes of the current one (a few, however long the listing) suffice."""
+
+    def __init__(self) -> None:
+        self._prefixes: list[str] = []  # each a prefix of the next
+
+    def repeated(self, key: str, size: int) -> bool:
+        """Whether ``key``, listed with ``size`` bytes, is a marker's twin of one listed."""
+        prefixes = self._prefixes
+        while prefixes and not key.startswith(prefixes[-1]):
+            prefixes.pop()
+        if prefixes and prefixes[-1] == key:
+            return size == 0
+        prefixes.append(key)
+        return False
+
+
 class S3PrefixStream(AsyncIterableDataset[bytes]):
     """The objects under a prefix, streamed in listing order (lexicographic on S3), made
     by :meth:`S3Source.from_prefix`.
@@ -582,7 +603,8 @@ class S3PrefixStream(AsyncIterableDataset[bytes]):
     - folder markers (zero-size objects whose key ends with ``/``, as the S3 console's
       "Create folder" makes) are not samples: they are skipped. obstore lists such a key
       without its ``/``, so a zero-size key that a GET does not find is taken for one
-      (an empty object deleted since it was listed is skipped too).
+      (an empty object deleted since it was listed is skipped too), and so is the second
+      listing of a key (the marker ``k/`` beside an object ``k``).
 
     Every pass lists afresh. Under a Loader with several ranks or workers, each one reads
     the whole listing but fetches only its share of the objects (every ``shares``-th key).
@@ -689,6 +711,7 @@ class S3PrefixStream(AsyncIterableDataset[bytes]):
         """
         store = self._client.store()
         next_page = self._pages(store)
+        twins = _MarkerTwins()
         past_prefix = False
         while not past_prefix:
             try:
@@ -701,7 +724,7 @@ class S3PrefixStream(AsyncIterableDataset[bytes]):
                 if verdict is None:
                     past_prefix = True
                     break
-                if verdict:
+                if verdict and not twins.repeated(meta["path"], meta["size"]):
                     metas.append(meta)
             markers = await self._folder_markers(
                 store, [meta["path"] for meta in metas if meta["size"] == 0]
@@ -739,6 +762,7 @@ class S3PrefixStream(AsyncIterableDataset[bytes]):
         store = client.store()
         listed = 0  # keys under the prefix listed so far
         next_page = self._pages(store)
+        twins = _MarkerTwins()
         keys: deque[tuple[str, int]] = deque()  # (key, listed size) to fetch
         page: asyncio.Future[Any] | None = None
         listed_all = False
@@ -762,7 +786,7 @@ class S3PrefixStream(AsyncIterableDataset[bytes]):
                         if verdict is None:
                             listed_all = True
                             break
-                        if verdict:
+                        if verdict and not twins.repeated(meta["path"], meta["size"]):
                             if listed % shares == slot:
                                 keys.append((meta["path"], meta["size"]))
                             listed += 1
