@@ -560,7 +560,11 @@ class Loader:
             rng=np.random.default_rng([self.seed, self._epoch, self.rank, self.worker]),
         )
 
-    def _on_end(self) -> None:
+    def _on_end(self, progress: Progress | WorkerProgress) -> None:
+        if progress is not self._progress:
+            # An older iterator's epoch, ended after a newer one began (two iter() of this
+            # loader at once): this loader's state is the newer epoch's.
+            return
         self._epoch_done()
         if self.drift is not None:
             # At the end of the epoch, before the consumer's loop ends: a DriftError (or
@@ -967,7 +971,9 @@ class EpochStart:
         """Start the epoch's tasks in the running event loop."""
         loader, epoch = self._loader, self._build()
         loader._current = epoch
-        return EpochIterator(epoch, self._progress, on_end=loader._on_end, reporter=self._reporter)
+        progress = self._progress
+        on_end = functools.partial(loader._on_end, progress)
+        return EpochIterator(epoch, progress, on_end=on_end, reporter=self._reporter)
 
     def report_end(self) -> None:
         """What :meth:`EpochIterator.report_end` does, for an epoch that may not have

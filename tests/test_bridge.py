@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 import numpy as np
 import pytest
+from conftest import asyncio_only
 
 import asyncload as al
 
@@ -710,3 +711,34 @@ def test_close_right_after_iter(progress: bool, baseline_threads: Threads) -> No
         assert len(reports) == 1 and reports[0]["batches"] == 0
         with pytest.raises(StopIteration):
             next(iterator)
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_an_older_iterator_ending_does_not_end_the_newer_epoch(in_memory: bool) -> None:
+    """Two iter() of one loader at once: the loader's state is the newer epoch's, and the
+    older one running to its end must not mark it finished (a checkpoint would skip it)."""
+    dataset = al.from_sequence(list(range(8))) if in_memory else Indexed(8)
+    loader = al.Loader(dataset, batch_size=4)
+    older = iter(loader)
+    newer = iter(loader)
+    assert as_lists(list(older)) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert not loader.state_dict()["finished"]
+    assert as_lists([next(newer)]) == [[0, 1, 2, 3]]
+    state = loader.state_dict()
+    assert not state["finished"] and state["progress"]["watermark"] == 4
+    assert as_lists(list(newer)) == [[4, 5, 6, 7]]
+    assert loader.state_dict()["finished"]
+
+
+@pytest.mark.anyio
+@asyncio_only  # (Indexed asks asyncio for its loop)
+async def test_an_older_async_iterator_ending_does_not_end_the_newer_epoch() -> None:
+    loader = al.Loader(Indexed(8), batch_size=4)
+    older, newer = aiter(loader), aiter(loader)
+    await anext(older)  # started first
+    first = await anext(newer)
+    assert as_lists([b async for b in older]) == [[4, 5, 6, 7]]
+    assert not loader.state_dict()["finished"]
+    assert as_lists([first, *[b async for b in newer]]) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert loader.state_dict()["finished"]
+    await loader.aclose()
