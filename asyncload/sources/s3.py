@@ -663,7 +663,9 @@ class S3PrefixStream(AsyncIterableDataset[bytes]):
         _note_runtime()
         client, prefix, timeout = self._client, self.prefix, self.timeout
         listing: Any = None
-        last: str | None = None  # the last key of the pages received
+        # The greatest key received: where a retried listing goes on. (Not the last one:
+        # a folder marker "k/" comes as "k", out of order; listed again, it is a twin.)
+        last: str | None = None
 
         async def read() -> Any:
             """The next page, or None after the last (not StopAsyncIteration: a retry
@@ -684,7 +686,8 @@ class S3PrefixStream(AsyncIterableDataset[bytes]):
                     raise
                 raise error from exc
             if page:
-                last = page[-1]["path"]
+                greatest = max(meta["path"] for meta in page)
+                last = greatest if last is None else max(last, greatest)
             return page
 
         async def next_page() -> Any:
