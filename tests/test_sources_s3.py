@@ -22,7 +22,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 import pytest
-from conftest import ASYNCIO_BACKENDS
+from conftest import ASYNCIO_BACKENDS, asyncio_only
 from s3_faults import FAULTS, LIST, FaultKind, FaultProxy
 from seaweedfs import SeaweedFS
 
@@ -653,6 +653,53 @@ def test_a_markers_twin_is_spotted_in_listing_order() -> None:
         True,
         False,
     ]
+
+
+class FakeListing:
+    """obstore's listing of ``TRUE_KEYS`` after ``after`` (S3 compares true keys), two
+    metas a chunk, a folder marker's path without its "/"; the listing made first fails
+    after its second chunk, as a connection reset would."""
+
+    TRUE_KEYS = ("p/a", "p/k", "p/k-a", "p/k/", "p/k/x", "p/z")
+    made = 0
+
+    def __init__(self, after: str | None) -> None:
+        keys = [k for k in self.TRUE_KEYS if after is None or k > after]
+        metas = [{"path": k.rstrip("/"), "size": 0 if k.endswith("/") else 1} for k in keys]
+        self.chunks = [metas[i : i + 2] for i in range(0, len(metas), 2)]
+        self.fails = FakeListing.made == 0
+        FakeListing.made += 1
+
+    async def __anext__(self) -> list[dict[str, Any]]:
+        if self.fails and len(self.chunks) < 2:
+            raise ConnectionResetError("reset")
+        if not self.chunks:
+            raise StopAsyncIteration
+        return self.chunks.pop(0)
+
+
+@pytest.mark.anyio
+@asyncio_only
+async def test_a_retried_listing_goes_on_after_the_greatest_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The listing failed after a chunk ending with the marker p/k/ (listed as p/k): it
+    goes on after p/k-a, the greatest key received, not after p/k, which would list p/k-a
+    again; the marker listed again is a twin."""
+    objects = stream("http://127.0.0.1:9", "p/", retry=no_wait_retry(2))
+    FakeListing.made = 0
+    monkeypatch.setattr(objects, "_listing", lambda store, after=None: FakeListing(after))
+    next_page = objects._pages(None)
+    twins = _MarkerTwins()
+    listed = []
+    while True:
+        try:
+            page = await next_page()
+        except StopAsyncIteration:
+            break
+        listed += [m["path"] for m in page if not twins.repeated(m["path"], m["size"])]
+    assert FakeListing.made == 2
+    assert listed == ["p/a", "p/k", "p/k-a", "p/k/x", "p/z"]
 
 
 def test_cli_lists_no_folder_markers(marked: SeaweedFS) -> None:
