@@ -969,9 +969,9 @@ class EpochStart:
 
     def start(self) -> EpochIterator:
         """Start the epoch's tasks in the running event loop."""
-        loader, epoch = self._loader, self._build()
-        loader._current = epoch
-        progress = self._progress
+        loader, epoch, progress = self._loader, self._build(), self._progress
+        if loader._progress is progress:  # (else a newer epoch began meanwhile: see _on_end)
+            loader._current = epoch
         on_end = functools.partial(loader._on_end, progress)
         return EpochIterator(epoch, progress, on_end=on_end, reporter=self._reporter)
 
