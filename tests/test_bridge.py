@@ -742,3 +742,16 @@ async def test_an_older_async_iterator_ending_does_not_end_the_newer_epoch() -> 
     assert as_lists([first, *[b async for b in newer]]) == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert loader.state_dict()["finished"]
     await loader.aclose()
+
+
+def test_an_epoch_ending_after_set_epoch_does_not_finish_the_next() -> None:
+    """set_epoch() while an epoch runs: that epoch running to its end must not mark the
+    next one finished (a checkpoint would skip the whole next epoch)."""
+    loader = al.Loader(Indexed(8), batch_size=4, shuffle=True, seed=1)
+    running = iter(loader)
+    next(running)
+    loader.set_epoch(1)
+    list(running)
+    state = loader.state_dict()
+    assert state["epoch"] == 1 and not state["finished"]
+    assert state["progress"]["watermark"] == 0
