@@ -68,6 +68,12 @@ RATIO_PEERS = (*ASYNCLOAD_PEERS, "torchdata", "spdl")
 OPTIONAL_PEERS = {"torchdata": "torchdata.nodes", "spdl": "spdl.pipeline"}
 # The issue's target for the time to the first batch, in request latencies.
 FIRST_BATCH_TARGET = 3.0
+# The issue's other targets at 20 ms: asyncload / plain asyncio at 64 and at 256 in flight,
+# the best asyncload at 64 / DataLoader with 16 workers, and that DataLoader's summed RSS
+# over asyncload's (at least).
+PLAIN_TARGETS = {64: 0.98, 256: 0.95}
+DATALOADER_16_TARGET = 4.0
+RSS_TARGET = 8.0
 # The split-cores runs: the server on a core of its own, the loaders on the others, at
 # 20 ms and only where every peer needs well under one core (see ``render``).
 SPLIT_LATENCY_MS = 20.0
@@ -620,6 +626,68 @@ def _headlines(summary: list[harness.Row]) -> list[str]:
     return lines
 
 
+def _target_lines(report: harness.Report) -> list[str]:
+    """The issue's targets at 20 ms, met or missed, with the shared cores and the split."""
+
+    def verdict(value: float | None, target: float) -> str:
+        if value is None:
+            return "n/a"
+        return f"{value:.3f}x ({'met' if value >= target else 'missed'})"
+
+    def both(entry: dict[str, Any], target: float) -> str:
+        return ", ".join(
+            f"{name} {verdict(entry.get(peer), target)}"
+            for peer, name in (("asyncload-sync", "`for`"), ("asyncload-async", "`async for`"))
+        )
+
+    lines = []
+    ratios = {(r["latency_ms"], r["in_flight"]): r for r in report["ratios"]}
+    splits = {r["cores"]: r for r in report.get("split_ratios", [])}
+    for c, target in PLAIN_TARGETS.items():
+        shared = ratios.get((SPLIT_LATENCY_MS, c))
+        if shared is None:
+            continue
+        line = (
+            f"- Target: at {SPLIT_LATENCY_MS:g} ms and {c} in flight, at least {target:g}x "
+            "plain asyncio: "
+        )
+        split = splits.get("split") if c == SPLIT_GRID["plain-asyncio"] else None
+        if split is None:
+            line += both(shared, target)
+        else:
+            line += f"with shared cores {both(shared, target)}; with the server on a core "
+            line += f"of its own {both(split, target)}"
+        lines.append(line + ".")
+    if splits:
+        parts = [
+            f"{cores} cores {verdict(entry.get('asyncload/dataloader-16'), DATALOADER_16_TARGET)}"
+            for cores, entry in splits.items()
+        ]
+        lines.append(
+            f"- Target: at {SPLIT_LATENCY_MS:g} ms, the best asyncload run at 64 in flight at "
+            f"least {DATALOADER_16_TARGET:g}x the DataLoader with 16 workers: "
+            + ", ".join(parts)
+            + "."
+        )
+    rows = [
+        r
+        for r in report["summary"]
+        if r["latency_ms"] == SPLIT_LATENCY_MS and r["peak_rss_mib"] and r["samples_per_s"]
+    ]
+    ours = [r for r in rows if r["peer"] in ASYNCLOAD_PEERS and r["in_flight"] == 64]
+    dl16 = next((r for r in rows if r["peer"] == "dataloader" and r["in_flight"] == 16), None)
+    if ours and dl16 is not None:
+        best = max(ours, key=lambda r: r["samples_per_s"])
+        times = dl16["peak_rss_mib"] / best["peak_rss_mib"]
+        met = "met" if times >= RSS_TARGET else "missed"
+        lines.append(
+            f"- Target: at most 1/{RSS_TARGET:g} of that DataLoader's summed RSS: "
+            f"{best['peak_rss_mib']:,.0f} against {dl16['peak_rss_mib']:,.0f} MiB, "
+            f"1/{times:.1f} ({met})."
+        )
+    return lines
+
+
 def render(report: harness.Report) -> str:
     """The HTTP section of ``docs/benchmarks.md``."""
     meta = report["meta"]
@@ -715,7 +783,7 @@ def render(report: harness.Report) -> str:
             tail=[Column("samples measured", lambda r: f"{r['samples']:,}")],
         )
         lines.append("")
-    headlines = _headlines(summary)
+    headlines = _target_lines(report) + _headlines(summary)
     if headlines:
         lines += ["### In short", "", *headlines, ""]
     lines += failed_runs(summary, lambda r: f"{label(r)} / {r['latency_ms']:g} ms")
