@@ -594,7 +594,7 @@ class S3PrefixStream(AsyncIterableDataset[bytes]):
     - ``timeout`` (seconds) bounds each GET attempt, from the moment it starts, and each
       listing request; ``retry`` (an `asyncload.Retry`) retries a failed GET, its first
       attempt being the one started ahead, and a failed listing request (listing again
-      from the key after the last one received). Without ``retry``, a failed GET ends
+      after the greatest key received). Without ``retry``, a failed GET ends
       the stream with its error (``FileNotFoundError`` for a key deleted since it was
       listed), which the Loader raises as a `SampleError`;
     - a failed listing (after ``retry``, if any) ends the stream with the error a GET
@@ -659,7 +659,7 @@ class S3PrefixStream(AsyncIterableDataset[bytes]):
 
         Each page's request holds one of ``max_connections``, and runs under ``timeout``
         and ``retry`` as a GET does. A failed listing cannot go on, so a retry lists
-        afresh from the key after the last one received: nothing is listed twice."""
+        afresh after the greatest key received: nothing is listed twice."""
         _note_runtime()
         client, prefix, timeout = self._client, self.prefix, self.timeout
         listing: Any = None
