@@ -12,8 +12,13 @@ Layout of the directory (flat; ``<digest>`` is the hex SHA-256 of the encoded ke
   length, CRC-32 of header fields + key + payload), the encoded key, then the payload.
 - ``<digest>.<pid>.<token>.tmp``: an entry being written, renamed over ``<digest>`` once
   complete, so a reader sees a whole entry or none.
-- ``<digest>.lock``: exists while a process loads that key; its ``flock`` is the
-  cross-process single flight. Its holder deletes it before unlocking.
+- ``locks``: the cross-process single flight. A process loading a key holds a write
+  lock on one byte of it (the offset is 60 bits of ``<digest>``), an open file
+  description lock (Linux ``F_OFD_SETLK``), released when it is done or its file closes,
+  also if it is killed.
+- ``<digest>.lock``: the same where such locks are missing (not Linux): it exists while a
+  process loads that key, its ``flock`` is the lock, and its holder deletes it before
+  unlocking.
 - ``usage``: the ledger (total bytes and number of entries); its ``flock`` serializes
   every change to the set of entries (insert, evict, delete), so the budget holds across
   processes.
@@ -41,6 +46,7 @@ import anyio
 import anyio.to_thread
 from anyio.lowlevel import RunVar
 
+from ._batched import ThreadBatcher
 from ._redact import redact_key
 from .cache import _check_limit, _Flight
 
@@ -60,6 +66,9 @@ _CRC = struct.Struct("<I")
 _LEDGER = struct.Struct("<4s4xQQ")  # magic, total bytes of entries, number of entries
 _LEDGER_MAGIC = b"ALDU"
 _LEDGER_NAME = "usage"
+_LOCKS_NAME = "locks"
+# struct flock on 64-bit Linux: l_type, l_whence, (pad), l_start, l_len, l_pid, (pad).
+_FLOCK = struct.Struct("hhqqi4x")
 _NAME_PREFIX = b"asyncload.DiskCache/1\0"
 _ENTRY_NAME = re.compile(r"[0-9a-f]{64}")
 _TEMP_NAME = re.compile(r"[0-9a-f]{64}\.(\d+)\.[0-9a-f]+\.tmp")
@@ -156,18 +165,92 @@ def _wait_limiter() -> anyio.CapacityLimiter:
 
 
 class _KeyLock:
-    """An exclusive ``flock`` on ``<digest>.lock``: the right to load one key, across
-    processes. ``fd`` is None once released (or for a directory where locks cannot be made)."""
+    """The right to load one key, across processes: held while ``fd`` is not None. Made by
+    a subclass's ``acquire``; a bare ``_KeyLock(None)`` is the right without a lock (a
+    directory where no lock can be made)."""
 
-    __slots__ = ("fd", "path")
+    __slots__ = ("fd",)
 
-    def __init__(self, path: str, fd: int | None) -> None:
-        self.path = path
+    def __init__(self, fd: int | None) -> None:
         self.fd = fd
 
     @classmethod
-    def acquire(cls, path: str, *, blocking: bool) -> _KeyLock | None:
-        """The lock (blocking until it is free, if ``blocking``); None if another holds it."""
+    def acquire(cls, directory: str, name: str, *, blocking: bool) -> _KeyLock | None:
+        """The lock on entry ``name`` (blocking until it is free, if ``blocking``); None if
+        another holds it."""
+        raise NotImplementedError
+
+    def release(self) -> None:
+        """Unlock. Idempotent."""
+        self.fd = None
+
+
+class _RangeLock(_KeyLock):
+    """A write lock on one byte of the directory's ``locks`` file, at an offset taken from
+    the entry's name: an open file description lock (Linux ``F_OFD_SETLK``), so it is held
+    by this open file (not the process: two in one process exclude each other, as two
+    processes do) and released when it is closed. Nothing is created or deleted per key:
+    on ext4 without a journal, a lock file made and deleted per miss cost more kernel time
+    than the entry itself (inodes freed in the last minute are skipped, one by one, when
+    the next is allocated)."""
+
+    __slots__ = ("offset",)
+
+    def __init__(self, fd: int | None, offset: int = 0) -> None:
+        super().__init__(fd)
+        self.offset = offset
+
+    @classmethod
+    def acquire(cls, directory: str, name: str, *, blocking: bool) -> _RangeLock | None:
+        offset = int(name[:15], 16)  # 60 bits of the digest: keys do not share a byte
+        fd = os.open(
+            os.path.join(directory, _LOCKS_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666
+        )
+        try:
+            fcntl.fcntl(
+                fd,
+                fcntl.F_OFD_SETLKW if blocking else fcntl.F_OFD_SETLK,
+                _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0),
+            )
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EAGAIN, errno.EACCES):  # held by another open file
+                return None
+            raise
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(fd, offset)
+
+    def release(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is None:
+            return
+        try:
+            # Unlock explicitly: a forked child may share this open file.
+            fcntl.fcntl(
+                fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, self.offset, 1, 0)
+            )
+        finally:
+            os.close(fd)
+
+
+class _FileLock(_KeyLock):
+    """An exclusive ``flock`` on ``<digest>.lock``, made for the load and deleted after it:
+    where open file description locks are missing (not Linux, or a 32-bit build)."""
+
+    __slots__ = ("path",)
+
+    def __init__(self, fd: int | None, path: str = "") -> None:
+        super().__init__(fd)
+        self.path = path
+
+    @classmethod
+    def acquire(cls, directory: str, name: str, *, blocking: bool) -> _FileLock | None:
+        return cls.acquire_path(os.path.join(directory, name + ".lock"), blocking=blocking)
+
+    @classmethod
+    def acquire_path(cls, path: str, *, blocking: bool) -> _FileLock | None:
         flags = fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
@@ -182,7 +265,7 @@ class _KeyLock:
                 if not keep:
                     os.close(fd)
             if keep:
-                return cls(path, fd)
+                return cls(fd, path)
             # The previous holder deleted the file after we opened it: lock the new one.
 
     def release(self) -> None:
@@ -192,13 +275,23 @@ class _KeyLock:
             return
         try:
             # Delete while still holding it: whoever opened this file meanwhile finds it is
-            # no longer the one at ``path`` (see acquire) and retries on a fresh one.
+            # no longer the one at ``path`` (see acquire_path) and retries on a fresh one.
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
             # Unlock explicitly: a forked child may share this descriptor.
             fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
+
+
+# Open file description locks where their struct layout is known; else a lock file per key.
+# Every process sharing a directory picks the same on one host (a mix would only load a key
+# twice: a store replaces an entry it finds).
+_key_lock: type[_KeyLock] = (
+    _RangeLock
+    if sys.platform == "linux" and hasattr(fcntl, "F_OFD_SETLK") and struct.calcsize("P") == 8
+    else _FileLock
+)
 
 
 def _same_file(fd: int, path: str) -> bool:
@@ -214,16 +307,17 @@ class _Waiter:
     """A blocking lock acquisition in a worker thread that its caller may abandon (on
     cancellation): the lock goes to the caller, or the thread releases it, never neither."""
 
-    __slots__ = ("_abandoned", "_lock", "_mutex", "path")
+    __slots__ = ("_abandoned", "_lock", "_mutex", "directory", "name")
 
-    def __init__(self, path: str) -> None:
-        self.path = path
+    def __init__(self, directory: str, name: str) -> None:
+        self.directory = directory
+        self.name = name
         self._mutex = threading.Lock()
         self._abandoned = False
         self._lock: _KeyLock | None = None
 
     def run(self) -> None:
-        lock = _KeyLock.acquire(self.path, blocking=True)
+        lock = _key_lock.acquire(self.directory, self.name, blocking=True)
         assert lock is not None
         with self._mutex:
             if not self._abandoned:
@@ -390,6 +484,10 @@ class DiskCache:
             with contextlib.suppress(OSError), open(tag, "wb") as f:
                 f.write(_CACHEDIR_TAG)
         self._flights: dict[str, _Flight] = {}
+        # Lookups and stores each go in their own batches: a lookup (before the fetch) does
+        # not wait behind a batch of stores (after it).
+        self._lookups = ThreadBatcher()
+        self._stores = ThreadBatcher()
         self._last_stamp = 0
         self._hits = self._misses = self._evictions = self._coalesced = 0
         self._lock_waits = self._load_errors = self._uncached = 0
@@ -403,9 +501,11 @@ class DiskCache:
         )
 
     def __getstate__(self) -> dict[str, Any]:
-        # In-flight loads belong to the event loop running them.
+        # In-flight loads and file operations belong to the event loop running them.
         state = self.__dict__.copy()
         state["_flights"] = {}
+        state["_lookups"] = ThreadBatcher()
+        state["_stores"] = ThreadBatcher()
         return state
 
     def path_of(self, key: Hashable) -> str:
@@ -453,7 +553,7 @@ class DiskCache:
     async def _fetch(
         self, key: Hashable, name: str, material: bytes, load: Callable[[], Awaitable[Any]]
     ) -> bytes:
-        probe = await anyio.to_thread.run_sync(self._probe, name, material, self._stamp())
+        probe = await self._lookups.run(self._probe, name, material, self._stamp())
         self._corrupt += probe.corrupt
         if probe.payload is None and probe.lock is None:
             self._lock_waits += 1
@@ -475,13 +575,13 @@ class DiskCache:
                 raise
             # The value is loaded: store it (which releases the lock) even if cancelled now.
             with anyio.CancelScope(shield=True):
-                stored = await anyio.to_thread.run_sync(
+                stored = await self._stores.run(
                     self._store, name, material, data, self._stamp(), lock
                 )
         except BaseException:
             if lock.fd is not None:
                 with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(lock.release)
+                    await self._stores.run(lock.release)
             raise
         self._evictions += stored.evicted
         if stored.error is not None:
@@ -500,7 +600,7 @@ class DiskCache:
 
     async def _wait_for(self, name: str, material: bytes) -> _Probe:
         """Wait until the process loading ``name`` is done, then look again, holding the lock."""
-        waiter = _Waiter(self._entry(name) + ".lock")
+        waiter = _Waiter(self.path, name)
         held: _KeyLock | None = None
         try:
             # Abandoned on cancellation: a thread blocked in flock cannot be interrupted.
@@ -508,14 +608,12 @@ class DiskCache:
                 waiter.run, abandon_on_cancel=True, limiter=_wait_limiter()
             )
             held = waiter.take()
-            return await anyio.to_thread.run_sync(
-                self._recheck, held, name, material, self._stamp()
-            )
+            return await self._lookups.run(self._recheck, held, name, material, self._stamp())
         except BaseException:
             held = held or waiter.abandon()
             if held is not None and held.fd is not None:
                 with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(held.release)
+                    await self._stores.run(held.release)
             raise
 
     def clear(self) -> None:
@@ -646,14 +744,13 @@ class DiskCache:
         payload, corrupt = self._look(name, material, stamp)
         if payload is not None:
             return _Probe(payload=payload)
-        lock_path = self._entry(name) + ".lock"
         try:
-            lock = _KeyLock.acquire(lock_path, blocking=False)
+            lock = _key_lock.acquire(self.path, name, blocking=False)
         except OSError as exc:
             if exc.errno not in _CANNOT_WRITE:
                 raise
             # No locks where no file can be made: load without one (storing will fail too).
-            return _Probe(lock=_KeyLock(lock_path, None), corrupt=corrupt)
+            return _Probe(lock=_KeyLock(None), corrupt=corrupt)
         if lock is None:
             return _Probe(corrupt=corrupt)
         probe = self._recheck(lock, name, material, stamp)
@@ -785,7 +882,7 @@ class DiskCache:
                         ):
                             os.unlink(item.path)
                     elif name.endswith(".lock") and _ENTRY_NAME.fullmatch(name[:-5]):
-                        lock = _KeyLock.acquire(item.path, blocking=False)
+                        lock = _FileLock.acquire_path(item.path, blocking=False)
                         if lock is not None:
                             lock.release()
                 except FileNotFoundError:

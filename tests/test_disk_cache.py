@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import fcntl
 import hashlib
 import logging
 import multiprocessing
@@ -34,6 +35,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import asyncload as al
+import asyncload.disk_cache as disk_cache
 from asyncload.cache import LRUCache
 from asyncload.datasets import normalize_index
 from asyncload.disk_cache import DiskCache, encode_key
@@ -55,8 +57,38 @@ def others(path: str | os.PathLike[str]) -> set[str]:
     return {
         p.name
         for p in Path(path).iterdir()
-        if not ENTRY.fullmatch(p.name) and p.name not in ("usage", "CACHEDIR.TAG")
+        if not ENTRY.fullmatch(p.name) and p.name not in ("usage", "locks", "CACHEDIR.TAG")
     }
+
+
+def locks_held(path: str | os.PathLike[str]) -> bool:
+    """Whether any key's lock in the directory is held (by any open file, this process's
+    too): a byte of ``locks`` write-locked, or a ``<digest>.lock`` file."""
+    if any(p.name.endswith(".lock") for p in Path(path).iterdir()):
+        return True
+    try:
+        fd = os.open(os.path.join(path, "locks"), os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        # F_OFD_GETLK over the whole file: F_UNLCK comes back when no other open file
+        # holds a lock on any byte of it.
+        probe = disk_cache._FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+        answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, probe)
+        return disk_cache._FLOCK.unpack(answer)[0] != fcntl.F_UNLCK
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture(params=["range", "file"])
+def lock_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run with each kind of key lock: byte-range locks on ``locks`` (Linux), and a lock file
+    per key (elsewhere)."""
+    if request.param == "range" and disk_cache._key_lock is not disk_cache._RangeLock:
+        pytest.skip("open file description locks are Linux-only")
+    kinds = {"range": disk_cache._RangeLock, "file": disk_cache._FileLock}
+    monkeypatch.setattr(disk_cache, "_key_lock", kinds[request.param])
+    return str(request.param)
 
 
 def entry_size(key: Hashable, payload_size: int) -> int:
@@ -211,7 +243,7 @@ def test_key_names_are_the_same_in_another_process(tmp_path: Path) -> None:
 
 
 @pytest.mark.anyio
-async def test_round_trip_hit_and_statistics(tmp_path: Path) -> None:
+async def test_round_trip_hit_and_statistics(lock_kind: str, tmp_path: Path) -> None:
     cache = DiskCache(tmp_path / "cache", max_bytes=10_000)
     source = Source()
     assert await cache.get_or_load("a", source.load("a")) == payload("a")
@@ -224,7 +256,9 @@ async def test_round_trip_hit_and_statistics(tmp_path: Path) -> None:
     assert stats["bytes"] == entry_size("a", 100)
     assert stats["hit_rate"] == 0.5
     assert (stats["corrupt"], stats["write_errors"], stats["in_flight"]) == (0, 0, 0)
-    assert others(cache.path) == set()  # no temp or lock file left behind
+    assert others(cache.path) == set() and not locks_held(
+        cache.path
+    )  # no temp or lock file left behind
 
     # A new cache over the directory (a restarted run) is served from it.
     again = DiskCache(tmp_path / "cache", max_bytes=10_000)
@@ -254,7 +288,7 @@ async def test_values_that_are_not_bytes_like_raise_and_are_not_stored(tmp_path:
         await cache.get_or_load("k", value_of("text"))
     with pytest.raises(TypeError, match=r"7 \(int\) returned ndarray"):
         await cache.get_or_load(7, value_of(np.zeros(3)))
-    assert entries(tmp_path) == {} and others(tmp_path) == set()
+    assert entries(tmp_path) == {} and others(tmp_path) == set() and not locks_held(tmp_path)
     assert cache.statistics()["load_errors"] == 2
     assert await cache.get_or_load("k", value_of(b"ok")) == b"ok"
 
@@ -263,7 +297,9 @@ async def test_values_that_are_not_bytes_like_raise_and_are_not_stored(tmp_path:
 
 
 @pytest.mark.anyio
-async def test_single_flight_runs_load_once_for_concurrent_callers(tmp_path: Path) -> None:
+async def test_single_flight_runs_load_once_for_concurrent_callers(
+    lock_kind: str, tmp_path: Path
+) -> None:
     cache = DiskCache(tmp_path, max_bytes=10_000)
     gate = Gate(b"shared")
     results: list[bytes] = []
@@ -283,11 +319,13 @@ async def test_single_flight_runs_load_once_for_concurrent_callers(tmp_path: Pat
     stats = cache.statistics()
     assert (stats["misses"], stats["hits"], stats["coalesced"]) == (1, 9, 9)
     assert stats["in_flight"] == 0
-    assert others(tmp_path) == set()
+    assert others(tmp_path) == set() and not locks_held(tmp_path)
 
 
 @pytest.mark.anyio
-async def test_failed_load_is_not_cached_and_waiters_see_the_error(tmp_path: Path) -> None:
+async def test_failed_load_is_not_cached_and_waiters_see_the_error(
+    lock_kind: str, tmp_path: Path
+) -> None:
     cache = DiskCache(tmp_path, max_bytes=10_000)
     gate = Gate()
     gate.error = ConnectionResetError("down")
@@ -309,13 +347,13 @@ async def test_failed_load_is_not_cached_and_waiters_see_the_error(tmp_path: Pat
     assert all(exc is gate.error for exc in errors)
     assert gate.calls == 1
     assert "k" not in cache
-    assert others(tmp_path) == set()  # the key's lock was released
+    assert others(tmp_path) == set() and not locks_held(tmp_path)  # the key's lock was released
     assert cache.statistics()["load_errors"] == 1
     assert await cache.get_or_load("k", value_of(b"fresh")) == b"fresh"
 
 
 @pytest.mark.anyio
-async def test_cancelled_loader_hands_over_to_a_waiter(tmp_path: Path) -> None:
+async def test_cancelled_loader_hands_over_to_a_waiter(lock_kind: str, tmp_path: Path) -> None:
     cache = DiskCache(tmp_path, max_bytes=10_000)
     calls = 0
     first_started = anyio.Event()
@@ -350,11 +388,11 @@ async def test_cancelled_loader_hands_over_to_a_waiter(tmp_path: Path) -> None:
     assert results == [b"second"] * 3
     assert calls == 2  # the lock the cancelled loader held was released for the next one
     assert await cache.get_or_load("k", never) == b"second"
-    assert others(tmp_path) == set()
+    assert others(tmp_path) == set() and not locks_held(tmp_path)
 
 
 @pytest.mark.anyio
-async def test_cancelled_waiter_does_not_disturb_the_load(tmp_path: Path) -> None:
+async def test_cancelled_waiter_does_not_disturb_the_load(lock_kind: str, tmp_path: Path) -> None:
     cache = DiskCache(tmp_path, max_bytes=10_000)
     gate = Gate(b"v")
     results: list[bytes] = []
@@ -378,7 +416,9 @@ async def test_cancelled_waiter_does_not_disturb_the_load(tmp_path: Path) -> Non
 
 
 @pytest.mark.anyio
-async def test_a_second_process_waits_for_the_first_ones_load(tmp_path: Path) -> None:
+async def test_a_second_process_waits_for_the_first_ones_load(
+    lock_kind: str, tmp_path: Path
+) -> None:
     first = DiskCache(tmp_path, max_bytes=10_000)
     second = DiskCache(tmp_path, max_bytes=10_000)  # its own flights and lock files
     third = DiskCache(tmp_path, max_bytes=10_000)
@@ -464,7 +504,67 @@ def test_two_processes_fetch_each_object_once(tmp_path: Path) -> None:
     made = sorted(p.name.rsplit(".", 1)[0] for p in calls.iterdir())
     assert made == sorted(f"obj_{i}" for i in range(50))  # each object fetched exactly once
     assert len(entries(tmp_path / "c")) == 50
-    assert others(tmp_path / "c") == set()
+    assert others(tmp_path / "c") == set() and not locks_held(tmp_path / "c")
+
+
+_HOLDER = """
+import sys, anyio
+import asyncload.disk_cache as dc
+dc._key_lock = {"range": dc._RangeLock, "file": dc._FileLock}[sys.argv[2]]
+cache = dc.DiskCache(sys.argv[1], max_bytes=1 << 20)
+
+async def load():
+    print("loading", flush=True)
+    await anyio.sleep_forever()
+
+anyio.run(cache.get_or_load, "k", load)
+"""
+
+
+def test_a_process_killed_while_loading_leaves_its_key_free(lock_kind: str, tmp_path: Path) -> None:
+    child = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(tmp_path), lock_kind], stdout=subprocess.PIPE, cwd=REPO
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline() == b"loading\n"
+        assert locks_held(tmp_path)
+    finally:
+        child.kill()
+        child.wait()
+        if child.stdout is not None:
+            child.stdout.close()
+    cache = DiskCache(tmp_path, max_bytes=10_000)
+
+    async def load_it() -> bytes:
+        with anyio.fail_after(10):
+            return await cache.get_or_load("k", value_of(b"mine"))
+
+    assert anyio.run(load_it) == b"mine"
+    assert cache.statistics()["lock_waits"] == 0
+    assert others(tmp_path) == set() and not locks_held(tmp_path)
+
+
+def test_range_locks_belong_to_their_open_file(tmp_path: Path) -> None:
+    """Two locks on one key exclude each other in one process too (no single flight across
+    ``DiskCache`` objects relies on being in another process); keys do not share a lock."""
+    if disk_cache._key_lock is not disk_cache._RangeLock:
+        pytest.skip("open file description locks are Linux-only")
+    names = [hashlib.sha256(bytes([i])).hexdigest() for i in range(3)]
+    first = disk_cache._RangeLock.acquire(str(tmp_path), names[0], blocking=False)
+    assert first is not None
+    assert disk_cache._RangeLock.acquire(str(tmp_path), names[0], blocking=False) is None
+    others_ = [disk_cache._RangeLock.acquire(str(tmp_path), n, blocking=False) for n in names[1:]]
+    assert all(lock is not None for lock in others_)
+    first.release()
+    first.release()  # idempotent
+    again = disk_cache._RangeLock.acquire(str(tmp_path), names[0], blocking=False)
+    assert again is not None
+    for lock in [again, *others_]:
+        assert lock is not None
+        lock.release()
+    assert not locks_held(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["locks"]  # nothing made per key
 
 
 # -- budget and eviction ---------------------------------------------------------------------
@@ -517,7 +617,7 @@ async def test_value_larger_than_the_budget_is_returned_but_not_stored(tmp_path:
     assert "big" not in cache and "small" in cache  # nothing was evicted for it
     stats = cache.statistics()
     assert (stats["uncached"], stats["evictions"]) == (1, 0)
-    assert others(tmp_path) == set()
+    assert others(tmp_path) == set() and not locks_held(tmp_path)
     await cache.get_or_load("big", source.load("big"))
     assert source.calls == ["big", "big"]
 
@@ -556,7 +656,7 @@ def test_budget_is_never_exceeded_on_disk(
                 assert sum(on_disk.values()) <= max_bytes
                 stats = caches[1 - which].statistics()  # the ledger is shared
                 assert (stats["bytes"], stats["items"]) == (sum(on_disk.values()), len(on_disk))
-                assert others(path) == set()
+                assert others(path) == set() and not locks_held(path)
                 # What was just served stays stored, unless it alone is over the budget.
                 fits = entry_size(key, len(value)) <= max_bytes
                 assert (key in cache) == fits
@@ -613,7 +713,9 @@ DAMAGE: dict[str, Callable[[DiskCache, str], None]] = {
 
 
 @pytest.mark.anyio
-async def test_damaged_entries_are_detected_deleted_reloaded_and_counted(tmp_path: Path) -> None:
+async def test_damaged_entries_are_detected_deleted_reloaded_and_counted(
+    lock_kind: str, tmp_path: Path
+) -> None:
     cache = DiskCache(tmp_path, max_bytes=100_000)
     source = Source()
     for n, (what, damage) in enumerate(DAMAGE.items(), 1):
@@ -628,7 +730,7 @@ async def test_damaged_entries_are_detected_deleted_reloaded_and_counted(tmp_pat
         assert await cache.get_or_load(key, never) == payload(key), what  # stored again
     on_disk = entries(tmp_path)
     assert cache.statistics()["bytes"] == sum(on_disk.values())
-    assert others(tmp_path) == set()
+    assert others(tmp_path) == set() and not locks_held(tmp_path)
 
 
 _WRITER = """
@@ -694,7 +796,7 @@ def test_a_killed_writer_leaves_whole_entries_or_none(tmp_path: Path) -> None:
     # insert need room.
     tight = DiskCache(tmp_path, max_bytes=sum(entries(tmp_path).values()) + 1)
     anyio.run(tight.get_or_load, "trigger", value_of(b"x" * 100))
-    assert others(tmp_path) == set(), f"seed {seed}"
+    assert others(tmp_path) == set() and not locks_held(tmp_path), f"seed {seed}"
     assert tight.statistics()["bytes"] == sum(entries(tmp_path).values())
 
 
@@ -759,7 +861,7 @@ def refuse_writes(monkeypatch: pytest.MonkeyPatch, directory: Path, code: int) -
     "code", [errno.ENOSPC, errno.EDQUOT, errno.EROFS], ids=["ENOSPC", "EDQUOT", "EROFS"]
 )
 async def test_a_directory_that_takes_no_new_files_still_serves(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
+    lock_kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
 ) -> None:
     """Out of inodes or quota, or read-only: hits are served, a miss is loaded and returned
     (a write error), and a damaged entry is loaded again, never served."""
@@ -781,7 +883,7 @@ async def test_a_directory_that_takes_no_new_files_still_serves(
 
 @pytest.mark.anyio
 async def test_a_store_that_fails_still_returns_the_value(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    lock_kind: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     cache = DiskCache(tmp_path, max_bytes=10_000)
     (tmp_path / "usage").mkdir()  # the ledger cannot be opened: every store fails
@@ -792,7 +894,7 @@ async def test_a_store_that_fails_still_returns_the_value(
     assert source.calls == ["k", "k"]
     stats = cache.statistics()
     assert (stats["write_errors"], stats["misses"], stats["items"]) == (2, 2, 0)
-    assert entries(tmp_path) == {} and others(tmp_path) == set()
+    assert entries(tmp_path) == {} and others(tmp_path) == set() and not locks_held(tmp_path)
     assert len([r for r in caplog.records if "could not store" in r.getMessage()]) == 1
 
 
