@@ -407,9 +407,10 @@ class DiskCache:
     another dataset or a restarted run.
 
     Single flight: concurrent calls for one key in one process run ``load`` once (as
-    :class:`~asyncload.LRUCache`); across processes a per-key ``flock`` makes the others wait
-    for the loader and then read its entry, so a key is fetched once however many processes
-    ask. A failed load stores nothing and raises to its caller and the callers waiting on it
+    :class:`~asyncload.LRUCache`); across processes a per-key lock (a byte-range lock on the
+    directory's ``locks`` file on Linux, a ``flock``-ed lock file per key elsewhere) makes
+    the others wait for the loader and then read its entry, so a key is fetched once
+    however many processes ask. A failed load stores nothing and raises to its caller and the callers waiting on it
     in this process; the next call (or a waiting process) loads again. If the loading caller
     is cancelled, its waiters look again and one of them loads in its place.
 
@@ -440,8 +441,10 @@ class DiskCache:
     counted as ``write_errors``. Reading an entry fails loudly only for errors other than a
     missing or damaged entry (e.g. permissions).
 
-    I/O runs in worker threads, one thread call per hit, two per miss. The directory is for
-    processes on one host (``flock`` is not reliable over network filesystems). It is
+    I/O runs in worker threads: a lookup before each load, a store after it, each in a
+    batch with the lookups (or stores) asked for while the previous batch ran, so a thread
+    hop carries many of them. The directory is for processes on one host (file locks are
+    not reliable over network filesystems). It is
     created if missing. Use one ``DiskCache`` object from one thread at a time; any number
     of objects (copies, other processes) may share the directory. A ``DiskCache`` pickles
     (DataLoader workers get copies that share the directory) without its loads in flight,
