@@ -128,12 +128,14 @@ class _Bytes:
         return data
 
 
-def _pax_names(data: bytes) -> tuple[str | None, str | None]:
-    """The ``path`` and ``linkpath`` records of a pax extended header, where it has them.
-    Decoded as the ustar fields are: bytes that are not UTF-8 (``hdrcharset=BINARY``) come
-    through as surrogates instead of failing the shard."""
+def _pax_records(data: bytes) -> tuple[str | None, str | None, int | None]:
+    """The ``path``, ``linkpath`` and ``size`` records of a pax extended header, where it
+    has them (``size``: members of 8 GiB or more, whose ustar size field cannot hold it).
+    Names are decoded as the ustar fields are: bytes that are not UTF-8
+    (``hdrcharset=BINARY``) come through as surrogates instead of failing the shard."""
     pos = 0
     names: dict[bytes, str] = {}
+    size: int | None = None
     try:
         while pos < len(data):
             space = data.index(b" ", pos)
@@ -144,10 +146,14 @@ def _pax_names(data: bytes) -> tuple[str | None, str | None]:
             key, _, value = record.partition(b"=")
             if key in (b"path", b"linkpath"):
                 names[key] = value.decode("utf-8", "surrogateescape")
+            elif key == b"size":
+                size = int(value)
+                if size < 0:
+                    raise ValueError(f"size {size}")
             pos += length
     except ValueError as exc:
         raise tarfile.HeaderError(f"malformed pax header: {exc}") from exc
-    return names.get(b"path"), names.get(b"linkpath")
+    return names.get(b"path"), names.get(b"linkpath"), size
 
 
 def _compression(header: bytes) -> str:
@@ -187,6 +193,7 @@ async def iter_members(
     stream = _Bytes(chunks, where)
     long_name: str | None = None
     long_link: str | None = None
+    long_size: int | None = None  # a pax size record: the next member's real size
     while True:
         header = await stream.read(BLOCK)
         if not header:
@@ -220,9 +227,10 @@ async def iter_members(
                 continue
             if info.type == tarfile.XHDTYPE:
                 data = await stream.exactly(size + padded, "an extended header")
-                path, link = _pax_names(data[:size])
+                path, link, pax_size = _pax_records(data[:size])
                 long_name = path if path is not None else long_name
                 long_link = link if link is not None else long_link
+                long_size = pax_size if pax_size is not None else long_size
                 continue
         except tarfile.HeaderError as exc:
             raise type(exc)(f"{where}: {exc} in the tar header at offset {at}") from exc
@@ -231,7 +239,9 @@ async def iter_members(
             continue
         name = long_name if long_name is not None else info.name
         link = long_link if long_link is not None else info.linkname
-        long_name = long_link = None
+        if long_size is not None:
+            size, padded = long_size, -long_size % BLOCK
+        long_name = long_link = long_size = None
         if info.type not in tarfile.REGULAR_TYPES and info.type != tarfile.LNKTYPE:
             if info.type not in (tarfile.DIRTYPE, tarfile.SYMTYPE):
                 await stream.exactly(size + padded, f"member {name!r}")

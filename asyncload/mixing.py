@@ -84,13 +84,18 @@ class MixedDataset(AsyncIterableDataset[Any]):
         # Each part streams its own share, whole: the mix's length (if any) is the mix's.
         part_spec = dataclasses.replace(spec, length=None)
         parts = []
-        offset = 0  # of this map-style part in the drawn map-style parts, end to end
+        # Of this part in the drawn parts, end to end: each part's shares start where the
+        # previous part's left off, so that the shares differ by at most one sample (a
+        # stream of unknown size counts 0: its shares may differ by more).
+        offset = 0
         for k, (dataset, weight) in enumerate(zip(self.datasets, self.weights, strict=True)):
             if isinstance(dataset, AsyncIterableDataset):
-                parts.append(dataset.epoch_stream(part_spec))
+                # Its share k of its own samples is share (k + offset) of the mix's.
+                slot = (spec.slot - offset) % spec.shares
+                parts.append(dataset.epoch_stream(dataclasses.replace(part_spec, slot=slot)))
             else:
                 parts.append(_map_share(dataset, part_spec, salt=k, offset=offset))
-                offset += len(dataset) if weight > 0 else 0
+            offset += (_size(dataset) or 0) if weight > 0 else 0
         return parts
 
     def epoch_stream(self, spec: StreamEpoch) -> AsyncIterator[Any]:

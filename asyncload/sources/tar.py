@@ -168,8 +168,10 @@ class TarShardSource(AsyncIterableDataset[Sample]):
             chunks = _with_timeout(self._open(shard), spec.timeout, shown)
             seen = 0
             try:
-                members = iter_members(chunks, self.max_member_bytes, where=shown)
-                async with aclosing(iter_samples(members, shard)) as samples:
+                async with (
+                    aclosing(iter_members(chunks, self.max_member_bytes, where=shown)) as members,
+                    aclosing(iter_samples(members, shard)) as samples,
+                ):
                     async for item in samples:
                         seen += 1
                         if seen > start + given:
@@ -198,15 +200,17 @@ class TarShardSource(AsyncIterableDataset[Sample]):
 
         Without known sizes, whole shards: shards ``slot, slot + shares, ...`` of the
         epoch's shard order. With them (``samples_per_shard``), the epoch's samples are
-        laid end to end in shard order and the share takes its ``length`` of them from
-        ``slot * length`` (wrapping around to pad): every sample is read by exactly one
-        share, the counts are equal, and a shard on a boundary is read in part by each of
-        the two shares that meet there.
+        laid end to end in shard order and each share takes a run of them: its ``length``
+        from ``slot * length`` (wrapping around to pad), or without a ``length`` (a part
+        of a mix) its share of the total, the first ``total % shares`` shares one more
+        than the others (as a stride over the samples would give). Every sample is read by
+        exactly one share, and a shard on a boundary is read in part by each of the two
+        shares that meet there.
         """
         order = list(range(len(self.shards)))
         if spec.shuffle:
             order = spec.rng().permutation(len(order)).tolist()
-        if self.counts is None or spec.length is None:
+        if self.counts is None:
             # More shares than shards: the last ones read nothing (a shard read twice
             # would give its samples twice in the epoch; samples_per_shard evens counts).
             mine = order[spec.slot :: spec.shares]
@@ -214,8 +218,13 @@ class TarShardSource(AsyncIterableDataset[Sample]):
         counts = [self.counts[i] for i in order]
         starts = [0, *itertools.accumulate(counts)][:-1]
         total = sum(counts)
+        if spec.length is None:
+            each, extra = divmod(total, spec.shares)
+            need = each + (spec.slot < extra)
+            at = spec.slot * each + min(spec.slot, extra)
+        else:
+            need, at = spec.length, (spec.slot * spec.length) % total if total else 0
         pieces: list[Piece] = []
-        need, at = spec.length, (spec.slot * spec.length) % total if total else 0
         while need > 0 and total:
             i = bisect.bisect_right(starts, at) - 1  # the shard holding sample `at`
             offset = at - starts[i]
@@ -308,10 +317,11 @@ class TarShardSource(AsyncIterableDataset[Sample]):
 
     async def __aiter__(self) -> AsyncIterator[Sample]:
         """Every sample of every shard, in order; a failed shard raises."""
-        async for item in self.epoch_stream(StreamEpoch()):
-            if type(item) is StreamError:
-                raise item.exc
-            yield item
+        async with aclosing(self.epoch_stream(StreamEpoch())) as stream:
+            async for item in stream:
+                if type(item) is StreamError:
+                    raise item.exc
+                yield item
 
 
 def _shown(shard: str) -> str:
