@@ -111,10 +111,16 @@ class MapUnits:
             if stop - start == 1:
                 return [start], [self._block[offset]]
             return list(range(start, stop)), self._block[offset : offset + stop - start]
-        positions = [p for p in range(start, stop) if p not in self.done]
-        if not positions:
-            return self.take()
-        return positions, [self.plan[p] for p in positions]
+        # A loop, not a recursion: an unordered epoch may have delivered any number of
+        # whole chunks past its watermark.
+        while True:
+            positions = [p for p in range(start, stop) if p not in self.done]
+            if positions:
+                return positions, [self.plan[p] for p in positions]
+            if stop >= end:
+                return None
+            start, stop = stop, min(stop + self.chunk, end)
+            self.next = stop
 
 
 class StreamUnits:
@@ -452,9 +458,11 @@ class Epoch(_Assembly):
                 except Exception as exc:
                     # A stream that raised cannot be resumed: the epoch fails here. str(),
                     # not repr(): an OSError's repr leaves out the file it names.
+                    where = (
+                        f"after sample {position}" if position >= 0 else "before its first sample"
+                    )
                     error = SampleError(
-                        f"stream failed after sample {position}: {type(exc).__name__}: {exc}",
-                        index=position + 1,
+                        f"stream failed {where}: {type(exc).__name__}: {exc}", index=position + 1
                     )
                     error.__cause__ = exc
                     self._fail(error)
@@ -765,6 +773,10 @@ class EpochIterator(AsyncIterator[Any]):
                 stats.samples -= count
                 raise
         self._progress.mark(positions, contiguous=epoch.increasing)
+
+    def cancel(self) -> None:
+        """Cancel the epoch without waiting for it (its tasks end in their event loop)."""
+        self._epoch.cancel()
 
     async def aclose(self, *, report: bool = True) -> None:
         """Cancel the epoch and wait for it. ``report=False`` leaves the progress report

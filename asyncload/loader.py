@@ -366,6 +366,8 @@ class Loader:
             batch_size=self.batch_size or 1,
             worker=self.worker,
             num_workers=self.num_workers,
+            # Buckets and budgets cut their own batches: drop_last drops none of them.
+            drop_tail=drop_last and self.bucket is None and self.batch_budget is None,
         )
 
     @property
@@ -908,9 +910,12 @@ class Loader:
             self._current.cancel()
 
     async def aclose(self) -> None:
-        """Cancel the running epoch, wait for it, and release the dataset's connections in
-        this event loop."""
+        """Cancel the running epochs (every ``async for`` begun, the newest one's too),
+        wait for them, and release the dataset's connections in this event loop."""
+        running = [it for it in list(self._iterators) if isinstance(it, _EpochOnDemand)]
         self.close()
+        for iterator in running:
+            await iterator.aclose()
         current, self._current = self._current, None
         if current is not None:
             await current.aclose()
@@ -1010,9 +1015,11 @@ class _EpochOnDemand(AsyncIterator[Any]):
         return await self._iterator.__anext__()
 
     def close(self) -> None:
-        """From :meth:`Loader.close`: an epoch not started will not start (a started one
-        is cancelled by the loader)."""
+        """From :meth:`Loader.close`: an epoch not started will not start, a started one
+        is cancelled (not waited for: see :meth:`aclose`)."""
         self._closed = True
+        if self._iterator is not None:
+            self._iterator.cancel()
 
     async def aclose(self) -> None:
         """Cancel the epoch, if it started, and wait for its end."""

@@ -119,7 +119,9 @@ class Plan(Sequence[int]):
     Rank ``r`` of ``w`` takes positions ``r, r + w, r + 2w, ...`` of the (padded) order.
     Under DataLoader workers the rank's share is split by whole batches: worker ``k`` of
     ``K`` takes batches ``k, k + K, ...``, so together the workers yield exactly the rank's
-    batches. With ``drop_last`` the rank's last partial batch is not part of the plan.
+    batches. ``drop_last`` trims rank shares instead of padding them; with ``drop_tail``
+    (default: ``drop_last``) the rank's last partial batch is not part of the plan either
+    (fixed-count batches; buckets and budgets cut their own batches and keep every sample).
     """
 
     def __init__(
@@ -132,6 +134,7 @@ class Plan(Sequence[int]):
         batch_size: int = 1,
         worker: int = 0,
         num_workers: int = 1,
+        drop_tail: bool | None = None,
     ) -> None:
         self.order = order
         self.rank, self.world_size = rank, world_size
@@ -139,7 +142,7 @@ class Plan(Sequence[int]):
         self.rank_length = rank_share(len(order), world_size, drop_last) if len(order) else 0
         bs, k = batch_size, num_workers
         full, tail = divmod(self.rank_length, bs)
-        if drop_last:
+        if drop_last if drop_tail is None else drop_tail:
             # As torch's BatchSampler: the sampler's tail is never fetched, whatever order
             # samples would finish in.
             tail = 0
