@@ -212,6 +212,22 @@ def retry_after(exc: BaseException) -> float | None:
     return seconds
 
 
+class _InstanceOf:
+    """``isinstance(exc, types)`` as a predicate that pickles (a lambda would not: a Retry
+    or a breaker goes to spawned DataLoader workers with its loader)."""
+
+    __slots__ = ("types",)
+
+    def __init__(self, types: type[BaseException] | tuple[type[BaseException], ...]) -> None:
+        self.types = types
+
+    def __call__(self, exc: BaseException) -> bool:
+        return isinstance(exc, self.types)
+
+    def __repr__(self) -> str:
+        return f"isinstance(exc, {self.types!r})"
+
+
 def as_predicate(spec: ExceptionFilter, *, name: str) -> Callable[[BaseException], bool]:
     """Turn an exception type, a tuple of them, or a predicate into a predicate.
 
@@ -220,13 +236,11 @@ def as_predicate(spec: ExceptionFilter, *, name: str) -> Callable[[BaseException
     if isinstance(spec, type):
         if not issubclass(spec, BaseException):
             raise TypeError(f"{name} must be an exception type, a tuple of them or a predicate")
-        exc_type = spec
-        return lambda exc: isinstance(exc, exc_type)
+        return _InstanceOf(spec)
     if isinstance(spec, tuple):
         if not all(isinstance(t, type) and issubclass(t, BaseException) for t in spec):
             raise TypeError(f"{name}: every item of the tuple must be an exception type")
-        exc_types = spec
-        return lambda exc: isinstance(exc, exc_types)
+        return _InstanceOf(spec)
     if callable(spec):
         return spec
     raise TypeError(

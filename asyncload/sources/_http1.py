@@ -492,6 +492,7 @@ class Pool:
     def __init__(self, limit: int, verify_tls: bool, headers: Mapping[str, str]) -> None:
         self._loop = asyncio.get_running_loop()
         self._limit = limit
+        self._connecting = 0  # connections being opened: not in _open yet
         self._slots = asyncio.Semaphore(limit)
         self._verify_tls = verify_tls
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
@@ -582,9 +583,22 @@ class Pool:
         return None
 
     async def _connect(self, target: _Target, timeout: float | None) -> _Connection:
+        self._connecting += 1
+        try:
+            # At most `limit` open, those being opened too: idle ones of other origins go.
+            while len(self._open) + self._connecting > self._limit and self._evict_idle():
+                pass
+            conn = await self._open_connection(target, timeout)
+        finally:
+            self._connecting -= 1
+        if self._closed:  # closed while this one was being opened
+            conn.close()
+            self._check_open()
+        self._open.add(conn)
+        return conn
+
+    async def _open_connection(self, target: _Target, timeout: float | None) -> _Connection:
         loop = self._loop
-        if len(self._open) >= self._limit:
-            self._evict_idle()  # at most `limit` open: idle ones of other origins go first
         scheme, host, port = target.origin
         tls = scheme == "https"
         forget = weakref.WeakMethod(self._forget)
@@ -606,14 +620,16 @@ class Pool:
                 break
             except ssl.SSLError:
                 raise  # a certificate problem: another address will not fix it
-            except asyncio.TimeoutError:  # wait_for's: no message (and before 3.11 no OSError)
-                failure = TimeoutError(f"no connection within {timeout} s")
             except OSError as exc:
-                failure = exc
+                # wait_for's timeout has no errno and no message (since 3.11 the builtin
+                # TimeoutError, as is the system's ETIMEDOUT, which keeps its own).
+                timed_out = isinstance(exc, asyncio.TimeoutError) and exc.errno is None
+                failure = TimeoutError(f"no connection within {timeout} s") if timed_out else exc
+            except asyncio.TimeoutError:  # wait_for's before 3.11: not an OSError
+                failure = TimeoutError(f"no connection within {timeout} s")
         else:
             assert failure is not None
             raise failure
-        self._open.add(conn)
         return conn
 
     async def _exchange(
@@ -678,14 +694,15 @@ class Pool:
         _resolved[(host, port)] = (time.monotonic() + _DNS_TTL, addresses)
         return addresses
 
-    def _evict_idle(self) -> None:
-        """Close the longest idle connection (of any origin)."""
+    def _evict_idle(self) -> bool:
+        """Close an idle connection, the longest idle of its origin; False if none is."""
         for origin, idle in self._idle.items():
             if idle:
                 self._discard(idle.pop(0), release_slot=False)
                 if not idle:
                     del self._idle[origin]
-                return
+                return True
+        return False
 
     def _forget(self, conn: _Connection) -> None:
         """A connection ended (the server closed it, or we did)."""

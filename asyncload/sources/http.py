@@ -275,7 +275,13 @@ class HTTPSource(AsyncDataset[bytes]):
             raise _at(url, exc) from exc.__cause__
 
     def _redirect_target(self, url: str, status: int, location: str) -> str:
-        target = urljoin(url, location)
+        try:
+            target = urljoin(url, location)
+            _origin(target)  # (a port out of range or a broken IPv6 host raises here)
+        except ValueError as exc:
+            raise HTTPStatusError(
+                status, redact_url(url), detail=f"malformed Location header ({exc})"
+            ) from None
         scheme = target.split("://", 1)[0].lower()
         refused = ""
         if self.redirects == "none":
