@@ -71,15 +71,20 @@ def _preload() -> dict[str, Any]:
 _BACKEND_OPTIONS = _preload()
 
 
-def runs_inline(loader: Loader) -> bool:
-    """Whether a plain ``for`` over ``loader`` runs its epoch in the calling thread: the
-    dataset awaits no I/O, nor do ``transform``/``validate``, there is no cache (a disk
-    tier does I/O), and no event loop runs in this thread already (a notebook's)."""
+def fetches_inline(loader: Loader) -> bool:
+    """Whether an epoch of ``loader`` has no I/O to overlap, and so is fetched in the
+    consumer's own task, on demand (:class:`~asyncload._pipeline.InlineEpoch`): the
+    dataset awaits no I/O, nor do ``transform``/``validate``, and there is no cache (a
+    disk tier does I/O)."""
     if not getattr(loader.dataset, "in_memory", False) or loader.cache is not None:
         return False
-    if any(is_async_callable(fn) for fn in (loader.transform, loader.validate) if fn):
-        return False
-    return not _loop_running_here()
+    return not any(is_async_callable(fn) for fn in (loader.transform, loader.validate) if fn)
+
+
+def runs_inline(loader: Loader) -> bool:
+    """Whether a plain ``for`` over ``loader`` runs its epoch in the calling thread: it is
+    fetched inline, and no event loop runs in this thread already (a notebook's)."""
+    return fetches_inline(loader) and not _loop_running_here()
 
 
 def _loop_running_here() -> bool:

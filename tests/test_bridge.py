@@ -317,6 +317,25 @@ def test_in_memory_loaders_run_in_the_calling_thread() -> None:
     assert inline == asyncio.run(async_epoch())  # the same epoch as async for
 
 
+def test_async_for_over_in_memory_data_fetches_in_the_consuming_task() -> None:
+    """No I/O to overlap: ``async for`` starts no background task (each hand-off from one
+    cost more than the in-memory fetch); a dataset that may do I/O still gets them."""
+
+    async def tasks_seen(ds: Any) -> tuple[list[int], set[int]]:
+        me = asyncio.current_task()
+        values, others = [], set()
+        async with al.Loader(ds, batch_size=4, concurrency=8, prefetch=2) as loader:
+            async for batch in loader:
+                values += [int(x) for x in batch]
+                others.add(len(asyncio.all_tasks() - {me}))
+        return values, others
+
+    values, others = asyncio.run(tasks_seen(InMemoryIndexed(30)))
+    assert values == list(range(30)) and others == {0}
+    values, others = asyncio.run(tasks_seen(Indexed(30)))
+    assert values == list(range(30)) and max(others) > 0
+
+
 def test_in_memory_views_and_what_turns_the_thread_back_on() -> None:
     seq = al.from_sequence(list(range(10)))
 
