@@ -284,3 +284,27 @@ async def test_an_os_connect_timeout_is_not_reported_as_ours(
     assert isinstance(error, TimeoutError), error
     assert "None s" not in str(error), str(error)
     assert error.errno == errno.ETIMEDOUT, (error.errno, str(error))
+
+
+@pytest.mark.anyio
+async def test_a_lookup_that_never_answers_is_bounded_by_the_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``timeout`` bounds the connection, the name lookup too (a streamed shard has no other
+    bound before its first byte; the lookup was awaited without one)."""
+
+    async def hung_look_up(self: _http1.Pool, host: str, port: int) -> list[str]:
+        await anyio.sleep_forever()
+        raise AssertionError
+
+    monkeypatch.setattr(_http1.Pool, "_look_up", hung_look_up)
+    monkeypatch.setattr(_http1, "_resolved", {})
+    source = HTTPSource(["http://no-answer.invalid:8080/x"], timeout=0.05)
+    try:
+        with anyio.fail_after(SAFETY), pytest.raises(TimeoutError) as info:
+            async for _ in source.iter_chunks(source.urls[0]):
+                pass
+    finally:
+        await source.aclose()
+    assert "no address for no-answer.invalid within 0.05 s" in str(info.value)
+    assert "http://no-answer.invalid:8080/x" in str(info.value)  # the URL, as every error

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import numpy as np
 import pytest
 from aiohttp import web
 from conftest import ASYNCIO_BACKENDS, HTTPServer
@@ -588,6 +589,12 @@ def test_bad_arguments(shards: list[str]) -> None:
         TarShardSource([])
     with pytest.raises(ValueError, match="samples_per_shard"):
         TarShardSource(shards, samples_per_shard=[1, 2])
+    for bad in (2.5, "5", True, [5, 6, 7.5, 8]):
+        with pytest.raises(TypeError, match="samples_per_shard must be an int"):
+            TarShardSource(shards, samples_per_shard=bad)  # type: ignore[arg-type]
+    # numpy integers are counts like any other (np.int64 was taken for a sequence)
+    assert TarShardSource(shards, samples_per_shard=np.int64(5)).num_samples() == 5 * len(shards)
+    assert TarShardSource(shards, samples_per_shard=np.array([5, 6, 7, 8])).num_samples() == 26
     with pytest.raises(ValueError, match="prefetch_shards"):
         TarShardSource(shards, prefetch_shards=0)
 

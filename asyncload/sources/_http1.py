@@ -602,7 +602,17 @@ class Pool:
         scheme, host, port = target.origin
         tls = scheme == "https"
         forget = weakref.WeakMethod(self._forget)
-        addresses = [host] if target.literal else await self._resolve(host, port)
+        if target.literal:
+            addresses = [host]
+        elif timeout is None:
+            addresses = await self._resolve(host, port)
+        else:
+            try:  # the lookup too: a resolver that does not answer is a connection that does not
+                addresses = await asyncio.wait_for(self._resolve(host, port), timeout)
+            except asyncio.TimeoutError as exc:
+                if isinstance(exc, OSError) and exc.errno is not None:
+                    raise  # (the system's own, since 3.11 of the same class)
+                raise TimeoutError(f"no address for {host} within {timeout} s") from None
         failure: OSError | None = None
         for address in addresses:  # in the resolver's order, as create_connection would
             connecting = loop.create_connection(

@@ -8,12 +8,15 @@ members that share a key (``a/b.jpg``, ``a/b.cls``) form one sample
 from __future__ import annotations
 
 import bisect
+import contextlib
 import itertools
+import operator
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import anyio
+import numpy as np
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .._redact import redact_url
@@ -86,10 +89,10 @@ class TarShardSource(AsyncIterableDataset[Sample]):
         counts: list[int] | None
         if samples_per_shard is None:
             counts = None
-        elif isinstance(samples_per_shard, int):
-            counts = [samples_per_shard] * len(self.shards)
+        elif not isinstance(samples_per_shard, (Sequence, np.ndarray)):
+            counts = [_count(samples_per_shard)] * len(self.shards)  # (a numpy int too)
         else:
-            counts = [int(n) for n in samples_per_shard]
+            counts = [_count(n) for n in samples_per_shard]
             if len(counts) != len(self.shards):
                 raise ValueError(
                     f"TarShardSource: samples_per_shard has {len(counts)} counts for "
@@ -322,6 +325,17 @@ class TarShardSource(AsyncIterableDataset[Sample]):
                 if type(item) is StreamError:
                     raise item.exc
                 yield item
+
+
+def _count(n: Any) -> int:
+    """A sample count: an int (a numpy integer too), not a float, str or bool."""
+    if not isinstance(n, bool):
+        with contextlib.suppress(TypeError):
+            return operator.index(n)
+    raise TypeError(
+        "TarShardSource: samples_per_shard must be an int or a sequence of ints, "
+        f"got {type(n).__name__} {n!r}"
+    )
 
 
 def _shown(shard: str) -> str:
