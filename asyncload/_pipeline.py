@@ -365,8 +365,10 @@ class Epoch(_Assembly):
                         # response came back before all the requests were out (at 256 in
                         # flight and 20 ms, the first batch in about 85 ms against 35). A
                         # straggler among them holds nothing up: the others go on to
-                        # later units, which count too.
-                        first = min(self.workers, -(-holds_back(self.batcher) // self._unit))
+                        # later units, which count too. At least two: a lone first unit
+                        # that hangs (one-sample batches) would hold every other back.
+                        first = -(-holds_back(self.batcher) // self._unit)
+                        first = min(self.workers, max(2, first))
                         for _ in range(first):
                             workers.start_soon(self._guarded, self._map_worker)
                         if first < self.workers:

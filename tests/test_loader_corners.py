@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import numpy as np
 import pytest
 
@@ -171,3 +172,48 @@ async def test_a_stream_failing_before_its_first_sample_says_so() -> None:
             await loader.aclose()
     assert info.value.index == 0
     assert "-1" not in str(info.value), str(info.value)
+
+
+class FirstHangs(al.AsyncDataset[int]):
+    """Index 0 waits for ``release``; the others answer at once and are counted."""
+
+    def __init__(self, n: int, enough: int) -> None:
+        self.n, self.enough = n, enough
+        self.release = anyio.Event()
+        self.others = 0
+        self.others_enough = anyio.Event()
+
+    def __len__(self) -> int:
+        return self.n
+
+    async def __getitem__(self, index: int) -> int:
+        if index == 0:
+            await self.release.wait()
+        else:
+            self.others += 1
+            if self.others >= self.enough:
+                self.others_enough.set()
+        await anyio.lowlevel.checkpoint()
+        return index
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("batch_size", [1, None])
+async def test_a_hung_first_sample_does_not_hold_back_the_others(batch_size: int | None) -> None:
+    """One-sample batches: the slow start sent the first sample alone and the rest of the
+    concurrency waited for it, so one hung request (a long timeout) stalled the epoch."""
+    ds = FirstHangs(40, enough=8)
+    got: list[Any] = []
+
+    async def consume(loader: al.Loader) -> None:
+        async for batch in loader:
+            got.append(batch)
+
+    async with al.Loader(ds, batch_size=batch_size, concurrency=8) as loader:
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(consume, loader)
+                await ds.others_enough.wait()  # fetched while index 0 hangs
+                ds.release.set()
+    flat = [int(np.asarray(b).reshape(-1)[0]) for b in got]
+    assert flat == list(range(40))
