@@ -11,11 +11,13 @@ calls queued while its previous batch ran as one thread call, one after another.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 import anyio
 import anyio.to_thread
+import sniffio
 
 __all__ = ["ThreadBatcher"]
 
@@ -50,12 +52,14 @@ class ThreadBatcher:
     """Run blocking calls in a worker thread, at most one batch at a time: the calls made
     while a batch runs wait and go together in the next one, in the order they were made.
 
-    ``await batcher.run(fn, *args)`` behaves as ``anyio.to_thread.run_sync(fn, *args)``:
-    it returns what ``fn`` returns or raises what it raises; a call cancelled before its
-    batch took it never runs; once taken it runs to its end and its caller gets the result
-    (a cancellation is then delivered at the caller's next checkpoint, as anyio's cancel
-    scopes do), so a resource the call acquired is never lost. Calls run one after another:
-    one that blocks for long holds up those behind it, so batch short calls only.
+    ``await batcher.run(fn, *args)`` returns what ``fn`` returns or raises what it raises,
+    as ``anyio.to_thread.run_sync(fn, *args)`` does. Cancellation: a call cancelled before
+    a batch took it never runs. Once taken it runs to its end whatever happens to its
+    caller or to the task that runs the batch (an asyncio ``task.cancel()`` too, which
+    anyio's shields do not stop), and a cancelled caller gets the cancellation, not the
+    result: ``release(result)`` is then called, so that what the call acquired (a lock) is
+    not lost. Calls run one after another: one that blocks for long holds up those behind
+    it, so batch short calls only.
 
     Holds no event loop between batches: usable from one event loop at a time, in turn
     from several.
@@ -68,47 +72,75 @@ class ThreadBatcher:
         self._running = False
         self._batch_done: anyio.Event | None = None
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+    async def run(
+        self, fn: Callable[..., T], *args: Any, release: Callable[[T], object] | None = None
+    ) -> T:
         call: _Call[T] = _Call(fn, args)
         self._queue.append(call)
         try:
             while not call.finished:
                 if self._running:
-                    if self._batch_done is None:
-                        self._batch_done = anyio.Event()
-                    await self._batch_done.wait()
+                    await self._wait_batch()
                 else:
                     await self._run_batch()
         except BaseException:
             if not call.taken:
                 self._queue.remove(call)
                 raise
-            # Cancelled while its batch runs: wait for it, so the result is not lost.
+            # Cancelled once a batch took it: it runs to its end, and what it got goes.
             with anyio.CancelScope(shield=True):
                 while not call.finished:
-                    if self._batch_done is None:
-                        self._batch_done = anyio.Event()
-                    await self._batch_done.wait()
+                    try:
+                        if self._running:
+                            await self._wait_batch()
+                        else:
+                            await self._run_batch()  # (the runner was cancelled: go on)
+                    except anyio.get_cancelled_exc_class():
+                        continue  # an asyncio task.cancel() again: the first one is raised
+            if call.error is None and release is not None:
+                release(call.result)  # type: ignore[arg-type]
+            raise
         if call.error is not None:
             raise call.error
         return call.result  # type: ignore[return-value]
 
+    async def _wait_batch(self) -> None:
+        if self._batch_done is None:
+            self._batch_done = anyio.Event()
+        await self._batch_done.wait()
+
     async def _run_batch(self) -> None:
+        """Run the queued calls; returns (or raises a cancellation) once they have run."""
         calls, self._queue = self._queue, []
         for call in calls:
             call.taken = True
         self._running = True
         try:
-            # Shielded: the calls are taken, their callers wait for them.
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(_run_all, calls)
-        except BaseException as exc:  # no thread ran them: their callers must not wait on
-            for call in calls:
-                if not call.finished:
-                    call.error, call.finished = exc, True
-            raise
+            await _in_thread(calls)
         finally:
             self._running = False
             done, self._batch_done = self._batch_done, None
             if done is not None:
                 done.set()
+
+
+async def _in_thread(calls: list[_Call[Any]]) -> None:
+    """Run ``calls`` in a worker thread, to their end whatever happens to this task: an
+    anyio cancellation waits (shielded), and so does an asyncio ``task.cancel()``, which
+    gets through anyio's shield (and would make anyio drop a job no thread has started
+    yet). Either is raised once the calls have run."""
+    with anyio.CancelScope(shield=True):
+        if sniffio.current_async_library() != "asyncio":
+            await anyio.to_thread.run_sync(_run_all, calls)
+            return
+        # A thread pool's job, awaited through asyncio.shield: it runs, and is waited for,
+        # whatever happens to the task awaiting it.
+        job = asyncio.get_running_loop().run_in_executor(None, _run_all, calls)
+        cancelled: BaseException | None = None
+        while not job.done():
+            try:
+                await asyncio.shield(job)
+            except asyncio.CancelledError as exc:
+                cancelled = exc
+    if cancelled is not None:
+        raise cancelled

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import itertools
 import operator
+import os
 import sys
+import weakref
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
@@ -350,6 +352,7 @@ class LRUCache:
         self._policy = _POLICIES[policy]()
         self._entries: dict[Hashable, _Entry] = {}
         self._flights: dict[Hashable, _Flight] = {}
+        _LIVE.add(self)
         self._bytes = 0
         self._hits = self._misses = self._evictions = 0
         self._coalesced = self._load_errors = self._uncached = 0
@@ -372,6 +375,10 @@ class LRUCache:
         state = self.__dict__.copy()
         state["_flights"] = {}
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        _LIVE.add(self)
 
     async def get_or_load(self, key: Hashable, load: Callable[[], Awaitable[T]]) -> T:
         """The value cached for ``key``; on a miss, ``await load()``, cache it and return it.
@@ -603,3 +610,17 @@ class LRUCache:
         self._entries[key] = _Entry(value, size)
         self._policy.add(key)
         self._bytes += size
+
+
+# A forked child (a DataLoader worker, fork being the default on Linux) gets each cache as
+# it was, loads in flight included: nothing there would ever finish them, so they go.
+_LIVE: weakref.WeakSet[LRUCache] = weakref.WeakSet()
+
+
+def _forget_flights() -> None:
+    for cache in _LIVE:
+        cache._flights = {}
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_flights)

@@ -38,6 +38,7 @@ import struct
 import sys
 import threading
 import time
+import weakref
 import zlib
 from collections.abc import Awaitable, Callable, Hashable, Iterator
 from typing import Any, TypedDict, cast
@@ -294,6 +295,12 @@ _key_lock: type[_KeyLock] = (
 )
 
 
+def _release_probe(probe: _Probe) -> None:
+    """What a lookup whose caller was cancelled got: its key's lock goes."""
+    if probe.lock is not None:
+        probe.lock.release()
+
+
 def _same_file(fd: int, path: str) -> bool:
     try:
         there = os.stat(path)
@@ -491,6 +498,7 @@ class DiskCache:
         # not wait behind a batch of stores (after it).
         self._lookups = ThreadBatcher()
         self._stores = ThreadBatcher()
+        _LIVE.add(self)
         self._last_stamp = 0
         self._hits = self._misses = self._evictions = self._coalesced = 0
         self._lock_waits = self._load_errors = self._uncached = 0
@@ -510,6 +518,17 @@ class DiskCache:
         state["_lookups"] = ThreadBatcher()
         state["_stores"] = ThreadBatcher()
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        _LIVE.add(self)
+
+    def _forget_loads(self) -> None:
+        """In a forked child: the parent's loads and file operations in flight are not
+        this process's (nothing here would ever finish them)."""
+        self._flights = {}
+        self._lookups = ThreadBatcher()
+        self._stores = ThreadBatcher()
 
     def path_of(self, key: Hashable) -> str:
         """The file that holds (or would hold) ``key``'s entry. ``TypeError`` for keys that
@@ -556,7 +575,9 @@ class DiskCache:
     async def _fetch(
         self, key: Hashable, name: str, material: bytes, load: Callable[[], Awaitable[Any]]
     ) -> bytes:
-        probe = await self._lookups.run(self._probe, name, material, self._stamp())
+        probe = await self._lookups.run(
+            self._probe, name, material, self._stamp(), release=_release_probe
+        )
         self._corrupt += probe.corrupt
         if probe.payload is None and probe.lock is None:
             self._lock_waits += 1
@@ -582,9 +603,9 @@ class DiskCache:
                     self._store, name, material, data, self._stamp(), lock
                 )
         except BaseException:
-            if lock.fd is not None:
-                with anyio.CancelScope(shield=True):
-                    await self._stores.run(lock.release)
+            # Here, not in a thread: an await could be cancelled again and lose the lock
+            # (an unlock and a close, in a rare path).
+            lock.release()
             raise
         self._evictions += stored.evicted
         if stored.error is not None:
@@ -611,12 +632,13 @@ class DiskCache:
                 waiter.run, abandon_on_cancel=True, limiter=_wait_limiter()
             )
             held = waiter.take()
-            return await self._lookups.run(self._recheck, held, name, material, self._stamp())
+            return await self._lookups.run(
+                self._recheck, held, name, material, self._stamp(), release=_release_probe
+            )
         except BaseException:
             held = held or waiter.abandon()
-            if held is not None and held.fd is not None:
-                with anyio.CancelScope(shield=True):
-                    await self._stores.run(held.release)
+            if held is not None:
+                held.release()  # (here, as in _fetch)
             raise
 
     def clear(self) -> None:
@@ -907,6 +929,20 @@ class DiskCache:
             yield _Ledger(fd)
         finally:
             os.close(fd)  # unlocks
+
+
+# A forked child (a DataLoader worker, fork being the default on Linux) gets each cache as
+# it was, loads in flight included: they are forgotten there.
+_LIVE: weakref.WeakSet[DiskCache] = weakref.WeakSet()
+
+
+def _forget_loads() -> None:
+    for cache in _LIVE:
+        cache._forget_loads()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_loads)
 
 
 def _pread_exact(fd: int, size: int, offset: int) -> bytes | None:

@@ -7,11 +7,13 @@ Ordering is forced with threading events that the calls block on, never with sle
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from typing import Any
 
 import anyio
 import pytest
+from conftest import asyncio_only
 
 import asyncload._batched as batched
 from asyncload._batched import ThreadBatcher
@@ -138,20 +140,22 @@ async def test_a_call_cancelled_before_its_batch_never_runs(thread_calls: list[i
     assert thread_calls == [1, 1]
 
 
-async def test_a_call_cancelled_while_it_runs_still_returns_its_result() -> None:
+async def test_a_call_cancelled_while_it_runs_loses_nothing() -> None:
     """Both the task running the batch and a task whose call it carries are cancelled
-    while the batch runs: each gets its call's result (the lock a probe took, say), then
-    the cancellation at its next checkpoint."""
+    while the batch runs: both calls run to their end, and each caller either gets its
+    result (the cancellation then comes at its next checkpoint) or the cancellation, with
+    ``release`` given the result (the lock a lookup took, say): never neither."""
     batcher = ThreadBatcher()
     first = Blocker()
     second = Blocker("second's lock")
     third = Blocker("third's lock")
     scopes = {name: anyio.CancelScope() for name in ("second", "third")}
     got: dict[str, Any] = {}
+    released: list[str] = []
 
     async def call(name: str, fn: Blocker) -> None:
         with scopes[name]:
-            got[name] = await batcher.run(fn)
+            got[name] = await batcher.run(fn, release=released.append)
             await anyio.lowlevel.checkpoint()
             got[name + " went on"] = True  # never: the cancellation comes here
 
@@ -170,8 +174,45 @@ async def test_a_call_cancelled_while_it_runs_still_returns_its_result() -> None
         await anyio.wait_all_tasks_blocked()
         second.go.set()
         third.go.set()
-    assert got == {"second": "second's lock", "third": "third's lock"}
+    assert sorted([*got.values(), *released]) == ["second's lock", "third's lock"]
+    assert released  # the waiter's, at least (the batch's runner may get its result)
     assert all(scope.cancelled_caught for scope in scopes.values())
+
+
+@asyncio_only
+async def test_an_asyncio_task_cancel_of_the_runner_loses_no_call() -> None:
+    """``task.cancel()`` (asyncio's own, which anyio's shields do not stop) on the task
+    running a batch: the batch runs to its end in its thread, the other callers get their
+    results, and no second batch starts before it has ended."""
+    batcher = ThreadBatcher()
+    first = Blocker("first's lock")
+    running = 0
+    most = 0
+
+    def counted(value: str) -> str:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        running -= 1
+        return value
+
+    async def runner() -> str:
+        return await batcher.run(first)
+
+    runner_task = asyncio.ensure_future(runner())
+    await entered(first)
+    others = [asyncio.ensure_future(batcher.run(counted, f"v{i}")) for i in range(3)]
+    await anyio.wait_all_tasks_blocked()
+    runner_task.cancel()
+    await anyio.wait_all_tasks_blocked()
+    later = asyncio.ensure_future(batcher.run(counted, "later"))
+    await anyio.wait_all_tasks_blocked()
+    assert not later.done()  # no batch runs beside the one the cancelled runner started
+    first.go.set()
+    assert await asyncio.gather(*others, later) == ["v0", "v1", "v2", "later"]
+    with pytest.raises(asyncio.CancelledError):
+        await runner_task
+    assert most == 1
 
 
 def test_usable_from_one_event_loop_after_another() -> None:
