@@ -330,16 +330,17 @@ async def test_order_with_requests_completing_in_reverse(
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(consume)
-        # The first batch's request goes out alone (slow start), the rest once it is done.
-        await anyio.to_thread.run_sync(http_server.wait_arrived, 1)
-        http_server.release(0)
-        await recorder.done(0).wait()
+        # The first two requests go out alone (slow start), the rest once two are done.
+        await anyio.to_thread.run_sync(http_server.wait_arrived, 2)
+        for i in (1, 0):
+            http_server.release(i)
+            await recorder.done(i).wait()
         await anyio.to_thread.run_sync(http_server.wait_arrived, n)
-        for i in reversed(range(1, n)):
+        for i in reversed(range(2, n)):
             http_server.release(i)
             await recorder.done(i).wait()
     await loader.aclose()
-    reverse = [0, *reversed(range(1, n))]
+    reverse = [1, 0, *reversed(range(2, n))]
     assert recorder.completed == reverse
     assert got == (list(range(n)) if ordered else reverse)
 
@@ -356,13 +357,14 @@ async def test_max_connections(http_server: HTTPServer) -> None:
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(consume)
-        # The first batch's request goes out alone (slow start); then 5 fetches want
-        # requests, and 2 connections carry them.
-        await anyio.to_thread.run_sync(http_server.wait_arrived, 1)
+        # The first two requests go out alone (slow start); once both are done, 4 fetches
+        # want requests, and 2 connections carry them.
+        await anyio.to_thread.run_sync(http_server.wait_arrived, 2)
         http_server.release(0)
-        await anyio.to_thread.run_sync(http_server.wait_arrived, 3)
+        http_server.release(1)
+        await anyio.to_thread.run_sync(http_server.wait_arrived, 4)
         await anyio.wait_all_tasks_blocked()
-        assert len(http_server.arrived) == 3
+        assert len(http_server.arrived) == 4
         http_server.release_all()
     await loader.aclose()
     assert got == [sample_body(i) for i in range(n)]

@@ -211,15 +211,28 @@ class _Client:
             return contextlib.nullcontext()
         return self._limits.get()
 
-    async def get(self, key: str, store: S3Store | None = None) -> bytes:
+    async def get(
+        self,
+        key: str,
+        store: S3Store | None = None,
+        seconds: float | None = None,
+    ) -> bytes:
         """The whole object at ``key``, through ``store`` (default: the running loop's),
-        holding one of ``max_connections`` while it runs."""
+        holding one of ``max_connections`` while it runs; ``seconds`` bounds the request
+        from when it holds that connection (``TimeoutError`` naming the key)."""
         if store is None:
             store = self.store()
         if self.max_connections is None:
-            return await self._get(store, key)
+            return await self._timed_get(store, key, seconds)
         async with self._limits.get():
+            return await self._timed_get(store, key, seconds)
+
+    async def _timed_get(self, store: S3Store, key: str, seconds: float | None) -> bytes:
+        if seconds is None:
             return await self._get(store, key)
+        with anyio.move_on_after(seconds):
+            return await self._get(store, key)
+        raise TimeoutError(f"{self.url(key)}: no answer within {seconds} s")
 
     async def _get(self, store: S3Store, key: str) -> bytes:
         # Two awaits of obstore's own futures and nothing else: every extra hop through the
@@ -675,8 +688,12 @@ class S3PrefixStream(AsyncIterableDataset[bytes]):
                 listing = self._listing(store, last)
             try:
                 async with client.slot():
-                    with anyio.fail_after(timeout):  # (None: no limit)
+                    with anyio.move_on_after(timeout) as waited:  # (None: no limit)
                         page = await listing.__anext__()
+                    if waited.cancelled_caught:
+                        raise TimeoutError(
+                            f"{client.url(prefix)}: no listing page within {timeout} s"
+                        )
             except StopAsyncIteration:
                 return None
             except Exception as exc:
@@ -772,7 +789,7 @@ class S3PrefixStream(AsyncIterableDataset[bytes]):
         # (key, listed size, its fetch, when it started), in listing order. Tasks owned by
         # this window and cancelled when the stream ends: a generator cannot hold a task
         # group open across its yields, and obstore runs on asyncio only anyway.
-        window: deque[tuple[str, int, asyncio.Task[bytes], float]] = deque()
+        window: deque[tuple[str, int, asyncio.Task[bytes]]] = deque()
         try:
             while True:
                 if page is None and not listed_all and len(keys) < self.in_flight:
@@ -796,15 +813,17 @@ class S3PrefixStream(AsyncIterableDataset[bytes]):
                     continue
                 while keys and len(window) < self.in_flight:
                     key, size = keys.popleft()
-                    fetch = asyncio.ensure_future(client.get(key, store))
-                    window.append((key, size, fetch, anyio.current_time()))
+                    # Each GET times itself, from when it holds a connection: one started
+                    # ahead that stalls frees its connection for the others in time.
+                    fetch = asyncio.ensure_future(client.get(key, store, self.timeout))
+                    window.append((key, size, fetch))
                 if not window:
                     if listed_all and page is None:
                         return
                     continue
-                key, size, fetch, started = window.popleft()
+                key, size, fetch = window.popleft()
                 try:
-                    data = await self._finish(store, key, fetch, started)
+                    data = await self._finish(store, key, fetch)
                 except FileNotFoundError:
                     # Listed with size 0 but not there: a folder marker ("key/", which
                     # obstore lists as "key"), and its GET costs no more than an empty
@@ -814,7 +833,7 @@ class S3PrefixStream(AsyncIterableDataset[bytes]):
                     raise
                 yield data
         finally:
-            pending: list[asyncio.Future[Any]] = [fetch for _, _, fetch, _ in window]
+            pending: list[asyncio.Future[Any]] = [fetch for _, _, fetch in window]
             if page is not None:
                 pending.append(page)
             for future in pending:
@@ -824,26 +843,15 @@ class S3PrefixStream(AsyncIterableDataset[bytes]):
                     # Wait for the cancellations: no fetch outlives the stream.
                     await asyncio.gather(*pending, return_exceptions=True)
 
-    async def _finish(
-        self, store: S3Store, key: str, fetch: asyncio.Task[bytes], started: float
-    ) -> bytes:
-        """The result of ``fetch`` (started at ``started``), under the timeout and retry;
-        retries fetch ``key`` again."""
+    async def _finish(self, store: S3Store, key: str, fetch: asyncio.Task[bytes]) -> bytes:
+        """The result of ``fetch`` (which times itself), under the retry; retries fetch
+        ``key`` again."""
         first: list[asyncio.Task[bytes]] = [fetch]
-        timeout = self.timeout
 
         async def attempt() -> bytes:
             if first:
-                pending = first.pop()
-                if timeout is None or pending.done():
-                    return await pending
-                # Its time runs from its start, not from when the stream got to it.
-                with anyio.fail_after(max(0.0, started + timeout - anyio.current_time())):
-                    return await pending
-            if timeout is None:
-                return await self._client.get(key, store)
-            with anyio.fail_after(timeout):
-                return await self._client.get(key, store)
+                return await first.pop()
+            return await self._client.get(key, store, self.timeout)
 
         if self.retry is None:
             return await attempt()
