@@ -94,6 +94,9 @@ class LoaderIterableDataset(torch.utils.data.IterableDataset[Any]):
             # a copy resuming from its part of the state (TorchLoader counts).
             loader = self.loader.for_worker(0, 1) if self.tagged else self.loader
         iterator = iter(loader)
+        if loader is not self.loader:
+            # In this process: the loader's close() must reach the copy's thread too.
+            self.loader._iterators.add(iterator)
         try:
             if not self.tagged:
                 yield from iterator
@@ -161,8 +164,12 @@ class TorchLoader:
             )
         # The workers (or, without workers, this process) iterate a copy that carries the
         # resume point; this loader only keeps count of what the training loop takes.
+        detached = loader._detached()
+        # Iterated in this process (no workers), the copy's iterators are the loader's own,
+        # for close() (pickled into workers, a copy gets its own again).
+        detached._iterators = loader._iterators
         data_loader = torch.utils.data.DataLoader(
-            LoaderIterableDataset(loader._detached(), tagged=True), batch_size=None, **self.kwargs
+            LoaderIterableDataset(detached, tagged=True), batch_size=None, **self.kwargs
         )
         progress: Progress | WorkerProgress
         if isinstance(resume, WorkerProgress):

@@ -57,14 +57,16 @@ class Reporter:
     def end(self) -> None:
         """The last snapshot, unless the one sent at the last batch already says it all:
         an epoch that failed after it (or before any batch) is still reported."""
-        if self.on_statistics is not None:
-            snapshot = self.statistics()
-            if _counts(snapshot) != self._sent:
-                self._send(snapshot)
-        if self._bar is not None:
-            self._bar.set_postfix_str(describe(self.statistics()), refresh=False)
-            self._bar.close()
-            self._bar = None
+        try:
+            if self.on_statistics is not None:
+                snapshot = self.statistics()
+                if _counts(snapshot) != self._sent:
+                    self._send(snapshot)
+        finally:  # a callback that raises still leaves no bar open
+            if self._bar is not None:
+                self._bar.set_postfix_str(describe(self.statistics()), refresh=False)
+                self._bar.close()
+                self._bar = None
 
     def _send(self, snapshot: dict[str, Any]) -> None:
         assert self.on_statistics is not None

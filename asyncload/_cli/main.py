@@ -18,6 +18,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from types import FrameType
 from typing import Any
+from urllib.parse import urlsplit
 
 from .._redact import redact_url
 from .measure import Consume, RunConfig
@@ -72,6 +73,13 @@ def _non_negative_float(text: str) -> float:
 def _http_url(text: str) -> str:
     if not text.startswith(("http://", "https://")):
         raise argparse.ArgumentTypeError(f"expected an http(s) URL, got {redact_url(text)!r}")
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 (raises for a port out of range or not a number)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"malformed URL {redact_url(text)!r}: {exc}") from None
+    if not parts.hostname:
+        raise argparse.ArgumentTypeError(f"no host in {redact_url(text)!r}")
     return text
 
 
@@ -208,6 +216,8 @@ def _configs(args: argparse.Namespace, with_torch: bool) -> list[RunConfig]:
 def _check_json_path(path: str | None) -> None:
     if path is None:
         return
+    if not os.path.basename(path):  # "" or a folder's path ("out/")
+        raise ArgumentError("--json", f"{path!r} names no file")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise ArgumentError("--json", f"no such directory: {folder!r}")
