@@ -56,10 +56,11 @@ class ThreadBatcher:
     as ``anyio.to_thread.run_sync(fn, *args)`` does. Cancellation: a call cancelled before
     a batch took it never runs. Once taken it runs to its end whatever happens to its
     caller or to the task that runs the batch (an asyncio ``task.cancel()`` too, which
-    anyio's shields do not stop), and a cancelled caller gets the cancellation, not the
-    result: ``release(result)`` is then called, so that what the call acquired (a lock) is
-    not lost. Calls run one after another: one that blocks for long holds up those behind
-    it, so batch short calls only.
+    anyio's shields do not stop), and nothing it acquired (a lock) is lost: a caller
+    cancelled meanwhile gets the cancellation, and ``release(result)`` is called; only the
+    task running the batch, cancelled through an anyio scope, gets the result and then the
+    cancellation at its next checkpoint. Calls run one after another: one that blocks for
+    long holds up those behind it, so batch short calls only.
 
     Holds no event loop between batches: usable from one event loop at a time, in turn
     from several.

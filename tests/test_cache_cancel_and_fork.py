@@ -8,7 +8,6 @@ Ordering is forced with threading events and event-loop steps, never with sleeps
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import os
 import subprocess
 import sys
@@ -20,8 +19,8 @@ import anyio
 import anyio.lowlevel
 import pytest
 from conftest import asyncio_only
+from test_disk_cache import locks_held
 
-import asyncload.disk_cache as disk_cache
 from asyncload._batched import ThreadBatcher
 from asyncload.disk_cache import DiskCache
 
@@ -52,22 +51,6 @@ async def loop_steps(n: int = 5) -> None:
     """Let the event loop run ``n`` rounds (delivering a ``task.cancel()``): steps, not time."""
     for _ in range(n):
         await asyncio.sleep(0)
-
-
-def locks_held(path: str | os.PathLike[str]) -> bool:
-    """Whether any open file holds a key's lock (a byte of ``locks``, or a lock file)."""
-    if any(p.name.endswith(".lock") for p in Path(path).iterdir()):
-        return True
-    try:
-        fd = os.open(os.path.join(path, "locks"), os.O_RDWR)
-    except FileNotFoundError:
-        return False
-    try:
-        probe = disk_cache._FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
-        answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, probe)
-        return disk_cache._FLOCK.unpack(answer)[0] != fcntl.F_UNLCK
-    finally:
-        os.close(fd)
 
 
 def close_leaked_fds(path: Path) -> None:
@@ -172,9 +155,12 @@ async def test_task_cancel_during_a_lookup_does_not_leak_the_key_lock(tmp_path: 
 _FORKED = """
 import os, sys, threading
 import anyio
-from asyncload.disk_cache import DiskCache
+from asyncload import DiskCache, LRUCache
 
-cache = DiskCache(sys.argv[1], max_bytes=1 << 20)
+if sys.argv[1] == "memory":
+    cache = LRUCache(max_items=10)
+else:
+    cache = DiskCache(sys.argv[2], max_bytes=1 << 20)
 started, release = threading.Event(), threading.Event()
 
 async def parent_load():
@@ -216,7 +202,7 @@ def test_a_forked_copy_does_not_wait_on_the_parents_loads_in_flight(tmp_path: Pa
     hangs (a pickled copy is given none: ``__getstate__``). Were the flight dropped, the
     child would wait on the key's lock for the parent's load and read its entry."""
     done = subprocess.run(
-        [sys.executable, "-c", _FORKED, str(tmp_path)],
+        [sys.executable, "-c", _FORKED, "disk", str(tmp_path)],
         cwd=REPO,
         capture_output=True,
         timeout=60,
@@ -225,50 +211,11 @@ def test_a_forked_copy_does_not_wait_on_the_parents_loads_in_flight(tmp_path: Pa
     assert b"child got b'" in done.stdout
 
 
-_FORKED_LRU = """
-import os, sys, threading
-import anyio
-from asyncload import LRUCache
-
-cache = LRUCache(max_items=10)
-started, release = threading.Event(), threading.Event()
-
-async def parent_load():
-    started.set()
-    await anyio.to_thread.run_sync(release.wait)
-    return "parent"
-
-loop_thread = threading.Thread(target=anyio.run, args=(cache.get_or_load, "k", parent_load))
-loop_thread.start()
-assert started.wait(10)
-pid = os.fork()
-if pid == 0:
-    async def child_load():
-        return "child"
-
-    async def child():
-        with anyio.fail_after(5):
-            return await cache.get_or_load("k", child_load)
-
-    try:
-        got = anyio.run(child)
-    except BaseException as exc:
-        print("child:", type(exc).__name__, flush=True)
-        os._exit(1)
-    print("child got", got, flush=True)
-    os._exit(0)
-release.set()
-loop_thread.join()
-_, status = os.waitpid(pid, 0)
-sys.exit(os.waitstatus_to_exitcode(status))
-"""
-
-
 def test_a_forked_memory_cache_loads_for_itself() -> None:
     """The same for LRUCache: a forked child's copy of a load in flight in the parent is
     forgotten, and the child loads the key itself."""
     done = subprocess.run(
-        [sys.executable, "-c", _FORKED_LRU], cwd=REPO, capture_output=True, timeout=60
+        [sys.executable, "-c", _FORKED, "memory"], cwd=REPO, capture_output=True, timeout=60
     )
     assert done.returncode == 0, done.stdout.decode() + done.stderr.decode()
-    assert b"child got child" in done.stdout
+    assert b"child got b'child'" in done.stdout

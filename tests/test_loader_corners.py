@@ -14,34 +14,9 @@ import anyio
 import anyio.lowlevel
 import numpy as np
 import pytest
+from test_loader import Hanging
 
 import asyncload as al
-
-
-class Hanging(al.AsyncDataset[int]):
-    """Indices below ``free`` answer at once; the others wait forever (until cancelled),
-    counted in ``hung`` and ``cancelled``."""
-
-    def __init__(self, n: int, free: int) -> None:
-        self.n = n
-        self.free = free
-        self.hung = 0
-        self.cancelled = 0
-
-    def __len__(self) -> int:
-        return self.n
-
-    async def __getitem__(self, index: int) -> int:
-        if index < self.free:
-            await anyio.lowlevel.checkpoint()
-            return index
-        self.hung += 1
-        try:
-            await anyio.Event().wait()
-        except anyio.get_cancelled_exc_class():
-            self.cancelled += 1
-            raise
-        raise AssertionError("unreachable")
 
 
 class Straggler(al.AsyncDataset[int]):
