@@ -604,8 +604,9 @@ class S3PrefixStream(AsyncIterableDataset[bytes]):
       listing request), one chunk ahead of the fetches;
     - ``in_flight`` GETs run at once (the Loader's ``concurrency`` does not apply to
       streams); samples still come out in listing order;
-    - ``timeout`` (seconds) bounds each GET attempt, from the moment it starts, and each
-      listing request; ``retry`` (an `asyncload.Retry`) retries a failed GET, its first
+    - ``timeout`` (seconds) bounds each GET attempt from when it holds its connection (a
+      GET started ahead that stalls frees it in time), and each listing request
+      (``TimeoutError`` naming the key or the prefix); ``retry`` (an `asyncload.Retry`) retries a failed GET, its first
       attempt being the one started ahead, and a failed listing request (listing again
       after the greatest key received). Without ``retry``, a failed GET ends
       the stream with its error (``FileNotFoundError`` for a key deleted since it was
