@@ -308,3 +308,34 @@ async def test_a_lookup_that_never_answers_is_bounded_by_the_timeout(
         await source.aclose()
     assert "no address for no-answer.invalid within 0.05 s" in str(info.value)
     assert "http://no-answer.invalid:8080/x" in str(info.value)  # the URL, as every error
+
+
+@pytest.mark.anyio
+async def test_aclose_cancels_a_lookup_whose_requests_were_cancelled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A name lookup is shared by the requests waiting on it and outlives them (shielded);
+    once the pool closes, nobody can use its answer: it is cancelled, not left running."""
+    looking_up = anyio.Event()
+    lookup_cancelled = anyio.Event()
+
+    async def hung_look_up(self: _http1.Pool, host: str, port: int) -> list[str]:
+        looking_up.set()
+        try:
+            await anyio.sleep_forever()
+        except anyio.get_cancelled_exc_class():
+            lookup_cancelled.set()
+            raise
+        raise AssertionError
+
+    monkeypatch.setattr(_http1.Pool, "_look_up", hung_look_up)
+    monkeypatch.setattr(_http1, "_resolved", {})
+    source = HTTPSource(["http://no-answer.invalid:8080/x"])
+    with anyio.fail_after(SAFETY):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(outcome, source[0])
+            await looking_up.wait()
+            tg.cancel_scope.cancel()  # the request goes; the shared lookup stays
+        assert not lookup_cancelled.is_set()
+        await source.aclose()
+        await lookup_cancelled.wait()

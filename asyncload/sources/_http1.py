@@ -691,8 +691,20 @@ class Pool:
         pending = self._resolving.get(key)
         if pending is None:
             pending = self._resolving[key] = self._loop.create_task(self._look_up(host, port))
-            pending.add_done_callback(lambda _: self._resolving.pop(key, None))
-        return await asyncio.shield(pending)  # one waiter cancelled: the others still wait
+            pending.add_done_callback(lambda done: self._looked_up(key, done))
+        try:
+            return await asyncio.shield(pending)  # one waiter cancelled: the others still wait
+        except asyncio.CancelledError:
+            if pending.cancelled():  # by aclose(), not this task's cancellation
+                self._check_open()
+            raise
+
+    def _looked_up(self, key: tuple[str, int], done: asyncio.Task[list[str]]) -> None:
+        self._resolving.pop(key, None)
+        if not done.cancelled():
+            # Retrieved here: its waiters may all have been cancelled meanwhile, and asyncio
+            # would log a failed lookup nobody awaited as an error.
+            done.exception()
 
     async def _look_up(self, host: str, port: int) -> list[str]:
         infos = await self._loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -739,6 +751,8 @@ class Pool:
         for a connection or yet to come raise ``RuntimeError``."""
         self._closed = True
         self._idle.clear()
+        for lookup in list(self._resolving.values()):
+            lookup.cancel()  # (nobody can use its answer now)
         for conn in list(self._open):
             # Aborted: a TLS goodbye could take seconds.
             conn.close(ConnectionError("HTTPSource: the connection pool was closed"))
