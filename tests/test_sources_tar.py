@@ -595,6 +595,8 @@ def test_bad_arguments(shards: list[str]) -> None:
     # numpy integers are counts like any other (np.int64 was taken for a sequence)
     assert TarShardSource(shards, samples_per_shard=np.int64(5)).num_samples() == 5 * len(shards)
     assert TarShardSource(shards, samples_per_shard=np.array([5, 6, 7, 8])).num_samples() == 26
+    per_shard = {shard: n for shard, n in zip(shards, [5, 6, 7, 8], strict=True)}
+    assert TarShardSource(shards, samples_per_shard=per_shard.values()).num_samples() == 26
     with pytest.raises(ValueError, match="prefetch_shards"):
         TarShardSource(shards, prefetch_shards=0)
 

@@ -16,7 +16,6 @@ from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import anyio
-import numpy as np
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .._redact import redact_url
@@ -89,9 +88,9 @@ class TarShardSource(AsyncIterableDataset[Sample]):
         counts: list[int] | None
         if samples_per_shard is None:
             counts = None
-        elif not isinstance(samples_per_shard, (Sequence, np.ndarray)):
-            counts = [_count(samples_per_shard)] * len(self.shards)  # (a numpy int too)
-        else:
+        elif not hasattr(samples_per_shard, "__iter__"):  # one count (a numpy int too)
+            counts = [_count(samples_per_shard)] * len(self.shards)
+        else:  # any iterable of counts (a list, an array, a tensor, a dict's values)
             counts = [_count(n) for n in samples_per_shard]
             if len(counts) != len(self.shards):
                 raise ValueError(
