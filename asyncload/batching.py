@@ -15,6 +15,7 @@ that sharding, DataLoader workers and resume work on them as on fixed-count batc
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -314,7 +315,10 @@ class PadCollate:
         lengths = np.array([len(a) for a in arrays], dtype=np.int64)
         longest = int(lengths.max()) if len(lengths) else 0
         first = arrays[0]
-        padded = np.full((len(arrays), longest, *first.shape[1:]), self.pad_value, first.dtype)
+        # The dtype all of them fit in (an int row then a float row: floats), as np.stack
+        # would give; the first one's would truncate the others.
+        dtype = functools.reduce(np.promote_types, {a.dtype for a in arrays})
+        padded = np.full((len(arrays), longest, *first.shape[1:]), self.pad_value, dtype)
         for row, array in enumerate(arrays):
             padded[row, : len(array)] = array
         if self.mask:

@@ -20,6 +20,7 @@ import functools
 import inspect
 import operator
 import os
+import sys
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Hashable, Sequence
@@ -87,9 +88,20 @@ def function_tag(fn: Callable[..., Any]) -> str:
         and "<" not in qualname  # <lambda>, <locals>
         # A function, or a module's builtin (not a method bound to an object's state).
         and (inspect.isfunction(fn) or inspect.ismodule(getattr(fn, "__self__", None)))
+        # The name must lead back to fn itself: functools.wraps copies the name of the
+        # function it wraps onto every closure made around it.
+        and _named(module, qualname) is fn
     ):
         return f"{module}.{qualname}"
     return f"view-{uuid.uuid4().hex}"
+
+
+def _named(module: str, qualname: str) -> object:
+    """What ``module.qualname`` names now (None where nothing does)."""
+    obj: object = sys.modules.get(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+    return obj
 
 
 def _new_token() -> str:
@@ -345,7 +357,10 @@ class Subset(AsyncDataset[T]):
         return len(self.indices)
 
     async def __getitem__(self, index: int) -> T:
-        return await self.dataset[self.indices[normalize_index(index, len(self.indices))]]
+        try:
+            return await self.dataset[self.indices[normalize_index(index, len(self.indices))]]
+        except SampleFiltered:
+            raise SampleFiltered(index) from None  # the index asked for, not the part's
 
     async def getitems(self, indices: Sequence[int]) -> list[T]:
         return await self.dataset.getitems(self._map(indices))
@@ -410,7 +425,10 @@ class ConcatDataset(AsyncDataset[T]):
 
     async def __getitem__(self, index: int) -> T:
         d, local = self.locate(index)
-        return await self.datasets[d][local]
+        try:
+            return await self.datasets[d][local]
+        except SampleFiltered:
+            raise SampleFiltered(index) from None  # the index asked for, not the part's
 
     async def getitems(self, indices: Sequence[int]) -> list[T]:
         return await self._gather(indices, partial=False)  # type: ignore[return-value]
@@ -504,7 +522,11 @@ class TorchDataset(AsyncDataset[Any]):
     worker threads, at most ``max_threads`` at once per event loop."""
 
     def __init__(self, dataset: Any, *, max_threads: int = 32) -> None:
-        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+        torch_data = sys.modules.get("torch.utils.data")  # (imported by the caller, if at all)
+        iterable = torch_data is not None and isinstance(dataset, torch_data.IterableDataset)
+        if iterable or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+            # (torch's Dataset base class has a __getitem__ that raises: an IterableDataset
+            # with a __len__ would pass for map-style)
             raise TypeError("from_torch: dataset must be a map-style dataset with __len__")
         if isinstance(max_threads, bool) or not isinstance(max_threads, int) or max_threads < 1:
             raise ValueError(f"from_torch: max_threads must be a positive int, got {max_threads!r}")
@@ -655,4 +677,6 @@ def _stream_key(sample: Any) -> Hashable | None:
 
 
 def _is_awaitable(obj: object) -> bool:
-    return hasattr(obj, "__await__")
+    # Not hasattr(obj, "__await__"): a sample whose __getattr__ answers every name (an
+    # attribute dict) has one too.
+    return inspect.isawaitable(obj)
