@@ -62,15 +62,19 @@ class ThreadBatcher:
     cancellation at its next checkpoint. Calls run one after another: one that blocks for
     long holds up those behind it, so batch short calls only.
 
+    ``batches``: how many batches may run at once, each in its own thread (1: the calls
+    are short; more where some block on the disk, as ``fsync`` does).
+
     Holds no event loop between batches: usable from one event loop at a time, in turn
     from several.
     """
 
-    __slots__ = ("_batch_done", "_queue", "_running")
+    __slots__ = ("_batch_done", "_batches", "_queue", "_running")
 
-    def __init__(self) -> None:
+    def __init__(self, batches: int = 1) -> None:
+        self._batches = batches  # at once, at most
         self._queue: list[_Call[Any]] = []
-        self._running = False
+        self._running = 0
         self._batch_done: anyio.Event | None = None
 
     async def run(
@@ -80,7 +84,7 @@ class ThreadBatcher:
         self._queue.append(call)
         try:
             while not call.finished:
-                if self._running:
+                if call.taken or self._running >= self._batches:
                     await self._wait_batch()
                 else:
                     await self._run_batch()
@@ -88,14 +92,12 @@ class ThreadBatcher:
             if not call.taken:
                 self._queue.remove(call)
                 raise
-            # Cancelled once a batch took it: it runs to its end, and what it got goes.
+            # Cancelled once a batch took it: it runs to its end (its batch, which always
+            # finishes its calls, is running), and what it got goes.
             with anyio.CancelScope(shield=True):
                 while not call.finished:
                     try:
-                        if self._running:
-                            await self._wait_batch()
-                        else:
-                            await self._run_batch()  # (the runner was cancelled: go on)
+                        await self._wait_batch()
                     except anyio.get_cancelled_exc_class():
                         continue  # an asyncio task.cancel() again: the first one is raised
             if call.error is None and release is not None:
@@ -106,20 +108,27 @@ class ThreadBatcher:
         return call.result  # type: ignore[return-value]
 
     async def _wait_batch(self) -> None:
+        """Until a batch ends."""
         if self._batch_done is None:
             self._batch_done = anyio.Event()
         await self._batch_done.wait()
 
     async def _run_batch(self) -> None:
-        """Run the queued calls; returns (or raises a cancellation) once they have run."""
+        """Run the queued calls; returns (or raises a cancellation) once they have run, and
+        every call it took is finished: run, or failed with what kept it from running."""
         calls, self._queue = self._queue, []
         for call in calls:
             call.taken = True
-        self._running = True
+        self._running += 1
         try:
             await _in_thread(calls)
+        except BaseException as exc:
+            for call in calls:
+                if not call.finished:  # no thread ran it (none could be started)
+                    call.error, call.finished = exc, True
+            raise
         finally:
-            self._running = False
+            self._running -= 1
             done, self._batch_done = self._batch_done, None
             if done is not None:
                 done.set()

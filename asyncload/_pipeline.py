@@ -623,6 +623,7 @@ class InlineEpoch(_Assembly):
         # take_ready(), so that no more than prefetch collated batches are buffered, as
         # with an Epoch (uncollated, an in-memory batch holds references to its samples).
         self._ahead = max(1, self.window // holds_back(self.batcher)) + prefetch
+        self._cancelled = False
 
     @property
     def buffered(self) -> int:
@@ -643,6 +644,8 @@ class InlineEpoch(_Assembly):
         synchronous ``for`` takes them without running the event loop)."""
         ready = self._ready
         items: list[Item] = []
+        if self._cancelled:
+            ready.clear()  # (here, in the consumer's thread: see cancel)
         while ready and len(items) < limit:
             item = self._collated(*ready.popleft())
             if item is None:
@@ -677,8 +680,9 @@ class InlineEpoch(_Assembly):
             raise self.failure
 
     def cancel(self) -> None:
-        self._fetch_done = True
-        self._ready.clear()
+        # Flags only: Loader.close() may call this from another thread while the consumer
+        # takes batches; the batches fetched go at its next take.
+        self._fetch_done = self._cancelled = True
 
     discard = cancel
 

@@ -417,9 +417,11 @@ class DiskCache:
     :class:`~asyncload.LRUCache`); across processes a per-key lock (a byte-range lock on the
     directory's ``locks`` file on Linux, a ``flock``-ed lock file per key elsewhere) makes
     the others wait for the loader and then read its entry, so a key is fetched once
-    however many processes ask. A failed load stores nothing and raises to its caller and the callers waiting on it
-    in this process; the next call (or a waiting process) loads again. If the loading caller
-    is cancelled, its waiters look again and one of them loads in its place.
+    however many processes ask. A failed load stores nothing and raises to its caller and
+    the callers waiting on it in this process; the next call (or a waiting process) loads
+    again. If the loading caller is cancelled, its waiters look again and one of them
+    loads in its place. A forked child (a DataLoader worker) forgets the parent's loads in
+    flight; it waits on their keys' locks like any other process.
 
     Entries: written to a temp file in the directory and renamed into place, so readers see
     a whole entry or none, even if the writer is killed. Each carries its length and a
@@ -439,10 +441,10 @@ class DiskCache:
     ``mtime`` first (a hit sets the entry's ``mtime``, so this is least recently used, also
     across processes and restarts, to the filesystem's timestamp resolution) until the
     total is at most ``evict_to * max_bytes``: below 1, one scan makes room for several
-    inserts (a scan of 10,000 entries took 50-120 ms here). A value larger than ``max_bytes`` alone is returned and not stored
-    (``uncached``). Each process enforces its own ``max_bytes`` on its inserts: give all
-    users of a directory the same one. Scans also delete temp files left by dead writers
-    and lock files nobody holds.
+    inserts (a scan of 10,000 entries took 50-120 ms here). A value larger than
+    ``max_bytes`` alone is returned and not stored (``uncached``). Each process enforces
+    its own ``max_bytes`` on its inserts: give all users of a directory the same one.
+    Scans also delete temp files left by dead writers and lock files nobody holds.
 
     A value that cannot be stored (disk full, unwritable directory) is still returned, and
     counted as ``write_errors``. Reading an entry fails loudly only for errors other than a
@@ -450,9 +452,9 @@ class DiskCache:
 
     I/O runs in worker threads: a lookup before each load, a store after it, each in a
     batch with the lookups (or stores) asked for while the previous batch ran, so a thread
-    hop carries many of them. The directory is for processes on one host (file locks are
-    not reliable over network filesystems). It is
-    created if missing. Use one ``DiskCache`` object from one thread at a time; any number
+    hop carries many of them (with ``fsync``, up to 8 batches of stores at once). The
+    directory is for processes on one host (file locks are not reliable over network
+    filesystems). It is created if missing. Use one ``DiskCache`` object from one thread at a time; any number
     of objects (copies, other processes) may share the directory. A ``DiskCache`` pickles
     (DataLoader workers get copies that share the directory) without its loads in flight,
     and binds no event loop.
@@ -493,11 +495,7 @@ class DiskCache:
         if not os.path.exists(tag):
             with contextlib.suppress(OSError), open(tag, "wb") as f:
                 f.write(_CACHEDIR_TAG)
-        self._flights: dict[str, _Flight] = {}
-        # Lookups and stores each go in their own batches: a lookup (before the fetch) does
-        # not wait behind a batch of stores (after it).
-        self._lookups = ThreadBatcher()
-        self._stores = ThreadBatcher()
+        self._forget_loads()
         _LIVE.add(self)
         self._last_stamp = 0
         self._hits = self._misses = self._evictions = self._coalesced = 0
@@ -514,21 +512,23 @@ class DiskCache:
     def __getstate__(self) -> dict[str, Any]:
         # In-flight loads and file operations belong to the event loop running them.
         state = self.__dict__.copy()
-        state["_flights"] = {}
-        state["_lookups"] = ThreadBatcher()
-        state["_stores"] = ThreadBatcher()
+        del state["_flights"], state["_lookups"], state["_stores"]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self._forget_loads()
         _LIVE.add(self)
 
     def _forget_loads(self) -> None:
-        """In a forked child: the parent's loads and file operations in flight are not
-        this process's (nothing here would ever finish them)."""
-        self._flights = {}
+        """No loads or file operations in flight: a new object's, a copy's, and in a forked
+        child (the parent's are not this process's: nothing here would finish them)."""
+        self._flights: dict[str, _Flight] = {}
+        # Lookups and stores each go in their own batches: a lookup (before the fetch) does
+        # not wait behind a batch of stores (after it). With fsync, each store waits for
+        # the disk: several batches run at once, as the disk takes several writes at once.
         self._lookups = ThreadBatcher()
-        self._stores = ThreadBatcher()
+        self._stores = ThreadBatcher(8 if self.fsync else 1)
 
     def path_of(self, key: Hashable) -> str:
         """The file that holds (or would hold) ``key``'s entry. ``TypeError`` for keys that

@@ -917,12 +917,14 @@ class Loader:
         wait for them, and release the dataset's connections in this event loop."""
         running = [it for it in list(self._iterators) if isinstance(it, _EpochOnDemand)]
         self.close()
-        for iterator in running:
-            await iterator.aclose()
         current, self._current = self._current, None
-        if current is not None:
-            await current.aclose()
-        await self.dataset.aclose()
+        try:
+            for iterator in running:
+                await iterator.aclose()
+            if current is not None:  # the newest epoch (again, if an async for began it)
+                await current.aclose()
+        finally:  # a last on_statistics call that raises still leaves no connection open
+            await self.dataset.aclose()
 
     def __enter__(self) -> Loader:
         return self

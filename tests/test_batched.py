@@ -245,3 +245,38 @@ async def test_disk_cache_misses_in_flight_share_thread_hops(
     assert sum(thread_calls) == 64  # every lookup and store went through a batch
     assert len(thread_calls) <= 8
     assert cache.statistics()["misses"] == 32
+
+
+async def test_batches_run_side_by_side_up_to_the_limit() -> None:
+    """``ThreadBatcher(2)``: while a batch blocks (an fsync, say), a second one runs."""
+    batcher = ThreadBatcher(2)
+    first = Blocker("first")
+    got: dict[str, Any] = {}
+
+    async def call(name: str, fn: Any) -> None:
+        got[name] = await batcher.run(fn)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call, "first", first)
+        await entered(first)
+        await call("second", lambda: "second")  # while the first batch still blocks
+        assert got == {"second": "second"}
+        first.go.set()
+    assert got == {"first": "first", "second": "second"}
+
+
+async def test_a_batch_no_thread_could_run_fails_its_calls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every call a batch took finishes: run, or failed with what kept it from running (a
+    thread pool that is shut down), so that none of its callers waits for ever."""
+    batcher = ThreadBatcher()
+
+    async def no_thread(calls: list[Any]) -> None:
+        raise RuntimeError("cannot schedule new futures after shutdown")
+
+    monkeypatch.setattr(batched, "_in_thread", no_thread)
+    with anyio.fail_after(10), pytest.raises(RuntimeError, match="after shutdown"):
+        await batcher.run(lambda: "never")
+    monkeypatch.undo()
+    assert await batcher.run(lambda: "later") == "later"

@@ -695,7 +695,11 @@ class Pool:
         try:
             return await asyncio.shield(pending)  # one waiter cancelled: the others still wait
         except asyncio.CancelledError:
-            if pending.cancelled():  # by aclose(), not this task's cancellation
+            # The lookup cancelled by aclose(), and not this task itself (3.11+ can tell):
+            # the pool is closed, as every later request is told.
+            task = asyncio.current_task()
+            cancelling = getattr(task, "cancelling", None)
+            if pending.cancelled() and (cancelling is None or cancelling() == 0):
                 self._check_open()
             raise
 

@@ -606,11 +606,11 @@ class S3PrefixStream(AsyncIterableDataset[bytes]):
       streams); samples still come out in listing order;
     - ``timeout`` (seconds) bounds each GET attempt from when it holds its connection (a
       GET started ahead that stalls frees it in time), and each listing request
-      (``TimeoutError`` naming the key or the prefix); ``retry`` (an `asyncload.Retry`) retries a failed GET, its first
-      attempt being the one started ahead, and a failed listing request (listing again
-      after the greatest key received). Without ``retry``, a failed GET ends
-      the stream with its error (``FileNotFoundError`` for a key deleted since it was
-      listed), which the Loader raises as a `SampleError`;
+      (``TimeoutError`` naming the key or the prefix); ``retry`` (an `asyncload.Retry`)
+      retries a failed GET, its first attempt being the one started ahead, and a failed
+      listing request (listing again after the greatest key received). Without
+      ``retry``, a failed GET ends the stream with its error (``FileNotFoundError`` for a
+      key deleted since it was listed), which the Loader raises as a `SampleError`;
     - a failed listing (after ``retry``, if any) ends the stream with the error a GET
       would raise, naming ``s3://bucket/prefix`` (``FileNotFoundError`` for a bucket
       that does not exist); listing requests hold one of ``max_connections`` as GETs do;
