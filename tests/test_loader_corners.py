@@ -192,3 +192,42 @@ async def test_a_hung_first_sample_does_not_hold_back_the_others(batch_size: int
                 ds.release.set()
     flat = [int(np.asarray(b).reshape(-1)[0]) for b in got]
     assert flat == list(range(40))
+
+
+class Closing(al.AsyncDataset[int]):
+    """Sample ``i`` is ``i``; counts ``aclose()`` calls (its connections released)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.closed = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    async def __getitem__(self, index: int) -> int:
+        await anyio.lowlevel.checkpoint()
+        return index
+
+    async def aclose(self) -> None:
+        self.closed += 1
+
+
+@pytest.mark.anyio
+async def test_aclose_releases_the_dataset_when_the_last_report_raises() -> None:
+    """aclose() ends the open epoch, which sends its last statistics: a callback that
+    raises then (a metrics backend down) reaches the caller, and the dataset's
+    connections are still released."""
+    fail = False
+
+    def report(snapshot: dict[str, Any]) -> None:
+        if fail:
+            raise ConnectionError("metrics backend down")
+
+    ds = Closing(40)
+    loader = al.Loader(ds, batch_size=4, on_statistics=report, statistics_every=1000)
+    iterator = loader.__aiter__()
+    await iterator.__anext__()
+    fail = True
+    with pytest.raises(ConnectionError, match="metrics backend down"):
+        await loader.aclose()
+    assert ds.closed == 1
