@@ -537,10 +537,11 @@ class Loader:
         except TypeError:
             total = None  # a stream of unknown size, or a batch budget
         resume, initial = self._resume, 0
-        if total is not None and isinstance(resume, Progress) and self.batch_size:
+        if total is not None and isinstance(resume, Progress):
             # A resumed epoch's bar starts where the saved one stood (by positions, which
-            # batches cover whole, dropped samples included).
-            initial = min(total, (resume.watermark + len(resume.done)) // self.batch_size)
+            # batches cover whole, dropped samples included; batch_size=None: one each).
+            done = resume.watermark + len(resume.done)
+            initial = min(total, done // (self.batch_size or 1))
         return Reporter(
             self.statistics,
             bar=self.progress,

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.anyio
 
 
 def loader(**kwargs: Any) -> al.Loader:
-    return al.Loader(al.from_sequence(list(range(1000))), batch_size=10, **kwargs)
+    return al.Loader(al.from_sequence(list(range(1000))), **{"batch_size": 10, **kwargs})
 
 
 async def test_statistics_every_n_batches_and_at_the_end() -> None:
@@ -146,17 +146,21 @@ def test_progress_bar(capsys: pytest.CaptureFixture[str]) -> None:
     assert "samples/s" in err
 
 
-def test_a_resumed_epochs_bar_ends_at_its_total(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("batch_size", [10, None])
+def test_a_resumed_epochs_bar_ends_at_its_total(
+    capsys: pytest.CaptureFixture[str], batch_size: int | None
+) -> None:
     pytest.importorskip("tqdm")
-    first = loader()
+    total = 100 if batch_size else 1000
+    first = loader(batch_size=batch_size)
     for i, _ in enumerate(first):
         if i == 39:
             break
-    resumed = loader(progress=True)
+    resumed = loader(batch_size=batch_size, progress=True)
     resumed.load_state_dict(first.state_dict())
-    assert len(list(resumed)) == 60
+    assert len(list(resumed)) == total - 40
     err = capsys.readouterr().err
-    assert "100/100" in err and "60/100" not in err
+    assert f"{total}/{total}" in err and f"{total - 40}/{total}" not in err
 
 
 def test_progress_needs_tqdm(monkeypatch: pytest.MonkeyPatch) -> None:
