@@ -9,31 +9,17 @@ import io
 import os
 import tarfile
 import warnings
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from test_mixing import Letters  # a stream that splits by the default stride
 
 import asyncload as al
 from asyncload.sources import TarShardSource
 from asyncload.streaming import aclosing
 
 pytestmark = pytest.mark.anyio
-
-
-class Letters(al.AsyncIterableDataset[str]):
-    """A stream that does not split itself (the default stride split), of known size."""
-
-    def __init__(self, letter: str, n: int) -> None:
-        self.letter, self.n = letter, n
-
-    async def __aiter__(self) -> AsyncIterator[str]:
-        for i in range(self.n):
-            yield f"{self.letter}{i}"
-
-    def num_samples(self) -> int:
-        return self.n
 
 
 async def collect(loader: al.Loader) -> list[Any]:
