@@ -352,7 +352,7 @@ class LRUCache:
         self._policy = _POLICIES[policy]()
         self._entries: dict[Hashable, _Entry] = {}
         self._flights: dict[Hashable, _Flight] = {}
-        _LIVE.add(self)
+        forget_loads_when_forked(self)
         self._bytes = 0
         self._hits = self._misses = self._evictions = 0
         self._coalesced = self._load_errors = self._uncached = 0
@@ -378,7 +378,10 @@ class LRUCache:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        _LIVE.add(self)
+        forget_loads_when_forked(self)
+
+    def _forget_loads(self) -> None:
+        self._flights = {}
 
     async def get_or_load(self, key: Hashable, load: Callable[[], Awaitable[T]]) -> T:
         """The value cached for ``key``; on a miss, ``await load()``, cache it and return it.
@@ -614,13 +617,18 @@ class LRUCache:
 
 # A forked child (a DataLoader worker, fork being the default on Linux) gets each cache as
 # it was, loads in flight included: nothing there would ever finish them, so they go.
-_LIVE: weakref.WeakSet[LRUCache] = weakref.WeakSet()
+_FORKED_FORGET: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
-def _forget_flights() -> None:
-    for cache in _LIVE:
-        cache._flights = {}
+def forget_loads_when_forked(cache: Any) -> None:
+    """Have ``cache._forget_loads()`` called in every child this process forks."""
+    _FORKED_FORGET.add(cache)
+
+
+def _forget_loads_in_child() -> None:
+    for cache in _FORKED_FORGET:
+        cache._forget_loads()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_flights)
+    os.register_at_fork(after_in_child=_forget_loads_in_child)

@@ -38,7 +38,6 @@ import struct
 import sys
 import threading
 import time
-import weakref
 import zlib
 from collections.abc import Awaitable, Callable, Hashable, Iterator
 from typing import Any, TypedDict, cast
@@ -49,7 +48,7 @@ from anyio.lowlevel import RunVar
 
 from ._batched import ThreadBatcher
 from ._redact import redact_key
-from .cache import _check_limit, _Flight
+from .cache import _check_limit, _Flight, forget_loads_when_forked
 
 if sys.platform != "win32":
     import fcntl
@@ -454,10 +453,10 @@ class DiskCache:
     batch with the lookups (or stores) asked for while the previous batch ran, so a thread
     hop carries many of them (with ``fsync``, up to 8 batches of stores at once). The
     directory is for processes on one host (file locks are not reliable over network
-    filesystems). It is created if missing. Use one ``DiskCache`` object from one thread at a time; any number
-    of objects (copies, other processes) may share the directory. A ``DiskCache`` pickles
-    (DataLoader workers get copies that share the directory) without its loads in flight,
-    and binds no event loop.
+    filesystems). It is created if missing. Use one ``DiskCache`` object from one thread at
+    a time; any number of objects (copies, other processes) may share the directory. A
+    ``DiskCache`` pickles (DataLoader workers get copies that share the directory) without
+    its loads in flight, and binds no event loop.
     Raises ``ValueError`` or ``TypeError``, naming the argument, for bad settings.
     """
 
@@ -496,7 +495,7 @@ class DiskCache:
             with contextlib.suppress(OSError), open(tag, "wb") as f:
                 f.write(_CACHEDIR_TAG)
         self._forget_loads()
-        _LIVE.add(self)
+        forget_loads_when_forked(self)
         self._last_stamp = 0
         self._hits = self._misses = self._evictions = self._coalesced = 0
         self._lock_waits = self._load_errors = self._uncached = 0
@@ -518,7 +517,7 @@ class DiskCache:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._forget_loads()
-        _LIVE.add(self)
+        forget_loads_when_forked(self)
 
     def _forget_loads(self) -> None:
         """No loads or file operations in flight: a new object's, a copy's, and in a forked
@@ -929,20 +928,6 @@ class DiskCache:
             yield _Ledger(fd)
         finally:
             os.close(fd)  # unlocks
-
-
-# A forked child (a DataLoader worker, fork being the default on Linux) gets each cache as
-# it was, loads in flight included: they are forgotten there.
-_LIVE: weakref.WeakSet[DiskCache] = weakref.WeakSet()
-
-
-def _forget_loads() -> None:
-    for cache in _LIVE:
-        cache._forget_loads()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_loads)
 
 
 def _pread_exact(fd: int, size: int, offset: int) -> bytes | None:

@@ -14,7 +14,7 @@ import anyio
 import anyio.lowlevel
 import numpy as np
 import pytest
-from test_loader import Hanging
+from test_loader import Hanging, Indexed
 
 import asyncload as al
 
@@ -194,19 +194,10 @@ async def test_a_hung_first_sample_does_not_hold_back_the_others(batch_size: int
     assert flat == list(range(40))
 
 
-class Closing(al.AsyncDataset[int]):
-    """Sample ``i`` is ``i``; counts ``aclose()`` calls (its connections released)."""
+class Closing(Indexed):
+    """``Indexed`` that counts ``aclose()`` calls (its connections released)."""
 
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self.closed = 0
-
-    def __len__(self) -> int:
-        return self.n
-
-    async def __getitem__(self, index: int) -> int:
-        await anyio.lowlevel.checkpoint()
-        return index
+    closed = 0
 
     async def aclose(self) -> None:
         self.closed += 1

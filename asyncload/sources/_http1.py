@@ -176,6 +176,13 @@ class _Connection(asyncio.Protocol):
                 waiter.set_exception(error)
 
 
+def _waited_out(exc: BaseException) -> bool:
+    """Whether ``exc`` is ``asyncio.wait_for``'s own timeout: no errno, no message. Since
+    3.11 it is the builtin ``TimeoutError``, as is the system's ETIMEDOUT, which keeps its
+    errno and its message; before 3.11 it is no ``OSError`` at all."""
+    return isinstance(exc, asyncio.TimeoutError) and getattr(exc, "errno", None) is None
+
+
 def _time_out(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_exception(TimeoutError("no data from the server in time"))
@@ -610,10 +617,10 @@ class Pool:
             try:  # the lookup too: a resolver that does not answer is a connection that does not
                 addresses = await asyncio.wait_for(self._resolve(host, port), timeout)
             except asyncio.TimeoutError as exc:
-                if isinstance(exc, OSError) and exc.errno is not None:
-                    raise  # (the system's own, since 3.11 of the same class)
+                if not _waited_out(exc):
+                    raise
                 raise TimeoutError(f"no address for {host} within {timeout} s") from None
-        failure: OSError | None = None
+        failure: Exception | None = None
         for address in addresses:  # in the resolver's order, as create_connection would
             connecting = loop.create_connection(
                 lambda: _Connection(loop, target.origin, forget),
@@ -630,13 +637,9 @@ class Pool:
                 break
             except ssl.SSLError:
                 raise  # a certificate problem: another address will not fix it
-            except OSError as exc:
-                # wait_for's timeout has no errno and no message (since 3.11 the builtin
-                # TimeoutError, as is the system's ETIMEDOUT, which keeps its own).
-                timed_out = isinstance(exc, asyncio.TimeoutError) and exc.errno is None
+            except (OSError, asyncio.TimeoutError) as exc:
+                timed_out = _waited_out(exc)
                 failure = TimeoutError(f"no connection within {timeout} s") if timed_out else exc
-            except asyncio.TimeoutError:  # wait_for's before 3.11: not an OSError
-                failure = TimeoutError(f"no connection within {timeout} s")
         else:
             assert failure is not None
             raise failure
