@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import re
 import subprocess
 import sys
 import tarfile
@@ -526,6 +527,34 @@ def test_bad_arguments() -> None:
         S3Source.from_prefix(BUCKET, "p/", in_flight=0)
     with pytest.raises(ValueError, match="timeout"):
         S3Source.from_prefix(BUCKET, "p/", timeout=0)
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "problem"),
+    [
+        ("https://", "has no host"),
+        ("http://:8333", "has no host"),
+        ("http://host:99999", "Port out of range"),
+        ("http://host:abc", "not a valid URL"),
+        ("http://[::1", "Invalid IPv6 URL"),
+        ("http://my host:8333", "spaces"),
+        ("http://host:", "empty or zero port"),
+        ("http://host:8333/?x=1", "query string"),
+    ],
+)
+def test_a_malformed_endpoint_is_refused_when_made(endpoint: str, problem: str) -> None:
+    """Every one of these reached obstore, whose first request then panicked (RustPanic,
+    "unknown error") instead of naming the argument."""
+    with pytest.raises(ValueError, match=f"endpoint_url .*{re.escape(problem)}"):
+        S3Source(BUCKET, ["k"], endpoint_url=endpoint)
+    with pytest.raises(ValueError, match="endpoint_url"):
+        S3Source.from_prefix(BUCKET, "p/", endpoint_url=endpoint)
+
+
+def test_an_endpoint_with_a_password_is_refused_without_showing_it() -> None:
+    with pytest.raises(ValueError, match="endpoint_url") as caught:
+        S3Source(BUCKET, ["k"], endpoint_url=f"http://user:{SECRET}@:8333")
+    assert SECRET not in str(caught.value)
 
 
 def test_import_asyncload_does_not_import_obstore() -> None:

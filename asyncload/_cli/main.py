@@ -18,9 +18,9 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from types import FrameType
 from typing import Any
-from urllib.parse import urlsplit
 
 from .._redact import redact_url
+from ..sources.s3 import endpoint_url_problem
 from .measure import Consume, RunConfig
 from .sources import ArgumentError, NoSamplesError, S3Options, SourceSpec, resolve
 
@@ -70,16 +70,10 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
-def _http_url(text: str) -> str:
-    if not text.startswith(("http://", "https://")):
-        raise argparse.ArgumentTypeError(f"expected an http(s) URL, got {redact_url(text)!r}")
-    try:
-        parts = urlsplit(text)
-        parts.port  # noqa: B018 (raises for a port out of range or not a number)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"malformed URL {redact_url(text)!r}: {exc}") from None
-    if not parts.hostname:
-        raise argparse.ArgumentTypeError(f"no host in {redact_url(text)!r}")
+def _endpoint_url(text: str) -> str:
+    problem = endpoint_url_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
     return text
 
 
@@ -148,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     s3 = bench.add_argument_group("S3 (credentials from the AWS_* environment variables)")
     s3.add_argument(
         "--endpoint-url",
-        type=_http_url,
+        type=_endpoint_url,
         default=os.environ.get("AWS_ENDPOINT_URL") or None,
         help="an S3-compatible endpoint (default: $AWS_ENDPOINT_URL, else AWS)",
     )

@@ -100,6 +100,35 @@ def _check_positive(name: str, value: object, *, optional: bool = True) -> None:
         raise ValueError(f"S3Source: {name} must be {what}, got {value!r}")
 
 
+def endpoint_url_problem(url: object) -> str | None:
+    """What is wrong with ``url`` as an S3 endpoint (``None``: nothing), with the URL as
+    given: it must be an http(s) URL with a host, a valid port and no query. obstore
+    would panic (``RustPanic``, "unknown error") at the first request on one it cannot
+    sign for, far from the mistake."""
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        problem = "must be an http(s) URL"
+    elif any(c.isspace() for c in url):
+        problem = "must not contain spaces"
+    else:
+        try:
+            parts = urlsplit(url)
+            port = parts.port  # ValueError for a port that is not a number in 0-65535
+        except ValueError as exc:
+            problem = f"is not a valid URL ({exc})"
+        else:
+            if not parts.hostname:
+                problem = "has no host"
+            elif port == 0 or (port is None and parts.netloc.endswith(":")):
+                problem = "has an empty or zero port"
+            elif parts.query or parts.fragment:
+                problem = "must not have a query string or fragment"
+            else:
+                return None
+    # As written, so that the mistake shows, unless it may hold a secret.
+    shown = redact_url(url) if isinstance(url, str) and ("@" in url or "?" in url) else url
+    return f"{problem}, got {shown!r}"
+
+
 class _Client:
     """What every S3 request needs: the store settings, one obstore ``S3Store`` per event
     loop (created on first use), the optional connection limit, and error translation.
@@ -128,13 +157,9 @@ class _Client:
     ) -> None:
         if not isinstance(bucket, str) or not bucket or "/" in bucket:
             raise ValueError(f"S3Source: bucket must be a bucket name (no '/'), got {bucket!r}")
-        if endpoint_url is not None and (
-            not isinstance(endpoint_url, str)
-            or not endpoint_url.startswith(("http://", "https://"))
-        ):
-            raise ValueError(
-                f"S3Source: endpoint_url must be an http(s) URL, got {redact_url(str(endpoint_url))!r}"
-            )
+        problem = None if endpoint_url is None else endpoint_url_problem(endpoint_url)
+        if problem is not None:
+            raise ValueError(f"S3Source: endpoint_url {problem}")
         if (access_key_id is None) != (secret_access_key is None):
             raise ValueError("S3Source: give both access_key_id and secret_access_key, or neither")
         if anonymous and (access_key_id is not None or credential_provider is not None):
