@@ -261,6 +261,14 @@ class FaultProxy(ThreadedServer):
             out_headers = {
                 k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP
             }
+            length = upstream.headers.get("Content-Length")
+        if request.method == "HEAD" and length is not None:
+            # The object's length, not the empty payload's: a HEAD answers with no body.
+            head = web.StreamResponse(status=upstream.status, headers=out_headers)
+            head.content_length = int(length)
+            await head.prepare(request)
+            await head.write_eof()
+            return head
         if not truncate or len(payload) < 2:
             return web.Response(status=upstream.status, body=payload, headers=out_headers)
         response = web.StreamResponse(status=upstream.status, headers=out_headers)

@@ -31,6 +31,7 @@ import asyncload as al
 # The server and fault proxy fixtures of test_sources_s3.py.
 seaweed = _s3.seaweed
 _session_proxy = _s3._session_proxy
+marked = _s3.marked
 proxy = _s3.proxy
 
 ANYIO_BACKENDS = ASYNCIO_BACKENDS[:1]  # obstore runs on asyncio only; plain asyncio suffices
@@ -120,3 +121,40 @@ async def test_stalled_prefetched_gets_do_not_starve_a_retry(
         await objects.aclose()
     assert got == [body_of(i) for i in range(N_OBJECTS)]
     assert proxy.count(obj_key(0)) == 2  # the stalled attempt, then one that succeeds
+
+
+@pytest.mark.anyio
+async def test_list_keys_heads_run_under_timeout_and_retry(
+    marked: SeaweedFS, proxy: FaultProxy
+) -> None:
+    """list_keys() tells a folder marker from an empty object with a HEAD. Those HEADs
+    ran under neither the stream's ``timeout`` nor its ``retry``: a stalled one hung the
+    listing for good, and a reset connection ended it, where a GET or a listing request
+    is retried."""
+    objects = stream(proxy.endpoint_url, "marked/", timeout=STALL_TIMEOUT, retry=no_wait_retry(3))
+    try:
+        for fault in ("stall", "reset"):
+            proxy.fail("marked/empty", fault)  # (the empty object: its HEAD finds it)
+            with anyio.fail_after(60):  # a hang fails here rather than hanging the run
+                keys = [k async for k in objects.list_keys()]
+            proxy.release_stalled()
+            assert keys == list(_s3.MARKED_SAMPLES), fault
+    finally:
+        proxy.release_stalled()
+        await objects.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_stalled_head_without_retry_names_the_key(
+    marked: SeaweedFS, proxy: FaultProxy
+) -> None:
+    objects = stream(proxy.endpoint_url, "marked/", timeout=STALL_TIMEOUT)
+    try:
+        proxy.fail("marked/empty", "stall")
+        with anyio.fail_after(60), pytest.raises(TimeoutError) as caught:
+            async for _ in objects.list_keys():
+                pass
+        assert f"s3://{BUCKET}/marked/empty" in str(caught.value)
+    finally:
+        proxy.release_stalled()
+        await objects.aclose()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import os
 import re
 from collections import deque
@@ -289,13 +290,15 @@ class _Client:
             raise TruncatedBodyError(f"{self.url(key)}: body has {len(data)} of {size} bytes")
         return data
 
-    async def exists(self, key: str, store: S3Store) -> bool:
+    async def exists(self, key: str, store: S3Store, seconds: float | None = None) -> bool:
         """Whether a HEAD of ``key`` finds it, holding one of ``max_connections`` while it
-        runs. Failures other than "not found" raise, translated as for a GET."""
+        runs; ``seconds`` bounds it from when it holds that connection (``TimeoutError``
+        naming the key). Failures other than "not found" raise, translated as for a GET."""
         _note_runtime()
         try:
             async with self.slot():
-                await _obstore.head_async(store, key)  # imported with the store
+                with anyio.move_on_after(seconds) as waited:  # (None: no limit)
+                    await _obstore.head_async(store, key)  # imported with the store
         except Exception as exc:
             error = self.translate(exc, key, reading_body=False, method="HEAD")
             if isinstance(error, FileNotFoundError):
@@ -303,6 +306,8 @@ class _Client:
             if error is exc:
                 raise
             raise error from exc
+        if waited.cancelled_caught:
+            raise TimeoutError(f"{self.url(key)}: no answer to HEAD within {seconds} s")
         return True
 
     async def iter_chunks(self, key: str, chunk_size: int) -> AsyncIterator[bytes]:
@@ -753,7 +758,8 @@ class S3PrefixStream(AsyncIterableDataset[bytes]):
 
         Folder markers are left out: each zero-size key costs a HEAD request (at most
         ``in_flight`` at once), since only that tells a marker (not found) from an empty
-        object. A failed listing or HEAD raises as :class:`S3PrefixStream` says.
+        object; each HEAD runs under ``timeout`` and ``retry`` as a GET does. A failed
+        listing or HEAD raises as :class:`S3PrefixStream` says.
         """
         store = self._client.store()
         next_page = self._pages(store)
@@ -786,8 +792,10 @@ class S3PrefixStream(AsyncIterableDataset[bytes]):
         limiter = anyio.CapacityLimiter(self.in_flight)
 
         async def exists(key: str) -> bool:
+            # Under the stream's timeout and retry, as its GETs and listing requests are.
+            head = functools.partial(self._client.exists, key, store, self.timeout)
             async with limiter:
-                return await self._client.exists(key, store)
+                return await (head() if self.retry is None else self.retry.run(head))
 
         found = await gather(exists, empty)
         return {key for key, there in zip(empty, found, strict=True) if not there}
