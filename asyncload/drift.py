@@ -62,6 +62,9 @@ _STATE_VERSION: Final = 1
 # Arrays below this size are binned by binary search instead of np.histogram.
 _SMALL: Final = 4096
 DEFAULT_EPS: Final = 1e-4
+# Scalars taken as one number (bool is an int). Not np.number: a complex scalar would be
+# recorded as its real part, where a complex array is refused.
+_REAL_SCALARS: Final = (int, float, np.integer, np.floating, np.bool_)
 
 
 class DriftWarning(UserWarning):
@@ -136,7 +139,7 @@ class RunningStats:
         takes). Returns, for each ``(lo, hi)`` in ``fences``, how many of the finite values
         added lie outside ``[lo, hi]`` (the monitor's outlier counts)."""
         kind = type(values)
-        if kind is float or kind is int or isinstance(values, (int, float, np.number, np.bool_)):
+        if kind is float or kind is int or isinstance(values, _REAL_SCALARS):
             return self._update_one(float(values), fences)
         array = np.asarray(values)
         if array.dtype.kind not in "biuf":
@@ -276,7 +279,9 @@ class RunningStats:
             return math.nan
         target = q * self.count
         cumulative = np.cumsum(self.histogram)
-        slot = int(np.searchsorted(cumulative, target, side="left"))
+        # The first bin whose running count reaches the target; for q=0, the first with
+        # any value (an empty bin below the data does not hold its minimum).
+        slot = int(np.searchsorted(cumulative, target, side="left" if target else "right"))
         edges = self.edges
         if slot == 0:
             return float(edges[0])
@@ -391,20 +396,24 @@ class _Field:
 
 
 def _to_numbers(name: str, value: Any) -> Any:
-    """A value as a number or a numpy array of numbers; a torch tensor via numpy."""
+    """A value as a real number or a numpy array of them; a torch tensor via numpy.
+    Anything else (complex numbers included) raises ``TypeError`` naming the field, before
+    any field is updated."""
     kind = type(value)
-    if kind is float or kind is int or isinstance(value, (np.ndarray, np.number, np.bool_)):
+    if kind is float or kind is int or isinstance(value, _REAL_SCALARS):
         return value
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(value, torch.Tensor):
         value = value.detach().cpu()
         if value.dtype == torch.bfloat16:
             value = value.float()  # numpy has no bfloat16
-        return value.numpy()
-    if isinstance(value, (int, float, list, tuple)):
-        array = np.asarray(value)
-        if array.dtype.kind in "biuf":
-            return array
+        value = value.numpy()
+    elif isinstance(value, (list, tuple)):
+        value = np.asarray(value)
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind in "biuf":
+            return value
+        raise TypeError(f"field {name!r}: expected numbers, got an array of dtype {value.dtype}")
     raise TypeError(f"field {name!r}: expected numbers or an array, got {type(value).__name__}")
 
 

@@ -46,6 +46,7 @@ from typing import Any, Final, NamedTuple, TypeAlias
 
 import numpy as np
 
+from ._callables import is_async_callable
 from .errors import ValidationError
 
 __all__ = [
@@ -233,6 +234,12 @@ def _custom_checks(custom: Custom) -> tuple[tuple[str, Callable[[Any], Any]], ..
     for name, fn in checks:
         if not callable(fn):
             raise TypeError(f"custom check {name!r} is not callable: {_type_name(fn)}")
+        if is_async_callable(fn):
+            # Its coroutine would count as a pass, never awaited: rules run synchronously.
+            raise TypeError(
+                f"custom check {name!r} is async: a rule's custom checks are plain "
+                "functions (an async check goes in the Loader's validate=)"
+            )
     return checks
 
 
@@ -339,7 +346,7 @@ def _dtype_of(dtype: Any) -> _DType:
     return _DType(np_dtype.name, np_dtype.type)
 
 
-_SKIP, _SCAN, _SCAN_COMPLEX = 0, 1, 2
+_SKIP, _SCAN, _SCAN_COMPLEX, _NOT_NUMBERS = 0, 1, 2, 3
 
 
 @lru_cache(maxsize=1024)
@@ -348,9 +355,12 @@ def _scan_plan(
 ) -> int:
     """Whether an array of ``dtype`` needs its values scanned (cached per dtype and rule
     options). Integers hold no NaN/inf, and their dtype may already keep every value in
-    bounds (uint8 with min=0, max=255): then the scan is skipped."""
+    bounds (uint8 with min=0, max=255): then the scan is skipped. Strings, bytes and
+    objects hold no numbers: nothing to scan, and bounds cannot hold (``_NOT_NUMBERS``)."""
     kind = _dtype_of(dtype).type
     bounded = minimum is not None or maximum is not None
+    if not issubclass(kind, (np.number, np.bool_)):
+        return _NOT_NUMBERS if bounded else _SKIP
     if issubclass(kind, (np.integer, np.bool_)):
         if issubclass(kind, np.bool_):
             lo, hi = 0, 1
@@ -562,6 +572,9 @@ class Array(Rule):
         plan = _scan_plan(value.dtype, minimum, maximum, self.allow_nan, self.allow_inf)
         if plan == _SKIP or _size(value) == 0:
             return None
+        if plan == _NOT_NUMBERS:
+            dtype = _dtype_of(value.dtype).name
+            return _Failure(FORMAT, "dtype", f"min/max need numbers, got dtype {dtype}")
         bounded = minimum is not None or maximum is not None
         if isinstance(value, np.generic):
             value = np.asarray(value)  # a 0-d array: maskable like any other
@@ -614,6 +627,9 @@ def _min_max(value: Any) -> tuple[Any, Any]:
     if value.dtype.is_floating_point or value.dtype.is_signed:
         lo, hi = value.aminmax()  # one pass over the tensor
         return lo.item(), hi.item()
+    if value.dtype.itemsize > 1:
+        # torch has no min/max for uint16/32/64 (16-bit images decode to uint16).
+        return _min_max(value.numpy(force=True))
     return value.min().item(), value.max().item()
 
 
