@@ -24,7 +24,7 @@ import sys
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Hashable, Sequence
-from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar, final, overload
+from typing import TYPE_CHECKING, Any, Final, Generic, NoReturn, TypeVar, final, overload
 
 import anyio.to_thread
 
@@ -167,6 +167,14 @@ class AsyncDataset(ABC, Generic[T]):
         """
         return [await self[i] for i in indices]
 
+    def __iter__(self) -> NoReturn:
+        # Without it, Python iterates by index: ds[0], ds[1], ... are coroutines, never an
+        # IndexError, and list(ds) or `x in ds` would spin for ever.
+        raise TypeError(
+            f"{type(self).__name__} is an async dataset: iterate a Loader over it, or "
+            "await ds[i] / ds.getitems(indices)"
+        )
+
     def key_of(self, index: int) -> Hashable | None:
         """The storage key of sample ``index`` (a path, a URL), or None for datasets without keys."""
         return None
@@ -300,6 +308,7 @@ class FilteredDataset(AsyncDataset[T]):
         return sample
 
     async def getitems(self, indices: Sequence[int]) -> list[T]:
+        indices = list(indices)  # (read twice)
         samples = await self._getitems_partial(indices)
         for index, sample in zip(indices, samples, strict=True):
             if sample is DROPPED:
@@ -363,7 +372,12 @@ class Subset(AsyncDataset[T]):
             raise SampleFiltered(index) from None  # the index asked for, not the part's
 
     async def getitems(self, indices: Sequence[int]) -> list[T]:
-        return await self.dataset.getitems(self._map(indices))
+        indices = list(indices)
+        mapped = self._map(indices)
+        try:
+            return await self.dataset.getitems(mapped)
+        except SampleFiltered as exc:
+            raise _asked(exc, indices, mapped) from None
 
     async def _getitems_partial(self, indices: Sequence[int]) -> list[T | _Dropped]:
         return await self.dataset._getitems_partial(self._map(indices))
@@ -396,6 +410,8 @@ class ConcatDataset(AsyncDataset[T]):
     binary search over the cumulative lengths."""
 
     def __init__(self, datasets: Sequence[AsyncDataset[T]]) -> None:
+        if isinstance(datasets, AsyncDataset):
+            raise TypeError("ConcatDataset: datasets must be a list of datasets, got one")
         flat: list[AsyncDataset[T]] = []
         for d in datasets:
             if not isinstance(d, AsyncDataset):
@@ -438,6 +454,7 @@ class ConcatDataset(AsyncDataset[T]):
 
     async def _gather(self, indices: Sequence[int], *, partial: bool) -> list[T | _Dropped]:
         # One getitems call per member dataset, results put back in the order asked.
+        indices = list(indices)
         groups: dict[int, tuple[list[int], list[int]]] = {}
         for pos, index in enumerate(indices):
             d, local = self.locate(index)
@@ -447,7 +464,11 @@ class ConcatDataset(AsyncDataset[T]):
         out: list[Any] = [None] * len(indices)
         for d, (positions, locals_) in groups.items():
             ds = self.datasets[d]
-            got = await (ds._getitems_partial(locals_) if partial else ds.getitems(locals_))
+            try:
+                got = await (ds._getitems_partial(locals_) if partial else ds.getitems(locals_))
+            except SampleFiltered as exc:
+                asked = [indices[pos] for pos in positions]
+                raise _asked(exc, asked, locals_) from None
             for pos, sample in zip(positions, got, strict=True):
                 out[pos] = sample
         return out
@@ -498,6 +519,8 @@ class SequenceDataset(AsyncDataset[T]):
 
     async def getitems(self, indices: Sequence[int]) -> list[T]:
         seq, n = self.sequence, len(self.sequence)
+        if type(indices) is not list:
+            indices = list(indices)  # (an iterator: the fallback below reads it again)
         if type(seq) is list or type(seq) is tuple:
             # Python's own indexing has normalize_index's meaning; only its errors are
             # less clear, so they are raised again below. (The loader's hot path.)
@@ -522,6 +545,12 @@ class TorchDataset(AsyncDataset[Any]):
     worker threads, at most ``max_threads`` at once per event loop."""
 
     def __init__(self, dataset: Any, *, max_threads: int = 32) -> None:
+        if isinstance(dataset, (AsyncDataset, AsyncIterableDataset)):
+            # Its __getitem__ would give coroutines, never awaited, as samples.
+            raise TypeError(
+                f"from_torch: {type(dataset).__name__} is already an asyncload dataset: "
+                "use it as it is"
+            )
         torch_data = sys.modules.get("torch.utils.data")  # (imported by the caller, if at all)
         iterable = torch_data is not None and isinstance(dataset, torch_data.IterableDataset)
         if iterable or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
@@ -680,3 +709,12 @@ def _is_awaitable(obj: object) -> bool:
     # Not hasattr(obj, "__await__"): a sample whose __getattr__ answers every name (an
     # attribute dict) has one too.
     return inspect.isawaitable(obj)
+
+
+def _asked(exc: SampleFiltered, asked: Sequence[int], passed: Sequence[int]) -> SampleFiltered:
+    """``exc``, raised by a part for index ``passed[k]``, as naming ``asked[k]``: the index
+    the caller asked for (as ``await view[i]`` does), not the part's."""
+    try:
+        return SampleFiltered(asked[list(passed).index(exc.index)])
+    except ValueError:  # not one of ours: as it is
+        return exc

@@ -86,10 +86,19 @@ def _note(exc: BaseException, message: str) -> None:
 
 
 def _key_path(key: str) -> str:
-    """The path part of a key: a URL's path (unquoted, without query), else the key."""
+    """The path part of a key: a URL's path (unquoted, without query; ``/`` when empty, as
+    ``https://host`` is ``https://host/``), else the key."""
     if "://" in key:
-        return unquote(urlsplit(key).path)
+        return unquote(urlsplit(key).path) or "/"
     return key
+
+
+def _origin(key: str) -> str | None:
+    """A URL key's scheme and host (lowercase, without credentials); None for a path."""
+    if "://" not in key:
+        return None
+    parts = urlsplit(key)
+    return f"{parts.scheme.lower()}://{parts.netloc.rpartition('@')[2].lower()}"
 
 
 def _check_valid(
@@ -277,8 +286,9 @@ class ImageFolder(AsyncDataset[tuple[Any, Any]]):
         (``https://host/train/cat/1.jpg`` is a ``"cat"``); a key without one raises
         ``ValueError``. With ``root`` (a key prefix, e.g. ``"https://host/train/"`` or an
         S3 prefix), every key must be under it and the class is the first folder below it,
-        as in a local ``ImageFolder`` (keys directly under ``root`` are left out). URL keys
-        are compared by their unquoted path, without query string. Keys that are not
+        as in a local ``ImageFolder`` (keys directly under ``root`` are left out). A URL key
+        must be on ``root``'s scheme and host, and is compared by its unquoted path,
+        without query string. Keys that are not
         images (by ``extensions`` or ``is_valid_file``, as for a local folder) are left
         out. Samples are ordered as a local folder's: by class, then by folder, then by
         file name. The classes are the folders that hold images (there are no empty ones).
@@ -292,8 +302,9 @@ class ImageFolder(AsyncDataset[tuple[Any, Any]]):
             )
         valid = _check_valid(extensions, is_valid_file)
         base: str | None = None
+        origin: str | None = None
         if root is not None:
-            base = _key_path(root)
+            base, origin = _key_path(root), _origin(root)
             if base and not base.endswith("/"):
                 base += "/"
         found: list[tuple[str, str, str, int]] = []  # (class, folder, file name, index)
@@ -316,7 +327,7 @@ class ImageFolder(AsyncDataset[tuple[Any, Any]]):
                         "to take its class from"
                     )
             else:
-                if not path.startswith(base):
+                if not path.startswith(base) or _origin(key) != origin:
                     raise ValueError(
                         f"ImageFolder.from_source: {redact_key(key)!r} is not under root "
                         f"{redact_key(root)!r}"

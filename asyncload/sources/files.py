@@ -45,6 +45,10 @@ class FileSource(AsyncDataset[bytes]):
                 f"FileSource: follow_symlinks must be True or False, got {follow_symlinks!r}"
             )
         self.keys = [os.fspath(p) for p in paths]
+        for key in self.keys:
+            if not isinstance(key, str):
+                # A cache, a message or root's join would fail on it later, less clearly.
+                raise TypeError(f"FileSource: paths must be str or os.PathLike[str], got {key!r}")
         self.root = os.path.realpath(root) if root is not None else None
         self.follow_symlinks = follow_symlinks
         if self.root is not None:
@@ -58,12 +62,12 @@ class FileSource(AsyncDataset[bytes]):
                     self._check_absolute(key, given)
                 elif ".." in key:
                     self._check_inside(key, os.path.normpath(os.path.join(self.root, key)))
-                    if follow_symlinks and ".." in pathlib.PurePath(key).parts:
-                        # Unresolved, "link/.." is the link's target's parent, not root.
-                        raise ValueError(
-                            f"FileSource: key {key!r} has a '..' part: refused with "
-                            "follow_symlinks=True, where a link before it may lead anywhere"
-                        )
+                if follow_symlinks and ".." in key and ".." in pathlib.PurePath(key).parts:
+                    # Read unresolved, "link/.." is the link's target's parent, not root.
+                    raise ValueError(
+                        f"FileSource: key {key!r} has a '..' part: refused with "
+                        "follow_symlinks=True, where a link before it may lead anywhere"
+                    )
 
     @classmethod
     def from_directory(

@@ -8,6 +8,7 @@ import math
 import mmap
 import os
 import threading
+from collections import deque
 from collections.abc import Hashable, Iterable, Sequence
 from typing import Any
 
@@ -20,6 +21,9 @@ __all__ = ["NpySource"]
 
 StrPath = str | os.PathLike[str]
 
+MAX_OPEN_MAPS = 256
+"""Files kept mapped at once per source; the oldest map is dropped to open another."""
+
 _MAGIC = b"\x93NUMPY"  # every .npy file starts with it (numpy.lib.format.MAGIC_PREFIX)
 
 
@@ -27,15 +31,16 @@ class NpySource(AsyncDataset[np.ndarray]):
     """Sample ``i`` is row ``i`` (along axis 0) of a ``.npy`` file, or of several files end to
     end.
 
-    ``path_or_paths`` is a ``.npy`` file, a directory (its files matching ``pattern``, sorted
-    by name: zero-pad numbered names), or a list of files and directories, concatenated in
-    that order. Every file must hold an array of at least one dimension with the same dtype
+    ``path_or_paths`` is a ``.npy`` file, a directory (its files matching the glob
+    ``pattern``, in which ``**`` spans folders, sorted by path: zero-pad numbered names),
+    or a list of files and directories, concatenated in that order. Every file must hold an array of at least one dimension with the same dtype
     and trailing shape (``shape[1:]``) as the first; files with zero rows are allowed.
 
     Files are memory-mapped read-only (``np.load(mmap_mode="r")``), so a dataset larger than
     memory is served by OS paging: only the pages of the rows asked for are read. Maps are
     opened lazily, once per process (never pickled: DataLoader workers each open their own),
-    and :meth:`aclose` drops them (the next fetch maps again).
+    at most ``MAX_OPEN_MAPS`` (256) at once, the oldest dropped first (each map holds a file
+    descriptor); :meth:`aclose` drops them all (the next fetch maps again).
 
     A sample is a fresh, writable, C-contiguous ``np.ndarray`` that owns its memory: the row
     is copied out of the map (0-d for a 1-D file). Copying, rather than serving a view into
@@ -113,6 +118,7 @@ class NpySource(AsyncDataset[np.ndarray]):
         """Shape of one sample (the files' trailing shape)."""
         self.readahead = bool(readahead)
         self._maps: list[_Mapped | None] = [None] * len(paths)
+        self._opened: deque[int] = deque()  # the files in _maps, oldest first
         self._lock = threading.Lock()
 
     # -- maps (used in worker threads) ------------------------------------------------------
@@ -136,7 +142,13 @@ class NpySource(AsyncDataset[np.ndarray]):
                         f"{_describe(memmap.dtype, memmap.shape)}, was "
                         f"{_describe(self.dtype, expected)}"
                     )
+                if len(self._opened) >= MAX_OPEN_MAPS:
+                    # Every map holds a file descriptor (mmap keeps its own): with more
+                    # files than `ulimit -n`, keeping them all would fail the epoch. A
+                    # thread still reading the dropped map keeps it until it is done.
+                    maps[self._opened.popleft()] = None
                 mapped = maps[file] = _Mapped(memmap)
+                self._opened.append(file)
         return mapped
 
     def _read_one(self, file: int, row: int) -> np.ndarray:
@@ -198,17 +210,20 @@ class NpySource(AsyncDataset[np.ndarray]):
 
     async def aclose(self) -> None:
         """Drop the maps; a thread reading now keeps its map until it is done."""
-        self._maps = [None] * len(self.paths)
+        with self._lock:
+            self._maps = [None] * len(self.paths)
+            self._opened = deque()
 
     def __getstate__(self) -> dict[str, Any]:
         # A memmap pickles by copying its data: send the paths, and map again on arrival.
         state = self.__dict__.copy()
-        del state["_maps"], state["_lock"]
+        del state["_maps"], state["_opened"], state["_lock"]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._maps = [None] * len(self.paths)
+        self._opened = deque()
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -272,7 +287,9 @@ def _expand(path: str, pattern: str) -> list[str]:
     path = os.path.abspath(path)
     if os.path.isdir(path):
         found = sorted(
-            p for p in glob.glob(os.path.join(glob.escape(path), pattern)) if os.path.isfile(p)
+            p
+            for p in glob.glob(os.path.join(glob.escape(path), pattern), recursive=True)
+            if os.path.isfile(p)
         )
         if not found:
             raise FileNotFoundError(f"NpySource: no files matching {pattern!r} in {path!r}")
