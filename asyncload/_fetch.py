@@ -317,13 +317,11 @@ def _with_timeout(
     get: Callable[[int], Awaitable[Any]], seconds: float
 ) -> Callable[[int], Awaitable[Any]]:
     async def get_within(index: int) -> Any:
-        try:
-            with anyio.fail_after(seconds):
-                return await get(index)
-        except TimeoutError as exc:
-            if exc.args:
-                raise
-            raise TimeoutError(f"no answer within timeout={seconds} s") from None
+        with anyio.move_on_after(seconds):
+            return await get(index)
+        # Here only when our deadline cancelled it: a TimeoutError the dataset raised
+        # itself went up as it is, its cause kept.
+        raise TimeoutError(f"no answer within timeout={seconds} s")
 
     return get_within
 

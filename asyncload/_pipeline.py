@@ -175,7 +175,6 @@ class _Assembly:
         self.fetcher = fetcher
         self.stats = stats
         self.batcher = batcher
-        self.drop_last = drop_last
         self.ordered = ordered
         # Each batch's positions increasing (what Progress.mark's fast path needs): not
         # with buckets, whose batches are in cost order ([0, 5, 1, 3] spans 0-3 from its
@@ -193,6 +192,14 @@ class _Assembly:
         self._ready: deque[Batch] = deque()
         self._fetch_done = False
         self._holes = isinstance(units, MapUnits) and units.holes
+        # drop_last drops the last incomplete batch of fixed counts, but not one left by a
+        # resume: the plan was trimmed to whole batches, and the positions delivered before
+        # the save leave DataLoader workers uneven shares; dropping would lose samples.
+        self._drops_tail = (
+            drop_last
+            and isinstance(batcher, CountBatcher)
+            and not (isinstance(units, MapUnits) and units.done)
+        )
         self.window = window(concurrency, batcher, ordered=ordered)
         self._begin(concurrency, prefetch)
 
@@ -256,7 +263,7 @@ class _Assembly:
         settled = self.fetcher.policy.settle(final=True)
         if settled is not None:
             self._fail(settled.exc)
-        if self.failure is None and not (self.drop_last and isinstance(self.batcher, CountBatcher)):
+        if self.failure is None and not self._drops_tail:
             self._ready.extend(self.batcher.flush())
         self._fetch_done = True
         self._notify_sender()
@@ -475,11 +482,13 @@ class Epoch(_Assembly):
                 while self._held >= self.window:
                     await self._wait_space()
                 self._held += 1
+                # Every sample counts as attempted, a filtered one too (as Fetcher.one
+                # counts a map dataset's): the same data gives the same error fraction.
+                over = fetcher.policy.count(1)
                 if sample is DROPPED:
                     stats.filtered += 1
-                    outcome: Any = DROPPED
+                    outcome: Any = DROPPED if over is None else over
                 else:
-                    over = fetcher.policy.count(1)
                     if over is not None:
                         outcome = over  # past the error budget: the epoch fails here
                     elif type(sample) is StreamError:

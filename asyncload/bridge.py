@@ -47,6 +47,11 @@ _CLOSED = object()  # put by close(), to wake a consumer waiting in next() in an
 # Iterators still open, closed at exit: while the interpreter finalizes, a loop thread
 # (a daemon) is frozen, and closing through it from a finalizer would hang the exit.
 _OPEN: weakref.WeakSet[SyncIterator | InlineIterator] = weakref.WeakSet()
+# The portals of open SyncIterators, held here until their close() has stopped them. An
+# iterator freed in a garbage cycle would otherwise take its portal's generator with it,
+# and the collector would close that generator (stop and join the loop thread) in
+# whatever thread it runs in: in the loop thread itself, "cannot join current thread".
+_PORTALS: set[AbstractContextManager[BlockingPortal]] = set()
 
 
 @atexit.register
@@ -123,6 +128,15 @@ class _Pump:
         self.thread = threading.get_ident()
         self.credit = anyio.Semaphore(max(1, loader.prefetch))
         self.go = anyio.Event()
+        # Batches put in the queue (counted by the loop thread only) and taken from it (by
+        # the consuming thread only): each counter has one writer, so none is lost.
+        self.put_count = 0
+        self.taken = 0
+
+    @property
+    def ready(self) -> int:
+        """Batches in the queue: not the end marker or an error waiting there."""
+        return self.put_count - self.taken
 
     async def run(self) -> None:
         credit, put = self.credit, self.queue.put
@@ -142,6 +156,7 @@ class _Pump:
                 except StopAsyncIteration:
                     put(_END)
                     return
+                self.put_count += 1
                 put(item)
         except BaseException as exc:
             if is_cancellation(exc):
@@ -159,7 +174,8 @@ class _Pump:
 
     def grant(self) -> None:
         """Let the pump fetch the next batch (called from the consuming thread)."""
-        self.loop.call_soon_threadsafe(self.credit.release)
+        with contextlib.suppress(RuntimeError):  # the loop closed: the epoch has ended
+            self.loop.call_soon_threadsafe(self.credit.release)
 
     def report_end(self) -> None:
         """Close the progress report (from the consuming thread), started or not."""
@@ -183,14 +199,21 @@ class SyncIterator(Iterator[Any]):
         self._cm: AbstractContextManager[BlockingPortal] = start_blocking_portal(
             "asyncio", _BACKEND_OPTIONS
         )
-        portal = self._cm.__enter__()
+        entered = False
         try:
+            portal = self._cm.__enter__()  # (may fail: no thread can start)
+            entered = True
+            _PORTALS.add(self._cm)
             # Both waits on the loop thread end before the epoch gives it work (release()).
             self._pump: _Pump = portal.call(_Pump, loader, epoch)
             self._task: Future[None] = portal.start_task_soon(self._pump.run)
         except BaseException:
-            epoch.report_end()
-            self._cm.__exit__(None, None, None)
+            try:
+                epoch.report_end()
+            finally:
+                if entered:
+                    _PORTALS.discard(self._cm)
+                    self._cm.__exit__(None, None, None)
             raise
         self._pump.release()
         _OPEN.add(self)
@@ -201,8 +224,9 @@ class SyncIterator(Iterator[Any]):
 
     @property
     def buffered(self) -> int:
-        """Batches ready in the queue, not yet taken."""
-        return 0 if self._closed else self._pump.queue.qsize()
+        """Batches ready in the queue, not yet taken (not the end of the epoch or an error
+        waiting there)."""
+        return 0 if self._closed else self._pump.ready
 
     def __iter__(self) -> SyncIterator:
         return self
@@ -227,12 +251,14 @@ class SyncIterator(Iterator[Any]):
             raise item.exc
         # Delivered now, not when the pump queued it: state_dict() after a break must
         # not count the batches still waiting in the queue.
+        self._pump.taken += 1
         try:
             iterator.commit(item)
         except BaseException:  # an on_statistics callback raised: the loop ends with it
             self.close()
             raise
-        self._pump.grant()
+        if not self._closed:  # (closed by the callback, or by another thread meanwhile)
+            self._pump.grant()
         self.last_positions = item[1]
         return item[0]
 
@@ -242,16 +268,24 @@ class SyncIterator(Iterator[Any]):
             return
         self._closed = True
         self._pump.queue.put(_CLOSED)
-        self._pump.report_end()
-        if threading.get_ident() == self._pump.thread:
-            return  # dropped inside its own loop (a GC cycle): that loop is ending anyway
-        if sys.is_finalizing():
-            return  # the loop thread is frozen (see _OPEN); the process is ending anyway
+        try:
+            self._pump.report_end()  # (may raise: a last on_statistics call)
+        finally:
+            if threading.get_ident() == self._pump.thread:
+                # Dropped inside its own loop (a GC cycle there): that thread cannot wait
+                # for itself, so another one stops it.
+                threading.Thread(target=self._stop, name="asyncload-close", daemon=True).start()
+            elif not sys.is_finalizing():  # (else the loop thread is frozen: see _OPEN)
+                self._stop()
+
+    def _stop(self) -> None:
+        """Cancel the epoch's task and join the loop thread (not from that thread)."""
         try:
             self._task.cancel()
             with contextlib.suppress(BaseException):
                 self._task.result()  # cancelled, or already reported through the queue
         finally:
+            _PORTALS.discard(self._cm)
             self._cm.__exit__(None, None, None)
 
     def __del__(self) -> None:
@@ -392,17 +426,19 @@ class InlineIterator(Iterator[Any]):
             if self._closed or self._loop.is_running():
                 return  # (running: called back from inside next(), which will see the end)
             self._closed = True
-            self._iterator.report_end()
-            if sys.is_finalizing():
-                return  # too late to run a loop; the process is ending anyway
-            if _loop_running_here():
-                # Another loop runs in this thread (close() from async code): ours cannot
-                # run here, but it may in a thread of its own.
-                finisher = threading.Thread(target=self._finish, name="asyncload-close")
-                finisher.start()
-                finisher.join()
-            else:
-                self._finish()
+            try:
+                self._iterator.report_end()  # (may raise: a last on_statistics call)
+            finally:
+                if sys.is_finalizing():
+                    pass  # too late to run a loop; the process is ending anyway
+                elif _loop_running_here():
+                    # Another loop runs in this thread (close() from async code): ours
+                    # cannot run here, but it may in a thread of its own.
+                    finisher = threading.Thread(target=self._finish, name="asyncload-close")
+                    finisher.start()
+                    finisher.join()
+                else:
+                    self._finish()
 
     def _finish(self) -> None:
         try:

@@ -571,8 +571,10 @@ class TorchDataset(AsyncDataset[Any]):
 
     async def __getitem__(self, index: int) -> Any:
         i = normalize_index(index, len(self.dataset))
+        # abandon_on_cancel: a timeout (or close) must not wait for a read that hangs; the
+        # thread finishes on its own and its result is dropped.
         return await anyio.to_thread.run_sync(
-            self.dataset.__getitem__, i, limiter=self._limiters.get()
+            self.dataset.__getitem__, i, limiter=self._limiters.get(), abandon_on_cancel=True
         )
 
 

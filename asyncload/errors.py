@@ -66,20 +66,28 @@ class CircuitOpenError(AsyncloadError):
 
 
 class HTTPStatusError(AsyncloadError):
-    """An HTTP request was answered with a non-2xx status (``status``)."""
+    """An HTTP request was answered with a non-2xx status (``status``); ``code`` is the
+    store's error code where it gave one (S3's ``<Code>``: ``SlowDown``, ``RequestTimeout``)."""
 
     def __init__(
-        self, status: int, url: str, retry_after: float | None = None, detail: str = ""
+        self,
+        status: int,
+        url: str,
+        retry_after: float | None = None,
+        detail: str = "",
+        code: str | None = None,
     ) -> None:
-        super().__init__(f"HTTP {status} for {url}" + (f": {detail}" if detail else ""))
+        what = f"HTTP {status} ({code})" if code else f"HTTP {status}"
+        super().__init__(f"{what} for {url}" + (f": {detail}" if detail else ""))
         self.status = status
         self.url = url
         # Seconds the server asked us to wait (Retry-After), when it said so.
         self.retry_after = retry_after
         self.detail = detail
+        self.code = code
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.status, self.url, self.retry_after, self.detail))
+        return (type(self), (self.status, self.url, self.retry_after, self.detail, self.code))
 
 
 class TruncatedBodyError(AsyncloadError):

@@ -167,8 +167,11 @@ class Loader:
                 f'on_error must be "raise", "skip" or a callable(index, exc), got {on_error!r}'
             )
         if max_errors is not None:
-            if isinstance(max_errors, bool) or not isinstance(max_errors, (int, float)):
+            if isinstance(max_errors, bool) or not isinstance(max_errors, numbers.Real):
                 raise TypeError(f"max_errors must be an int, a float or None, got {max_errors!r}")
+            # As Python numbers (numpy's pass the check): a count or a fraction.
+            integral = isinstance(max_errors, numbers.Integral)
+            max_errors = int(max_errors) if integral else float(max_errors)
             if isinstance(max_errors, int) and max_errors < 0:
                 raise ValueError(f"max_errors must be >= 0, got {max_errors}")
             if isinstance(max_errors, float) and not 0.0 < max_errors < 1.0:
@@ -473,6 +476,14 @@ class Loader:
         reset, the progress report opened), and its errors raised, in the calling thread;
         what needs an event loop is left to :meth:`EpochStart.start`."""
         reporter = self._reporter()  # first: it may fail (no tqdm) before anything starts
+        try:
+            return self._new_epoch(prefetch, reporter, inline=inline)
+        except BaseException:
+            if reporter is not None:  # (a sampler that fails, say: no bar left open)
+                reporter.end()
+            raise
+
+    def _new_epoch(self, prefetch: int, reporter: Reporter | None, *, inline: bool) -> EpochStart:
         resume = self._resume
         if isinstance(resume, WorkerProgress) and resume.workers == 1:
             resume = resume.slots.get(0, Progress())
@@ -534,8 +545,8 @@ class Loader:
             return None
         try:
             total: int | None = len(self)
-        except TypeError:
-            total = None  # a stream of unknown size, or a batch budget
+        except (TypeError, NotImplementedError):
+            total = None  # a stream of unknown size, a batch budget, an unsized sampler
         resume, initial = self._resume, 0
         if total is not None and isinstance(resume, Progress):
             # A resumed epoch's bar starts where the saved one stood (by positions, which

@@ -75,7 +75,16 @@ class Reporter:
 
 
 def _counts(s: dict[str, Any]) -> tuple[int, ...]:
-    return s["batches"], s["samples"], s["errors"], s["retries"]
+    # Whatever may change after the last batch (samples filtered or skipped at the end).
+    return (
+        s["batches"],
+        s["samples"],
+        s["errors"],
+        s["retries"],
+        s["filtered"],
+        s["skipped"],
+        s["substituted"],
+    )
 
 
 def describe(s: dict[str, Any]) -> str:

@@ -160,7 +160,10 @@ class Plan(Sequence[int]):
 
     def __getitem__(self, p: Any) -> Any:
         if isinstance(p, slice):
-            return self.indices(*p.indices(self._length)[:2])
+            start, stop, step = p.indices(self._length)
+            if step == 1:
+                return self.indices(start, stop)
+            return [self[i] for i in range(start, stop, step)]
         if not 0 <= p < self._length:
             raise IndexError(p)
         q = self._rank_position(p) * self.world_size + self.rank

@@ -62,8 +62,8 @@ _NETWORK_ERRNOS = frozenset(
 # Whole codes (AWS adds "Exception" to some: ThrottlingException), not the start of another
 # word: "InternalErrorsInUserCode" or "SlowDownsampler" are no store's answer.
 _S3_TRANSIENT = re.compile(
-    r"(?<![A-Za-z])(SlowDown|InternalError|ServiceUnavailable|RequestTimeout|Throttling)"
-    r"(?:Exception)?(?![A-Za-z])"
+    r"(?<![A-Za-z])(SlowDown|InternalError|ServiceUnavailable|RequestTimeout|Throttling"
+    r"|TooManyRequests|RequestLimitExceeded)(?:Exception)?(?![A-Za-z])"
 )
 
 
@@ -119,6 +119,21 @@ def _third_party_transient(exc: BaseException) -> bool:
             return True
         if isinstance(exc, aiohttp.ClientResponseError):
             return _is_retryable_status(exc.status)
+    requests = sys.modules.get("requests.exceptions")
+    if requests is not None:
+        if isinstance(
+            exc, (requests.ConnectionError, requests.Timeout, requests.ChunkedEncodingError)
+        ):
+            return True
+        response = getattr(exc, "response", None)
+        if isinstance(exc, requests.HTTPError) and response is not None:
+            return _is_retryable_status(response.status_code)
+    urllib_error = sys.modules.get("urllib.error")
+    if urllib_error is not None and isinstance(exc, urllib_error.URLError):
+        # A failed connection ("connection refused") comes wrapped: judge what it wraps.
+        reason = exc.reason
+        if isinstance(reason, BaseException) and not isinstance(exc, urllib_error.HTTPError):
+            return is_transient(reason)
     botocore = sys.modules.get("botocore.exceptions")
     if botocore is not None:
         transport = tuple(
@@ -155,12 +170,16 @@ def is_transient(exc: BaseException) -> bool:
     Transient: ``ConnectionError``, ``TimeoutError`` (what ``anyio.fail_after`` raises),
     network ``OSError``s (by errno), `HTTPStatusError` with status 408, 429 or >= 500,
     `TruncatedBodyError`, aiohttp connection/payload/timeout errors (and its
-    ``ClientResponseError`` with a retryable status), botocore transport errors, obstore
-    errors whose message gives a retryable status or a connection, request, timeout or
-    interrupted-transfer failure, and S3-style errors whose class name, error code or
-    message says ``SlowDown``, ``InternalError``, ``ServiceUnavailable``,
-    ``RequestTimeout`` or ``Throttling``. An exception group is transient when every
-    exception in it is.
+    ``ClientResponseError`` with a retryable status), requests' connection, timeout and
+    chunked-encoding errors (and its ``HTTPError`` with a retryable status), urllib's
+    ``URLError`` when the error it wraps is transient, any other exception with an HTTP
+    ``status`` attribute that is retryable (urllib's ``HTTPError``), botocore transport
+    errors, obstore errors whose message gives a retryable status or a connection,
+    request, timeout or interrupted-transfer failure, and S3-style errors whose class name,
+    error code (`HTTPStatusError.code` too) or message says ``SlowDown``,
+    ``InternalError``, ``ServiceUnavailable``, ``RequestTimeout``, ``Throttling``,
+    ``TooManyRequests`` or ``RequestLimitExceeded``. An exception group is transient when
+    every exception in it is.
 
     Permanent: cancellation and every other ``BaseException`` that is not an ``Exception``,
     ``FileNotFoundError``, ``PermissionError``, ``IsADirectoryError``,
@@ -174,7 +193,11 @@ def is_transient(exc: BaseException) -> bool:
     if not isinstance(exc, Exception) or isinstance(exc, _PERMANENT):
         return False
     if isinstance(exc, HTTPStatusError):
-        return _is_retryable_status(exc.status)
+        # A 4xx whose S3 code says "try again" (400 RequestTimeout) is transient too.
+        code = exc.code
+        return _is_retryable_status(exc.status) or (
+            code is not None and _S3_TRANSIENT.fullmatch(code) is not None
+        )
     if isinstance(exc, (TruncatedBodyError, ConnectionError, TimeoutError)):
         return True
     if _third_party_transient(exc):
@@ -182,6 +205,10 @@ def is_transient(exc: BaseException) -> bool:
     verdict = _obstore_verdict(exc)
     if verdict is not None:
         return verdict
+    status = getattr(exc, "status", None)
+    if type(status) is int and 100 <= status <= 599:
+        # An HTTP answer by another client (urllib's HTTPError, ...): by its status.
+        return _is_retryable_status(status)
     if isinstance(exc, socket.gaierror):
         # DNS: only "temporary failure in name resolution" is worth another try.
         return exc.errno == socket.EAI_AGAIN

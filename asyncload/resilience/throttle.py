@@ -19,14 +19,18 @@ from typing import Any, TypeVar
 import anyio
 
 from asyncload.errors import HTTPStatusError
-from asyncload.resilience.classify import _s3_code
+from asyncload.resilience.classify import _PERMANENT, _s3_code
 
 __all__ = ["ConcurrencyGate", "Throttle", "is_throttling"]
 
 T = TypeVar("T")
 
 # S3 and compatible stores: "you are sending too much". 503 SlowDown is the common one.
-_S3_THROTTLING = re.compile(r"(?<![A-Za-z])(SlowDown|Throttling|TooManyRequests|RequestLimit)")
+# Whole codes, as for is_transient: "SlowDownsampled" in a path is no store's answer.
+_S3_THROTTLING = re.compile(
+    r"(?<![A-Za-z])(SlowDown|Throttling|TooManyRequests|RequestLimitExceeded)"
+    r"(?:Exception)?(?![A-Za-z])"
+)
 
 
 def is_throttling(exc: BaseException) -> bool:
@@ -36,8 +40,8 @@ def is_throttling(exc: BaseException) -> bool:
     status = exc.status if isinstance(exc, HTTPStatusError) else getattr(exc, "status", None)
     if status in (429, 503):
         return True
-    if not isinstance(exc, Exception):
-        return False
+    if not isinstance(exc, Exception) or isinstance(exc, _PERMANENT):
+        return False  # (a missing file is never "slow down", whatever its name says)
     return _S3_THROTTLING.search(f"{type(exc).__name__} {_s3_code(exc)} {exc}") is not None
 
 
@@ -90,7 +94,13 @@ class Throttle:
         )
 
     def bind(self, ceiling: int) -> None:
-        """Set the ceiling (the loader's concurrency); the limit starts there."""
+        """Set the ceiling (the loader's concurrency); the limit starts there.
+        ``ValueError`` when ``min_concurrency`` is above it: the floor could not hold."""
+        if self.min_concurrency > ceiling:
+            raise ValueError(
+                f"Throttle: min_concurrency={self.min_concurrency} is above the loader's "
+                f"concurrency={ceiling}"
+            )
         if self.ceiling != ceiling:
             self.ceiling = ceiling
             self.limit = float(ceiling)

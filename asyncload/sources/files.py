@@ -116,12 +116,14 @@ class FileSource(AsyncDataset[bytes]):
 
     async def __getitem__(self, index: int) -> bytes:
         key = self.keys[normalize_index(index, len(self.keys))]
-        return await anyio.to_thread.run_sync(self._read, key)
+        # abandon_on_cancel: a timeout (or close) must not wait for a read that hangs (a
+        # stuck network mount); the thread finishes on its own, its result dropped.
+        return await anyio.to_thread.run_sync(self._read, key, abandon_on_cancel=True)
 
     async def getitems(self, indices: Sequence[int]) -> list[bytes]:
         n = len(self.keys)
         keys = [self.keys[normalize_index(i, n)] for i in indices]
-        return await anyio.to_thread.run_sync(self._read_many, keys)
+        return await anyio.to_thread.run_sync(self._read_many, keys, abandon_on_cancel=True)
 
     def key_of(self, index: int) -> Hashable:
         return self.keys[normalize_index(index, len(self.keys))]

@@ -195,14 +195,16 @@ class NpySource(AsyncDataset[np.ndarray]):
 
     async def __getitem__(self, index: int) -> np.ndarray:
         file, row = self.locate(index)
-        return await anyio.to_thread.run_sync(self._read_one, file, row)
+        # abandon_on_cancel: a timeout (or close) must not wait for a page fault that hangs
+        # (a stuck network mount); the thread finishes on its own, its result dropped.
+        return await anyio.to_thread.run_sync(self._read_one, file, row, abandon_on_cancel=True)
 
     async def getitems(self, indices: Sequence[int]) -> list[np.ndarray]:
         """Rows ``indices`` in the order asked, copied out in one thread call."""
         locations = [self.locate(i) for i in indices]
         if not locations:
             return []
-        return await anyio.to_thread.run_sync(self._read_many, locations)
+        return await anyio.to_thread.run_sync(self._read_many, locations, abandon_on_cancel=True)
 
     def key_of(self, index: int) -> Hashable:
         file, row = self.locate(index)

@@ -395,9 +395,7 @@ class _Client:
             if status in (401, 403) or name in ("PermissionDeniedError", "UnauthenticatedError"):
                 new = PermissionError(errno.EACCES, f"access denied ({code or status})", url)
             elif status is not None and not 200 <= status < 300:
-                new = HTTPStatusError(status, url)
-                if code:
-                    new.args = (f"HTTP {status} ({code}) for {url}",)
+                new = HTTPStatusError(status, url, code=code)
             elif kind == "Interrupted" and reading_body:
                 new = TruncatedBodyError(f"{url}: body cut short")
             elif kind == "Timeout":
