@@ -356,11 +356,11 @@ class Loader:
         )
         if self._excluded:
             order = [int(order[q]) for q in remaining_positions(len(order), self._excluded)]
-        drop_last = self.drop_last
+        drop_last, runs = self.drop_last, self._rank_runs()
         if self._costs is not None:
             # Planned batches: already dealt and padded to equal counts per rank.
             order = self._plan_slots(order)
-            drop_last = False
+            drop_last, runs = False, 1
         return Plan(
             order,
             rank=self.rank,
@@ -371,7 +371,15 @@ class Loader:
             num_workers=self.num_workers,
             # Buckets and budgets cut their own batches: drop_last drops none of them.
             drop_tail=drop_last and self.bucket is None and self.batch_budget is None,
+            runs=runs,
         )
+
+    def _rank_runs(self) -> int:
+        """How many consecutive positions of the epoch order go to one rank at a time: a
+        StratifiedSampler's batches whole (each keeps the class proportions; dealt one
+        position at a time, a 50/50 split would give each of 2 ranks one class)."""
+        sampler = self.sampler
+        return sampler.batch_size if isinstance(sampler, StratifiedSampler) else 1
 
     @property
     def _budget(self) -> int:
@@ -801,6 +809,7 @@ class Loader:
                 remaining=remaining,
                 finished=bool(state["finished"]),
                 length=rank_share(len(remaining), world, self.drop_last) if remaining else 0,
+                runs=self._rank_runs(),
             )
         runs = to_intervals(delivered)
         # Every rank's loop ended: the epoch did (drop_last's trimmed samples included).

@@ -171,7 +171,8 @@ class StratifiedSampler:
     class's share to within one sample, and every batch to within two (most often one).
 
     Implements ``set_epoch`` (the Loader calls it), so each epoch is a new arrangement,
-    a pure function of ``(seed, epoch)``.
+    a pure function of ``(seed, epoch)``. Under several ranks the Loader deals the order
+    by whole runs of ``batch_size``, so that each rank's batches keep the proportions.
     """
 
     def __init__(self, labels: Sequence[int], batch_size: int, *, seed: int = 0) -> None:

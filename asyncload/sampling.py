@@ -87,6 +87,23 @@ def rank_share(n: int, world_size: int, drop_last: bool) -> int:
     return n // world_size if drop_last else math.ceil(n / world_size)
 
 
+def order_position(p: int, rank: int, world_size: int, n: int, runs: int = 1) -> int:
+    """The epoch-order position (before wrapping around ``n``) of rank ``rank``'s plan
+    position ``p``. Ranks take turns by runs of ``runs`` positions: rank ``r`` of ``w``
+    takes runs ``r, r + w, ...`` of the order while whole rounds of ``w`` runs fit, then
+    positions ``r, r + w, ...`` of the rest (``runs=1``: positions throughout, as torch's
+    DistributedSampler). Runs keep together what a sampler put together: each batch of
+    an `asyncload.StratifiedSampler`."""
+    w = world_size
+    if runs == 1 or w == 1:
+        return p * w + rank
+    rounds = n // (w * runs)
+    if p < rounds * runs:
+        run, offset = divmod(p, runs)
+        return (run * w + rank) * runs + offset
+    return rounds * w * runs + (p - rounds * runs) * w + rank
+
+
 def rank_position(p: int, batch_size: int, worker: int, num_workers: int) -> int:
     """The rank-plan position of worker ``worker``'s plan position ``p``."""
     if num_workers == 1:
@@ -116,7 +133,8 @@ def worker_progress(rank: Progress, batch_size: int, worker: int, num_workers: i
 class Plan(Sequence[int]):
     """This rank's, and this worker's, share of an epoch order.
 
-    Rank ``r`` of ``w`` takes positions ``r, r + w, r + 2w, ...`` of the (padded) order.
+    Rank ``r`` of ``w`` takes positions ``r, r + w, r + 2w, ...`` of the (padded) order,
+    or with ``runs`` > 1, runs of that many positions in turn (see `order_position`).
     Under DataLoader workers the rank's share is split by whole batches: worker ``k`` of
     ``K`` takes batches ``k, k + K, ...``, so together the workers yield exactly the rank's
     batches. ``drop_last`` trims rank shares instead of padding them; with ``drop_tail``
@@ -135,9 +153,11 @@ class Plan(Sequence[int]):
         worker: int = 0,
         num_workers: int = 1,
         drop_tail: bool | None = None,
+        runs: int = 1,
     ) -> None:
         self.order = order
         self.rank, self.world_size = rank, world_size
+        self.runs = runs if world_size > 1 else 1
         self.batch_size, self.worker, self.num_workers = batch_size, worker, num_workers
         self.rank_length = rank_share(len(order), world_size, drop_last) if len(order) else 0
         bs, k = batch_size, num_workers
@@ -166,12 +186,15 @@ class Plan(Sequence[int]):
             return [self[i] for i in range(start, stop, step)]
         if not 0 <= p < self._length:
             raise IndexError(p)
-        q = self._rank_position(p) * self.world_size + self.rank
-        return int(self.order[q % len(self.order)])
+        n = len(self.order)
+        q = order_position(self._rank_position(p), self.rank, self.world_size, n, self.runs)
+        return int(self.order[q % n])
 
     def indices(self, start: int, stop: int) -> list[int]:
         """Dataset indices at positions ``[start, stop)``."""
         order, n, w, r = self.order, len(self.order), self.world_size, self.rank
+        if self.runs > 1:
+            return [self[p] for p in range(start, stop)]  # (ranks dealt in runs: rare)
         out: list[int] = []
         p = start
         # Positions within one batch (all of them, without workers) are consecutive rank
@@ -299,13 +322,19 @@ def delivered_positions(
     remaining: Sequence[int],
     finished: bool,
     length: int,
+    runs: int = 1,
 ) -> list[int]:
     """The epoch-order positions behind a rank's delivered plan positions: rank ``r`` of
-    ``w`` holds order positions ``r, r + w, ...`` of ``remaining``, wrapping around;
-    a finished rank delivered all ``length`` positions of its plan."""
+    ``w`` holds order positions ``r, r + w, ...`` of ``remaining`` (or runs of them: see
+    `order_position`), wrapping around; a finished rank delivered all ``length``
+    positions of its plan."""
     n = len(remaining)
     plan_positions: Iterable[int] = (
         range(length) if finished else itertools.chain(range(progress.watermark), progress.done)
     )
     # Beyond n a rank's share wraps around (padding): that sample was delivered too.
-    return [remaining[(p * world_size + rank) % n] for p in plan_positions] if n else []
+    return (
+        [remaining[order_position(p, rank, world_size, n, runs) % n] for p in plan_positions]
+        if n
+        else []
+    )

@@ -75,3 +75,89 @@ def test_plan_slices_honour_their_step() -> None:
     as_list = list(plan)
     assert list(plan[::2]) == as_list[::2]
     assert list(plan[::-1]) == as_list[::-1]
+
+
+def test_stratified_sampler_keeps_class_proportions_on_every_rank() -> None:
+    """StratifiedSampler promises batches that keep the class proportions. Under ranks,
+    the Loader deals its order sample by sample (rank r takes positions r, r + w, ...), so
+    with a 50/50 split one rank gets only class 0 and the other only class 1."""
+    labels = [i % 2 for i in range(64)]
+    sampler = al.StratifiedSampler(labels, 8, seed=0)
+    for rank in range(2):
+        loader = al.Loader(
+            al.from_sequence(list(range(64))),
+            batch_size=8,
+            sampler=sampler,
+            rank=rank,
+            world_size=2,
+            collate_fn=keep,
+        )
+        for batch in loader:
+            ones = sum(labels[i] for i in batch)
+            assert abs(ones - 4) < 2, (rank, [labels[i] for i in batch])
+
+
+@pytest.mark.parametrize("n", [64, 70, 13])
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_stratified_runs_dealt_to_ranks_lose_and_repeat_nothing(
+    n: int, world_size: int, drop_last: bool
+) -> None:
+    """Ranks dealt a StratifiedSampler's order by whole runs still share the epoch as
+    ranks dealt sample by sample do: equal counts, every sample once (padding wraps
+    around to the start, trimming drops the tail)."""
+    labels = [i % 3 for i in range(n)]
+    got: list[int] = []
+    counts = set()
+    for rank in range(world_size):
+        loader = al.Loader(
+            al.from_sequence(list(range(n))),
+            batch_size=4,
+            sampler=al.StratifiedSampler(labels, 4, seed=3),
+            rank=rank,
+            world_size=world_size,
+            drop_last=drop_last,
+            collate_fn=keep,
+        )
+        mine = [i for batch in loader for i in batch]
+        counts.add(len(mine))
+        got += mine
+    assert len(counts) == 1
+    if drop_last:
+        assert len(set(got)) == len(got) == (n // world_size // 4) * 4 * world_size
+    else:
+        assert set(got) == set(range(n))
+        assert len(got) - n < world_size  # only the padding repeats
+
+
+def test_stratified_elastic_resume_delivers_each_sample_once() -> None:
+    """merge_states() maps each rank's delivered positions back to the epoch order by the
+    same runs the plan dealt them by."""
+    n, labels = 48, [i % 2 for i in range(48)]
+
+    def build(rank: int, world_size: int) -> al.Loader:
+        return al.Loader(
+            al.from_sequence(list(range(n))),
+            batch_size=4,
+            sampler=al.StratifiedSampler(labels, 4, seed=1),
+            rank=rank,
+            world_size=world_size,
+            collate_fn=keep,
+        )
+
+    seen: list[int] = []
+    states = []
+    for rank in range(2):
+        loader = build(rank, 2)
+        iterator = iter(loader)
+        for _ in range(2 + rank):
+            seen += next(iterator)
+        states.append(loader.state_dict())
+        iterator.close()
+    merged = build(0, 3).merge_states(states)
+    for rank in range(3):
+        loader = build(rank, 3)
+        loader.load_state_dict(merged)
+        seen += [i for batch in loader for i in batch]
+    assert sorted(set(seen)) == list(range(n))
+    assert len(seen) - n < 3  # only the new ranks' padding repeats
