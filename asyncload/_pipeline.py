@@ -326,6 +326,13 @@ class _Assembly:
             self._ready.append(batch)
         else:
             self._ready.extend(batch)
+            batcher = self.batcher
+            if type(batcher) is BudgetBatcher and batcher.discarded:
+                # A resumed bucket's batches sent before the save: their samples leave
+                # the window here, as a sent batch's do.
+                self._held -= batcher.discarded
+                batcher.discarded = 0
+                self._notify_space()
         self._notify_sender()
 
     def _notify_space(self) -> None:

@@ -210,9 +210,12 @@ class SlotBatcher:
 
 class BudgetBatcher:
     """Batches whose samples cost at most ``budget`` together (and number at most
-    ``max_count``). With ``bucket``, samples are gathered ``bucket`` at a time, grouped by
-    similar cost, and the window's batches are yielded in a seeded random order;
-    without, batches close greedily in release order."""
+    ``max_count``). With ``bucket``, samples are gathered ``bucket`` positions at a time
+    (dropped ones included: in order, bucket ``k`` is positions ``k * bucket`` up to the
+    next), grouped by similar cost, and each bucket's batches are yielded in a random
+    order seeded by ``(*seed, k)``: the same batches whenever the bucket is cut again, as
+    a resume does (:meth:`resume`). Without ``bucket``, batches close greedily in release
+    order."""
 
     def __init__(
         self,
@@ -221,16 +224,28 @@ class BudgetBatcher:
         max_count: int,
         cost: Callable[[Any], int],
         bucket: int | None = None,
-        rng: np.random.Generator | None = None,
+        seed: Sequence[int] = (0,),
     ) -> None:
         self.budget, self.max_count, self.cost = budget, max_count, cost
         self.bucket = bucket
-        self.rng = rng if rng is not None else np.random.default_rng(0)
+        self.seed = [int(s) for s in seed]
         self.values: list[Any] = []
         self.costs: list[int] = []
         self.positions: list[int] = []
         self.loose: list[int] = []  # positions of dropped samples, sent with the next batch
         self.total = 0
+        self.number = 0  # the bucket being filled
+        self.filled = 0  # positions released into it, dropped ones included
+        self.delivered: set[int] = set()  # positions not to send again (see resume())
+        self.discarded = 0  # samples of batches left out for that, not yet accounted for
+
+    def resume(self, start: int, delivered: set[int]) -> None:
+        """The first bucket starts at position ``start`` (a multiple of ``bucket``),
+        re-fetched whole; of its batches, those whose positions are all in ``delivered``
+        were sent before the save and are not sent again."""
+        assert self.bucket is not None
+        self.number = start // self.bucket
+        self.delivered = delivered
 
     @property
     def pending(self) -> bool:
@@ -251,12 +266,17 @@ class BudgetBatcher:
         self.values.append(value)
         self.costs.append(cost)
         self.positions.append(position)
-        if len(self.values) >= self.bucket:
+        self.filled += 1
+        if self.filled >= self.bucket:
             return self._bucket()
         return None
 
-    def skip(self, position: int) -> Batch | None:
+    def skip(self, position: int) -> list[Batch] | None:
         self.loose.append(position)
+        if self.bucket is not None:
+            self.filled += 1
+            if self.filled >= self.bucket:
+                return self._bucket()
         return None
 
     def flush(self) -> list[Batch]:
@@ -275,10 +295,21 @@ class BudgetBatcher:
             ([self.values[i] for i in group], [self.positions[i] for i in group])
             for group in groups
         ]
-        batches = [batches[i] for i in self.rng.permutation(len(batches)).tolist()]
+        rng = np.random.default_rng([*self.seed, self.number])
+        batches = [batches[i] for i in rng.permutation(len(batches)).tolist()]
         if batches and self.loose:
+            # (A bucket of dropped samples only keeps them for the next one's first batch.)
             batches[0][1].extend(self.loose)
-        self.values, self.costs, self.positions, self.loose = [], [], [], []
+            self.loose = []
+        self.values, self.costs, self.positions = [], [], []
+        self.number, self.filled = self.number + 1, 0
+        if self.delivered:  # the bucket a resume re-fetched: what it sent before, not again
+            delivered, self.delivered = self.delivered, set()
+            kept = [batch for batch in batches if not delivered.issuperset(batch[1])]
+            self.discarded += sum(len(values) for values, _ in batches) - sum(
+                len(values) for values, _ in kept
+            )
+            batches = kept
         return batches
 
 

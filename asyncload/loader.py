@@ -521,16 +521,33 @@ class Loader:
         if self.drift is not None:
             self.drift.reset()  # drift is judged per epoch, like the rest of statistics()
         batch_size = self.batch_size or 1
+        batcher = self._batcher()
+        fetch_from = resume
+        if (
+            resume is not None
+            and not resume.empty
+            and isinstance(batcher, BudgetBatcher)
+            and batcher.bucket is not None
+            and self.ordered
+        ):
+            # Buckets are cut from whole runs of positions: the bucket in progress at the
+            # save is fetched again from its start and cut the same way, and its batches
+            # sent before are left out, so the batches are the uninterrupted epoch's.
+            # (Its delivered positions are all in it: in order, a bucket's batches all go
+            # before the next bucket's.)
+            start = resume.watermark - resume.watermark % batcher.bucket
+            fetch_from = Progress(start)
+            batcher.resume(start, set(range(start, resume.watermark)) | resume.done)
         units: MapUnits | StreamUnits
         if isinstance(self.dataset, AsyncDataset):
             # A chunk is one getitems call. In memory nothing is in flight, so a whole batch
             # per call (one pass through the pipeline per batch, not one per concurrency).
             limit = batch_size if self.dataset.in_memory else self.concurrency
             chunk = min(batch_size, limit) if fetcher.batched else 1
-            units = MapUnits(self.plan(), chunk, resume, holes=self._costs is not None)
+            units = MapUnits(self.plan(), chunk, fetch_from, holes=self._costs is not None)
         else:
             spec = replace(self._stream_epoch(), on_retry=stats.count_retry)
-            units = StreamUnits(self.dataset, spec, resume)
+            units = StreamUnits(self.dataset, spec, fetch_from)
         collate = _first if self.batch_size is None else (self.collate_fn or default_collate)
         # In memory under a plain for, the epoch's steps run on demand (see InlineEpoch).
         kind = InlineEpoch if inline and isinstance(units, MapUnits) else Epoch
@@ -539,7 +556,7 @@ class Loader:
             units,
             fetcher,
             stats=stats,
-            batcher=self._batcher(),
+            batcher=batcher,
             drop_last=self.drop_last,
             ordered=self.ordered,
             collate=collate,
@@ -582,7 +599,7 @@ class Loader:
             cost=self.batch_cost if callable(self.batch_cost) else sample_cost,
             bucket=self.bucket,
             # The order of a bucket's batches: seeded, and different on every share.
-            rng=np.random.default_rng([self.seed, self._epoch, self.rank, self.worker]),
+            seed=(self.seed, self._epoch, self.rank, self.worker),
         )
 
     def _on_end(self, progress: Progress | WorkerProgress) -> None:
