@@ -4,6 +4,7 @@ DataLoader workers loses nothing; a plan's slices honour their step."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -163,6 +164,21 @@ def test_stratified_elastic_resume_delivers_each_sample_once() -> None:
     assert len(seen) - n < 3  # only the new ranks' padding repeats
 
 
+def assert_resumes_exactly(build: Callable[[], al.Loader]) -> None:
+    """Saved after every batch in turn and resumed, ``build()`` yields the batches of an
+    uninterrupted epoch."""
+    full = list(build())
+    for saved_after in range(1, len(full)):
+        first = build()
+        iterator = iter(first)
+        taken = [next(iterator) for _ in range(saved_after)]
+        state = first.state_dict()
+        first.close()
+        resumed = build()
+        resumed.load_state_dict(state)
+        assert taken + list(resumed) == full, f"saved after {saved_after} batches"
+
+
 def test_bucketed_resume_yields_the_batches_of_an_uninterrupted_run() -> None:
     """api.md: a loaded state yields exactly the batches the original would have yielded
     after the save point. With ``bucket`` the resumed epoch regroups the bucket it was
@@ -175,16 +191,7 @@ def test_bucketed_resume_yields_the_batches_of_an_uninterrupted_run() -> None:
             al.from_sequence(data), batch_size=2, bucket=8, batch_cost=int, seed=1, collate_fn=keep
         )
 
-    full = list(build())
-    for saved_after in range(1, len(full)):
-        first = build()
-        iterator = iter(first)
-        taken = [next(iterator) for _ in range(saved_after)]
-        state = first.state_dict()
-        first.close()
-        resumed = build()
-        resumed.load_state_dict(state)
-        assert taken + list(resumed) == full, f"saved after {saved_after} batches"
+    assert_resumes_exactly(build)
 
 
 class _Counting(al.AsyncIterableDataset[int]):
@@ -221,13 +228,4 @@ def test_bucketed_resume_is_exact_with_filters_budgets_and_streams(kind: str) ->
             collate_fn=keep,
         )
 
-    full = list(build())
-    for saved_after in range(1, len(full)):
-        first = build()
-        iterator = iter(first)
-        taken = [next(iterator) for _ in range(saved_after)]
-        state = first.state_dict()
-        first.close()
-        resumed = build()
-        resumed.load_state_dict(state)
-        assert taken + list(resumed) == full, f"saved after {saved_after} batches"
+    assert_resumes_exactly(build)
