@@ -132,6 +132,10 @@ class PerLoop(Generic[T]):
             if is_closed is not None and is_closed():
                 del self._values[loop]
 
+    def total(self, measure: Callable[[T], int]) -> int:
+        """``measure`` summed over every loop's value (from any thread, loop or none)."""
+        return sum(measure(value) for value in list(self._values.values()))
+
     def pop(self) -> T | None:
         """Forget (and return) the current loop's value, if it has one."""
         self._last = None

@@ -157,6 +157,19 @@ def _sample_error(index: int, key: Hashable | None, exc: BaseException) -> Sampl
     return error
 
 
+def fresh_containers(sample: Any) -> Any:
+    """``sample`` with its dicts, lists and tuples copied (at every depth); what they hold
+    (arrays, bytes, numbers) is shared."""
+    kind = type(sample)
+    if kind is dict:
+        return {key: fresh_containers(value) for key, value in sample.items()}
+    if kind is list:
+        return [fresh_containers(value) for value in sample]
+    if kind is tuple:
+        return tuple(fresh_containers(value) for value in sample)
+    return sample
+
+
 class Fetcher:
     """Produces the outcomes of samples, one at a time (:meth:`one`) or a chunk per call
     (:meth:`chunk`, for datasets whose ``getitems`` is cheaper than per-index fetches)."""
@@ -185,6 +198,9 @@ class Fetcher:
         self.drift = drift
         # Nothing to do after the fetch: the sample is the outcome.
         self._plain = transform is None and validate is None and drift is None
+        # A cache hands out the object it holds: a transform gets its own containers, so
+        # that one which sets a dict's key in place cannot change what later epochs get.
+        self._own_containers = cache is not None and transform is not None
         self._get = self._build_get(retry, breaker, cache, gate)
         # A chunk is one attempt; a failing chunk falls back to per-sample fetches, which
         # isolate the bad sample and retry. The breaker and the cache work per sample.
@@ -285,6 +301,8 @@ class Fetcher:
     async def finish(self, index: int, sample: Any) -> Any:
         try:
             if self.transform is not None:
+                if self._own_containers:
+                    sample = fresh_containers(sample)
                 sample = await call_maybe_async(self.transform, sample)
             if self.validate is not None:
                 verdict = await call_maybe_async(self.validate, sample)

@@ -97,17 +97,34 @@ class LoaderIterableDataset(torch.utils.data.IterableDataset[Any]):
         if loader is not self.loader:
             # In this process: the loader's close() must reach the copy's thread too.
             self.loader._iterators.add(iterator)
+        # Single samples from a cache are the cache's own arrays, read-only: DataLoader's
+        # default_convert would wrap them in writable tensors over the cache's memory.
+        if loader.batch_size is None and loader.cache is not None:
+            iterator_out: Iterator[Any] = map(_own_arrays, iterator)
+        else:
+            iterator_out = iterator
         try:
             if not self.tagged:
-                yield from iterator
+                yield from iterator_out
                 return
-            for batch in iterator:
+            for batch in iterator_out:
                 yield batch, loader._tag(iterator.last_positions)  # type: ignore[attr-defined]
         finally:
             iterator.close()  # type: ignore[attr-defined]
 
     def __len__(self) -> int:
         return len(self.loader)
+
+
+def _own_arrays(sample: Any) -> Any:
+    """``sample`` with its read-only numpy arrays copied (in dicts, lists and tuples)."""
+    if isinstance(sample, np.ndarray):
+        return sample if sample.flags.writeable else sample.copy()
+    if type(sample) is dict:
+        return {key: _own_arrays(value) for key, value in sample.items()}
+    if type(sample) in (list, tuple):
+        return type(sample)(_own_arrays(value) for value in sample)
+    return sample
 
 
 class TorchLoader:

@@ -126,9 +126,10 @@ _POLICIES: dict[str, Callable[[], _EvictionPolicy]] = {"lru": _LRU, "lfu": _LFU,
 
 
 def _is_torch_tensor(obj: object) -> bool:
-    # By module name, so sizing a value never imports torch.
-    module = type(obj).__module__
-    return (module == "torch" or module.startswith("torch.")) and hasattr(obj, "element_size")
+    # Looked up, never imported: a tensor exists only once torch was. (Not by module name:
+    # a subclass, torchvision's tv_tensors.Image or a user's, lives in another module.)
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.Tensor)
 
 
 def _nbytes(obj: object, hook: Callable[[Any], int] | None, seen: set[int]) -> int:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import logging
 import os
@@ -47,6 +48,7 @@ import anyio.to_thread
 from anyio.lowlevel import RunVar
 
 from ._batched import ThreadBatcher
+from ._callables import PerLoop
 from ._redact import redact_key
 from .cache import _check_limit, _Flight, forget_loads_when_forked
 
@@ -522,12 +524,17 @@ class DiskCache:
     def _forget_loads(self) -> None:
         """No loads or file operations in flight: a new object's, a copy's, and in a forked
         child (the parent's are not this process's: nothing here would finish them)."""
-        self._flights: dict[str, _Flight] = {}
+        # Per event loop: two sync loaders (each its own loop thread) may share the cache,
+        # and what a load or a batch waits on belongs to one loop. (Loads of one key in
+        # two loops at once both run; the key's lock on disk keeps the entry whole.)
+        self._flights: PerLoop[dict[str, _Flight]] = PerLoop(dict)
         # Lookups and stores each go in their own batches: a lookup (before the fetch) does
         # not wait behind a batch of stores (after it). With fsync, each store waits for
         # the disk: several batches run at once, as the disk takes several writes at once.
-        self._lookups = ThreadBatcher()
-        self._stores = ThreadBatcher(8 if self.fsync else 1)
+        self._lookups: PerLoop[ThreadBatcher] = PerLoop(ThreadBatcher)
+        self._stores: PerLoop[ThreadBatcher] = PerLoop(
+            functools.partial(ThreadBatcher, 8 if self.fsync else 1)
+        )
 
     def path_of(self, key: Hashable) -> str:
         """The file that holds (or would hold) ``key``'s entry. ``TypeError`` for keys that
@@ -549,8 +556,9 @@ class DiskCache:
         """
         material = encode_key(key)
         name = self._name(material)
+        flights = self._flights.get()
         while True:
-            flight = self._flights.get(name)
+            flight = flights.get(name)
             if flight is None:
                 break
             if await flight.join():
@@ -558,7 +566,7 @@ class DiskCache:
                 self._coalesced += 1
                 return cast(bytes, flight.value)
 
-        flight = self._flights[name] = _Flight()
+        flight = flights[name] = _Flight()
         try:
             value = await self._fetch(key, name, material, load)
             flight.ok, flight.value = True, value
@@ -567,14 +575,14 @@ class DiskCache:
                 flight.error, flight.traceback = exc, exc.__traceback__
             raise
         finally:
-            del self._flights[name]
+            del flights[name]
             flight.done.set()
         return value
 
     async def _fetch(
         self, key: Hashable, name: str, material: bytes, load: Callable[[], Awaitable[Any]]
     ) -> bytes:
-        probe = await self._lookups.run(
+        probe = await self._lookups.get().run(
             self._probe, name, material, self._stamp(), release=_release_probe
         )
         self._corrupt += probe.corrupt
@@ -598,7 +606,7 @@ class DiskCache:
                 raise
             # The value is loaded: store it (which releases the lock) even if cancelled now.
             with anyio.CancelScope(shield=True):
-                stored = await self._stores.run(
+                stored = await self._stores.get().run(
                     self._store, name, material, data, self._stamp(), lock
                 )
         except BaseException:
@@ -631,7 +639,7 @@ class DiskCache:
                 waiter.run, abandon_on_cancel=True, limiter=_wait_limiter()
             )
             held = waiter.take()
-            return await self._lookups.run(
+            return await self._lookups.get().run(
                 self._recheck, held, name, material, self._stamp(), release=_release_probe
             )
         except BaseException:
@@ -665,7 +673,7 @@ class DiskCache:
             "hit_rate": self._hits / lookups if lookups else 0.0,
             "coalesced": self._coalesced,
             "lock_waits": self._lock_waits,
-            "in_flight": len(self._flights),
+            "in_flight": self._flights.total(len),
             "load_errors": self._load_errors,
             "uncached": self._uncached,
             "corrupt": self._corrupt,

@@ -186,10 +186,12 @@ class Loader:
             ("breaker", breaker, "run"),
             ("cache", cache, "get_or_load"),
         ):
-            if obj is not None and not callable(getattr(obj, method, None)):
-                raise TypeError(
-                    f"{name} must be an asyncload {name} object, got {type(obj).__name__}"
-                )
+            if obj is not None and (
+                isinstance(obj, type) or not callable(getattr(obj, method, None))
+            ):
+                # (A class has the method too: Loader(cache=al.LRUCache) forgot the ().)
+                what = f"the class {obj.__name__}" if isinstance(obj, type) else type(obj).__name__
+                raise TypeError(f"{name} must be an asyncload {name} object, got {what}")
         if batch_budget is not None or bucket is not None:
             if batch_budget is not None:
                 _check_int("batch_budget", batch_budget, minimum=1)

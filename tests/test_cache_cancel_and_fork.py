@@ -142,8 +142,8 @@ async def test_task_cancel_during_a_lookup_does_not_leak_the_key_lock(tmp_path: 
         await asyncio.gather(task, return_exceptions=True)
         # Let the lookup's thread finish whatever it does with the result (a fixed version
         # may hand the lock back through the stores batch).
-        await cache._lookups.run(lambda: None)
-        await cache._stores.run(lambda: None)
+        await cache._lookups.get().run(lambda: None)
+        await cache._stores.get().run(lambda: None)
         assert not locks_held(tmp_path), "the key's lock outlived the cancelled lookup"
     finally:
         go.set()
