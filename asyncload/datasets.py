@@ -614,7 +614,7 @@ class AsyncIterableDataset(ABC, Generic[T]):
 
         if spec.length is None:
             return open_stream()
-        return equal_length(open_stream, spec.length, repr(self))
+        return equal_length(open_stream, spec.length, repr(self), self._aiter_partial)
 
     async def aclose(self) -> None:
         """Release what this dataset holds in the running event loop."""
@@ -635,13 +635,17 @@ class MappedIterableDataset(AsyncIterableDataset[U], Generic[T, U]):
         self.dataset = dataset
         self.fn = fn
 
+    # Each view closes what it iterates when it is closed itself (left early): a tar
+    # source's open shard file, say, is not left for the garbage collector.
     async def __aiter__(self) -> AsyncIterator[U]:
-        async for sample in self.dataset:
-            yield await call_maybe_async(self.fn, sample)
+        async with aclosing(aiter(self.dataset)) as stream:
+            async for sample in stream:
+                yield await call_maybe_async(self.fn, sample)
 
     async def _aiter_partial(self) -> AsyncIterator[U | _Dropped]:
-        async for sample in self.dataset._aiter_partial():
-            yield sample if sample is DROPPED else await call_maybe_async(self.fn, sample)
+        async with aclosing(self.dataset._aiter_partial()) as stream:
+            async for sample in stream:
+                yield sample if sample is DROPPED else await call_maybe_async(self.fn, sample)
 
     def num_samples(self) -> int | None:
         return self.dataset.num_samples()
@@ -671,16 +675,18 @@ class FilteredIterableDataset(AsyncIterableDataset[T]):
         self.pred = pred
 
     async def __aiter__(self) -> AsyncIterator[T]:
-        async for sample in self._aiter_partial():
-            if sample is not DROPPED:
-                yield sample  # type: ignore[misc]
+        async with aclosing(self._aiter_partial()) as stream:
+            async for sample in stream:
+                if sample is not DROPPED:
+                    yield sample
 
     async def _aiter_partial(self) -> AsyncIterator[T | _Dropped]:
-        async for sample in self.dataset._aiter_partial():
-            if sample is DROPPED or await call_maybe_async(self.pred, sample):
-                yield sample
-            else:
-                yield DROPPED
+        async with aclosing(self.dataset._aiter_partial()) as stream:
+            async for sample in stream:
+                if sample is DROPPED or await call_maybe_async(self.pred, sample):
+                    yield sample
+                else:
+                    yield DROPPED
 
     def num_samples(self) -> int | None:
         return self.dataset.num_samples()  # dropped samples keep their positions

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequenc
 from dataclasses import replace
 from typing import Any
 
+import anyio
 import numpy as np
 
 from ._fetch import ErrorPolicy, Fetcher
@@ -958,13 +959,16 @@ class Loader:
         running = [it for it in list(self._iterators) if isinstance(it, _EpochOnDemand)]
         self.close()
         current, self._current = self._current, None
-        try:
-            for iterator in running:
-                await iterator.aclose()
-            if current is not None:  # the newest epoch (again, if an async for began it)
-                await current.aclose()
-        finally:  # a last on_statistics call that raises still leaves no connection open
-            await self.dataset.aclose()
+        # Shielded: left by a cancellation (`async with loader` in a cancelled scope), the
+        # epochs must still be waited for and the connections released.
+        with anyio.CancelScope(shield=True):
+            try:
+                for iterator in running:
+                    await iterator.aclose()
+                if current is not None:  # the newest epoch (again, if an async for began it)
+                    await current.aclose()
+            finally:  # a last on_statistics call that raises still leaves no connection open
+                await self.dataset.aclose()
 
     def __enter__(self) -> Loader:
         return self

@@ -9,9 +9,11 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
+import anyio
 import numpy as np
 
 from .datasets import DROPPED, AsyncDataset, AsyncIterableDataset
@@ -104,7 +106,11 @@ class MixedDataset(AsyncIterableDataset[Any]):
 
         if spec.length is None:
             return open_stream()
-        return equal_length(open_stream, spec.length, repr(self))
+
+        def open_whole() -> AsyncIterator[Any]:  # (for a share with nothing of its own)
+            return self._mixed(dataclasses.replace(spec, slot=0, shares=1))
+
+        return equal_length(open_stream, spec.length, repr(self), open_whole)
 
     async def _mixed(self, spec: StreamEpoch) -> AsyncIterator[Any]:
         parts = self._parts(spec)
@@ -142,6 +148,14 @@ class MixedDataset(AsyncIterableDataset[Any]):
             await dataset.aclose()
 
 
+async def _fetch_within(dataset: AsyncDataset[Any], index: int, seconds: float | None) -> Any:
+    if seconds is None:
+        return await dataset[index]
+    with anyio.move_on_after(seconds):
+        return await dataset[index]
+    raise TimeoutError(f"no answer within timeout={seconds} s for sample {index} of {dataset!r}")
+
+
 def _size(dataset: AsyncDataset[Any] | AsyncIterableDataset[Any]) -> int | None:
     return len(dataset) if isinstance(dataset, AsyncDataset) else dataset.num_samples()
 
@@ -155,8 +169,14 @@ async def _map_share(
     n = len(dataset)
     order = spec.rng(salt).permutation(n).tolist() if spec.shuffle else range(n)
     for i in order[(spec.slot - offset) % spec.shares :: spec.shares]:
+        # Each fetch under the Loader's timeout (per attempt) and retry, as map-style
+        # datasets are fetched outside a mix.
+        fetch = functools.partial(_fetch_within, dataset, i, spec.timeout)
         try:
-            yield await dataset[i]
+            if spec.retry is None:
+                yield await fetch()
+            else:
+                yield await spec.retry.run(fetch, on_retry=spec.on_retry)
         except SampleFiltered:
             yield DROPPED  # counted as filtered, and its position kept (exact resume)
         except Exception as exc:
@@ -180,11 +200,14 @@ class StratifiedSampler:
             raise ValueError(
                 f"StratifiedSampler: batch_size must be an int >= 1, got {batch_size!r}"
             )
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            # (numpy would refuse it at the first epoch, naming neither the sampler nor seed)
+            raise ValueError(f"StratifiedSampler: seed must be an int >= 0, got {seed!r}")
         self.labels = np.asarray(labels)
         if self.labels.ndim != 1:
             raise ValueError("StratifiedSampler: labels must be a flat sequence")
         self.batch_size = batch_size
-        self.seed = seed
+        self.seed = int(seed)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:

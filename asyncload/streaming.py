@@ -142,10 +142,15 @@ async def shuffle_buffer(
 
 
 async def equal_length(
-    open_stream: Callable[[], AsyncIterator[Any]], length: int, what: str
+    open_stream: Callable[[], AsyncIterator[Any]],
+    length: int,
+    what: str,
+    open_whole: Callable[[], AsyncIterator[Any]] | None = None,
 ) -> AsyncIterator[Any]:
     """Exactly ``length`` items: the stream, stopped early, or repeated from its start when
-    it is shorter (so every share yields the same count and DDP ranks stay in step)."""
+    it is shorter (so every share yields the same count and DDP ranks stay in step). A
+    share with nothing of its own (fewer samples than shares) repeats ``open_whole()``,
+    the whole stream, instead: as DistributedSampler pads from the start of the order."""
     if length <= 0:
         return
     produced = 0
@@ -158,4 +163,7 @@ async def equal_length(
                 if produced >= length:
                     return
         if produced == before:
+            if produced == 0 and open_whole is not None:
+                open_stream, open_whole = open_whole, None
+                continue
             raise ValueError(f"{what}: this share's stream is empty; it cannot be padded")

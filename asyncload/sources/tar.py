@@ -14,6 +14,8 @@ import operator
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from typing import Any
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -138,7 +140,10 @@ class TarShardSource(AsyncIterableDataset[Sample]):
             bucket, _, key = shard[len("s3://") :].partition("/")
             chunks = self._s3_source(bucket).iter_chunks(key, self.chunk_size)
             return chunks
-        return _file_chunks(shard.removeprefix("file://"), self.chunk_size)
+        if shard.startswith("file://"):
+            # A URL: percent-encoded (Path.as_uri() writes a space as %20).
+            shard = url2pathname(urlsplit(shard).path)
+        return _file_chunks(shard, self.chunk_size)
 
     def _s3_source(self, bucket: str) -> Any:
         source = self._s3.get(bucket)
