@@ -412,7 +412,10 @@ class _Target:
     __slots__ = ("auth", "host_header", "literal", "origin")
 
     def __init__(self, netloc_url: str) -> None:
-        parts = urlsplit(netloc_url)
+        try:
+            parts = urlsplit(netloc_url)
+        except ValueError as exc:  # "Invalid IPv6 URL"
+            raise RequestError(f"bad URL {redact_url(netloc_url)}: {exc}") from None
         scheme = parts.scheme.lower()
         if scheme not in _DEFAULT_PORTS:
             raise RequestError(f"not an http(s) URL: {redact_url(netloc_url)}")
@@ -420,11 +423,18 @@ class _Target:
         if not host:
             raise RequestError(f"no host in URL {redact_url(netloc_url)}")
         try:
-            port = parts.port or _DEFAULT_PORTS[scheme]
+            port = parts.port
         except ValueError:
             raise RequestError(f"bad port in URL {redact_url(netloc_url)}") from None
+        if port == 0:  # (not "the default": nothing listens on port 0)
+            raise RequestError(f"bad port 0 in URL {redact_url(netloc_url)}")
+        if port is None:
+            port = _DEFAULT_PORTS[scheme]
         if not host.isascii():
-            host = host.encode("idna").decode("ascii")
+            try:
+                host = host.encode("idna").decode("ascii")
+            except UnicodeError as exc:
+                raise RequestError(f"bad host in URL {redact_url(netloc_url)}: {exc}") from None
         self.literal = _is_ip(host)  # nothing to resolve
         self.origin = (scheme, host, port)
         shown = f"[{host}]" if ":" in host else host
@@ -582,12 +592,18 @@ class Pool:
 
     def _idle_connection(self, origin: tuple[str, str, int]) -> _Connection | None:
         idle = self._idle.get(origin)
+        if idle is None:
+            return None
+        found = None
         while idle:
             conn = idle.pop()
             if conn.usable and not conn.buffer:  # (bytes on an idle connection: not ours)
-                return conn
+                found = conn
+                break
             self._discard(conn, release_slot=False)
-        return None
+        if not idle:  # (over very many hosts, empty lists would pile up)
+            del self._idle[origin]
+        return found
 
     async def _connect(self, target: _Target, timeout: float | None) -> _Connection:
         self._connecting += 1
@@ -656,11 +672,8 @@ class Pool:
             conn.transport.write(request)
             buffer = conn.buffer
             while True:
-                end, blank = buffer.find(b"\r\n\r\n"), 4
+                end, blank = _head_end(buffer)
                 while end < 0:
-                    end, blank = _bare_lf_head_end(buffer)  # (only when CRLF's is not there)
-                    if end >= 0:
-                        break
                     if len(buffer) > _MAX_HEAD:
                         raise ConnectionError("malformed HTTP response: headers too long")
                     if conn.eof:
@@ -669,7 +682,7 @@ class Pool:
                         closed = _Closed(message) if code is None else _Closed(code, message)
                         raise closed from conn.error
                     await conn.more(timeout)
-                    end, blank = buffer.find(b"\r\n\r\n"), 4
+                    end, blank = _head_end(buffer)
                 if end > _MAX_HEAD:  # (the whole head arrived in one read)
                     raise ConnectionError("malformed HTTP response: headers too long")
                 head = bytes(buffer[:end]).decode("latin-1")
@@ -739,6 +752,8 @@ class Pool:
         idle = self._idle.get(conn.origin)
         if idle is not None and conn in idle:
             idle.remove(conn)
+            if not idle:  # (over very many hosts, empty lists would pile up)
+                del self._idle[conn.origin]
 
     def _put_back(self, conn: _Connection) -> None:
         self._slots.release()
@@ -758,6 +773,9 @@ class Pool:
         for a connection or yet to come raise ``RuntimeError``."""
         self._closed = True
         self._idle.clear()
+        # Wake the requests waiting for a slot (held by streams whose readers do not pull,
+        # say): the first sees the pool closed and releases its slot to the next, and so on.
+        self._slots.release()
         for lookup in list(self._resolving.values()):
             lookup.cancel()  # (nobody can use its answer now)
         for conn in list(self._open):
@@ -781,14 +799,20 @@ class Pool:
                 conn.close()
 
 
-def _bare_lf_head_end(buffer: bytearray) -> tuple[int, int]:
-    """Where a head whose lines end in a bare LF ends, and the length of the blank line
-    that ends it (LF, then LF or CRLF); the end is -1 when no such line has arrived."""
+def _head_end(buffer: bytearray) -> tuple[int, int]:
+    """Where the response head in ``buffer`` ends, and the length of the blank line that
+    ends it (CRLF CRLF; or, for lines ended by a bare LF, LF then LF or CRLF): the first
+    blank line, whatever kind a body that came in the same read holds. The end is -1
+    while no blank line has arrived."""
     # RFC 9112 2.2: a recipient may take a bare LF as a line's end (old servers, scripts).
-    lf, crlf = buffer.find(b"\n\n"), buffer.find(b"\n\r\n")
-    if crlf >= 0 and (lf < 0 or crlf < lf):
-        return crlf, 3
-    return lf, 2
+    crlf = buffer.find(b"\r\n\r\n")
+    stop = crlf if crlf >= 0 else len(buffer)  # (a bare-LF blank line must come before it)
+    best, blank = crlf, 4
+    for pattern, size in ((b"\n\n", 2), (b"\n\r\n", 3)):
+        at = buffer.find(pattern, 0, stop)
+        if at >= 0:
+            best, blank, stop = at, size, at
+    return best, blank
 
 
 def _parse_head(head: str) -> tuple[int, dict[str, str], bool]:

@@ -8,7 +8,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Mapping
+from collections.abc import AsyncIterator, Hashable, Iterable, Mapping
 from typing import Literal
 from urllib.parse import urljoin, urlsplit
 
@@ -43,7 +43,30 @@ def _warn_unverified_once() -> None:
 def _origin(url: str) -> tuple[str, str | None, int | None]:
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
-    return scheme, parts.hostname, parts.port or _DEFAULT_PORTS.get(scheme)
+    port = parts.port  # (0 is a port of its own, not the default)
+    return scheme, parts.hostname, _DEFAULT_PORTS.get(scheme) if port is None else port
+
+
+class _Clock:
+    """A request's ``timeout``, counted only while it holds a connection slot (over its
+    redirect hops): with max_connections below the loader's concurrency, a request queued
+    behind busy connections is not late."""
+
+    __slots__ = ("left", "scope", "started")
+
+    def __init__(self, scope: anyio.CancelScope, seconds: float) -> None:
+        self.scope, self.left = scope, seconds
+        self.started: float | None = None
+
+    def start(self) -> None:
+        self.started = anyio.current_time()
+        self.scope.deadline = self.started + self.left
+
+    def pause(self) -> None:
+        if self.started is not None:
+            self.left -= anyio.current_time() - self.started
+            self.started = None
+            self.scope.deadline = math.inf
 
 
 def _is_http(url: str) -> bool:
@@ -145,8 +168,14 @@ class HTTPSource(AsyncDataset[bytes]):
                 url.startswith(("http://", "https://")) or _is_http(url)
             ):
                 raise ValueError(f"HTTPSource: not an http(s) URL: {redact_url(str(url))!r}")
-        if timeout is not None and timeout <= 0:
-            raise ValueError(f"HTTPSource: timeout must be > 0 seconds, got {timeout}")
+        if timeout is not None and (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, (int, float))
+            or not 0 < timeout < math.inf  # (NaN too)
+        ):
+            raise ValueError(
+                f"HTTPSource: timeout must be a finite number of seconds > 0, got {timeout!r}"
+            )
         for name, value, minimum in (
             ("max_connections", max_connections, 1),
             ("max_bytes", max_bytes, 1),
@@ -197,19 +226,12 @@ class HTTPSource(AsyncDataset[bytes]):
         timeout = self.timeout
         if timeout is None:
             return await self._get(url)
-        # The clock starts once a connection is ours: with max_connections below the
-        # loader's concurrency, a request queued behind busy connections is not late.
         with anyio.CancelScope() as scope:
-
-            def start_clock() -> None:
-                if scope.deadline == math.inf:  # (a redirect's next request: still running)
-                    scope.deadline = anyio.current_time() + timeout
-
-            return await self._get(url, start_clock)
+            return await self._get(url, _Clock(scope, timeout))
         raise TimeoutError(f"HTTPSource: no whole answer within {timeout} s ({redact_url(url)})")
 
-    async def _get(self, url: str, on_connection: Callable[[], None] | None = None) -> bytes:
-        response = await self._open(url, on_connection=on_connection)
+    async def _get(self, url: str, clock: _Clock | None = None) -> bytes:
+        response = await self._open(url, clock=clock)
         try:
             return await response.read(self.max_bytes)
         except _UNNAMED_ERRORS as exc:
@@ -222,6 +244,9 @@ class HTTPSource(AsyncDataset[bytes]):
         bytes: for streams (tar shards) too large to hold whole. The same checks as a
         sample, but for ``max_bytes``; ``timeout`` bounds the connection and each wait for
         data rather than the whole body."""
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            # (0 would yield b"" for ever)
+            raise ValueError(f"iter_chunks: chunk_size must be an int >= 1, got {chunk_size!r}")
         response = await self._open(url, read_timeout=self.timeout)
         try:
             async for chunk in response.chunks(chunk_size):
@@ -235,18 +260,19 @@ class HTTPSource(AsyncDataset[bytes]):
         self,
         url: str,
         read_timeout: float | None = None,
-        on_connection: Callable[[], None] | None = None,
+        clock: _Clock | None = None,
     ) -> Response:
         """A 2xx response to a GET of ``url``, after the redirects the policy allows; its
         body not yet read: the caller reads it and must ``release()`` it on every path.
-        ``on_connection`` is called as each request gets its connection slot."""
+        ``clock`` runs while a request holds its connection slot."""
         first = url
         pool = self._pools.get()
         with_headers = True
+        on_slot = None if clock is None else clock.start
         try:
             for _ in range(self.max_redirects + 1):
                 response = await pool.get(
-                    url, with_headers=with_headers, timeout=read_timeout, on_slot=on_connection
+                    url, with_headers=with_headers, timeout=read_timeout, on_slot=on_slot
                 )
                 if 200 <= response.status < 300:
                     return response
@@ -264,6 +290,8 @@ class HTTPSource(AsyncDataset[bytes]):
                     )
                 finally:
                     response.release()
+                    if clock is not None:  # (the next hop waits for a slot off the clock)
+                        clock.pause()
             raise HTTPStatusError(
                 response.status,
                 redact_url(first),
