@@ -352,6 +352,10 @@ class Epoch(_Assembly):
         units = self.units
         self._unit = units.chunk if isinstance(units, MapUnits) else 1
         self.workers = max(1, concurrency // self._unit)
+        if isinstance(units, MapUnits):
+            # No more workers than units to fetch: concurrency=100_000 over 10 samples
+            # started 100,000 tasks (seconds and hundreds of MB for nothing).
+            self.workers = min(self.workers, max(1, -(-(units.end - units.next) // self._unit)))
         self._send: MemoryObjectSendStream[Item]
         self.receive: MemoryObjectReceiveStream[Item]
         self._send, self.receive = anyio.create_memory_object_stream[Item](prefetch)

@@ -16,12 +16,13 @@ that sharding, DataLoader workers and resume work on them as on fixed-count batc
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from .collate import default_collate
+from .collate import _dicts_error, _raise, default_collate
 
 __all__ = [
     "HOLE",
@@ -241,8 +242,11 @@ class BudgetBatcher:
 
     def resume(self, start: int, delivered: set[int]) -> None:
         """The first bucket starts at position ``start`` (a multiple of ``bucket``),
-        re-fetched whole; of its batches, those whose positions are all in ``delivered``
-        were sent before the save and are not sent again."""
+        re-fetched whole; its samples at ``delivered`` positions were sent before the save
+        and are not sent again. Saved by the same batching, whole batches were: those
+        are left out, and the others are the uninterrupted epoch's. (A state saved
+        otherwise, unordered or under DataLoader workers, cut other batches: what was
+        delivered leaves the batches that hold it, nothing is sent twice.)"""
         assert self.bucket is not None
         self.number = start // self.bucket
         self.delivered = delivered
@@ -252,7 +256,9 @@ class BudgetBatcher:
         return bool(self.values)
 
     def add(self, value: Any, position: int) -> Batch | list[Batch] | None:
-        cost = int(self.cost(value))
+        cost = self.cost(value)
+        if type(cost) is not int or cost < 0:
+            cost = _whole_cost(cost)
         if self.bucket is None:
             ready = None
             if self.values and (
@@ -305,12 +311,37 @@ class BudgetBatcher:
         self.number, self.filled = self.number + 1, 0
         if self.delivered:  # the bucket a resume re-fetched: what it sent before, not again
             delivered, self.delivered = self.delivered, set()
-            kept = [batch for batch in batches if not delivered.issuperset(batch[1])]
-            self.discarded += sum(len(values) for values, _ in batches) - sum(
-                len(values) for values, _ in kept
-            )
-            batches = kept
+            batches = self._without(batches, delivered)
         return batches
+
+    def _without(self, batches: list[Batch], delivered: set[int]) -> list[Batch]:
+        """``batches`` without the samples (and dropped positions) at ``delivered``
+        positions; batches left with no sample go, their other dropped positions with the
+        next batch kept."""
+        kept: list[Batch] = []
+        carried: list[int] = []
+        for values, positions in batches:
+            pairs = [(v, p) for v, p in zip(values, positions, strict=False) if p not in delivered]
+            loose = [p for p in positions[len(values) :] if p not in delivered]
+            self.discarded += len(values) - len(pairs)
+            if not pairs:
+                carried += loose
+                continue
+            kept.append(([v for v, _ in pairs], [p for _, p in pairs] + loose + carried))
+            carried = []
+        self.loose.extend(carried)
+        return kept
+
+
+def _whole_cost(cost: Any) -> int:
+    """A ``batch_cost`` result as a whole cost: a fraction rounded up (0.9 is not free)."""
+    try:
+        value = float(cost)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (0 <= value < math.inf):  # (NaN too)
+        raise ValueError(f"batch_cost returned {cost!r}: a cost is a finite number >= 0")
+    return math.ceil(value)
 
 
 class PadCollate:
@@ -330,6 +361,7 @@ class PadCollate:
     def __call__(self, samples: list[Any]) -> Any:
         first = samples[0]
         if isinstance(first, Mapping):
+            _raise(_dicts_error(samples, first))  # (keys that differ, not a bare KeyError)
             out: dict[str, Any] = {}
             for key in first:
                 column = [s[key] for s in samples]

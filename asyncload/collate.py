@@ -40,9 +40,11 @@ def default_collate(samples: Sequence[Any]) -> Any:
             except ValueError:
                 _raise(_kinds_error(samples, _array_types()) or _shapes_error(samples))
             else:
-                if batch.dtype.kind != "O":
+                kind_of = batch.dtype.kind
+                if kind_of != "O" and (kind_of not in "SU" or first.dtype.kind in "SU"):
                     return batch
-                # An object batch from arrays that are not: a None or another object got in.
+                # An object batch from arrays that are not (a None or another object got
+                # in), or a text one from numbers (a string got in).
                 _raise(_kinds_error(samples, _array_types()))
         return np.stack(samples)
     # torch only when it is imported: samples cannot be tensors otherwise (subclasses such
@@ -64,6 +66,9 @@ def default_collate(samples: Sequence[Any]) -> Any:
         # Another subclass (np.memmap): a plain array of the values.
         return np.stack([np.asarray(s) for s in samples])
     if isinstance(first, (str, bytes, bytearray, memoryview)):
+        # As a string among numbers fails below, so does a number among strings (None,
+        # an on_error substitute, may stand for a text).
+        _raise(_kinds_error(samples, (*_TEXT, bytearray, memoryview, type(None))))
         return list(samples)
     if isinstance(first, (numbers.Number, np.generic)):
         try:
@@ -81,6 +86,8 @@ def default_collate(samples: Sequence[Any]) -> Any:
     if isinstance(first, (tuple, list)):
         try:
             for i, s in enumerate(samples):
+                if not isinstance(s, (tuple, list)):  # (a string of the right length too)
+                    _raise(_kinds_error(samples, (tuple, list)))
                 if len(s) != len(first):
                     raise ValueError(
                         f"default_collate: the samples' tuples or lists differ in length: "
@@ -111,13 +118,14 @@ def _array_types() -> tuple[type, ...]:
 
 
 def _collate_dicts(samples: Sequence[Any], first: Mapping[Any, Any]) -> dict[Any, Any]:
-    # Every sample has the first's keys (else KeyError below), so equal sizes mean equal
-    # key sets: one C-level pass instead of a key-set comparison per sample.
+    # Plain dicts: every sample has the first's keys (else KeyError below), so equal sizes
+    # mean equal key sets: one C-level pass instead of a key-set comparison per sample.
+    # Other mappings may answer a missing key (Counter, defaultdict): compared in full.
     try:
         uneven = sum(map(len, samples)) != len(first) * len(samples)
     except TypeError:  # a sample without len(): not a dict
         uneven = True
-    if uneven:
+    if uneven or not all(type(s) is dict for s in samples):
         _raise(_dicts_error(samples, first))
     batch = {}
     for key in first:

@@ -23,6 +23,7 @@ from typing import Any
 import anyio
 import numpy as np
 
+from ._callables import is_async_callable
 from ._fetch import ErrorPolicy, Fetcher
 from ._pipeline import Epoch, EpochIterator, InlineEpoch, MapUnits, StreamUnits
 from .batching import BudgetBatcher, CountBatcher, SlotBatcher, plan_slots, sample_cost
@@ -93,8 +94,9 @@ class Loader:
     :param shuffle_buffer: samples held by a stream's shuffle buffer.
     :param drift: an ``al.DriftMonitor`` observing each sample, checked at the epoch's end.
     :param batch_budget: the most total cost a batch may hold.
-    :param batch_cost: a sample's cost, ``fn(sample) -> int`` (default its bytes), or one
-        cost per dataset index, which plans equal batch counts on every rank.
+    :param batch_cost: a sample's cost, ``fn(sample) -> int`` (default its bytes; a
+        fraction is rounded up), or one cost per dataset index, which plans equal batch
+        counts on every rank.
     :param bucket: a window of samples sorted by cost before batches are cut.
     :param progress: show a tqdm progress bar.
     :param on_statistics: ``fn(snapshot)``, called with :meth:`statistics` every
@@ -207,8 +209,11 @@ class Loader:
             raise TypeError(f"on_statistics must be callable(snapshot), got {on_statistics!r}")
         _check_int("statistics_every", statistics_every, minimum=1)
         costs = _planned_costs(batch_cost, dataset)
-        if costs is not None and batch_budget is None and bucket is None:
+        if batch_cost is not None and batch_budget is None and bucket is None:
             raise ValueError("batch_cost needs a batch_budget or a bucket to cut batches by")
+        if callable(batch_cost) and is_async_callable(batch_cost):
+            # (Called for each sample as it is batched, outside any event loop's await.)
+            raise TypeError("batch_cost must be a plain function: an async one cannot be used")
         if drift is not None and not callable(getattr(drift, "observe", None)):
             raise TypeError(f"drift must be an al.DriftMonitor, got {type(drift).__name__}")
         if not (throttle is None or isinstance(throttle, (bool, Throttle))):
@@ -536,11 +541,14 @@ class Loader:
             # Buckets are cut from whole runs of positions: the bucket in progress at the
             # save is fetched again from its start and cut the same way, and its batches
             # sent before are left out, so the batches are the uninterrupted epoch's.
-            # (Its delivered positions are all in it: in order, a bucket's batches all go
-            # before the next bucket's.)
+            # (Saved in order by the same batching, its delivered positions are all in it;
+            # any beyond it, from a state saved otherwise, are not fetched again.)
             start = resume.watermark - resume.watermark % batcher.bucket
-            fetch_from = Progress(start)
-            batcher.resume(start, set(range(start, resume.watermark)) | resume.done)
+            end = start + batcher.bucket
+            fetch_from = Progress(start, (p for p in resume.done if p >= end))
+            batcher.resume(
+                start, set(range(start, resume.watermark)) | {p for p in resume.done if p < end}
+            )
         units: MapUnits | StreamUnits
         if isinstance(self.dataset, AsyncDataset):
             # A chunk is one getitems call. In memory nothing is in flight, so a whole batch
@@ -664,10 +672,12 @@ class Loader:
                 )
             bs = self.batch_size or 1
             # The DataLoader takes a batch from worker 0 first, then 1, ...: worker 0 gets
-            # the share that holds the first batch not yet delivered, so that the rest of
+            # the share whose turn came next when the state was saved, so that the rest of
             # the epoch comes in the loader's order (each share as the workers that saved
-            # the state had it, renumbered).
-            worker = (worker + resume.watermark // bs) % num_workers
+            # the state had it, renumbered). States that do not count their batches: one
+            # per batch_size positions, as fixed counts cut them.
+            taken = resume.batches or resume.watermark // bs
+            worker = (worker + taken) % num_workers
             clone._resume = worker_progress(resume, bs, worker, num_workers)
         clone.worker, clone.num_workers = worker, num_workers
         return clone

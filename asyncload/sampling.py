@@ -222,13 +222,17 @@ class Progress:
     plus the (few) done positions above it. Unordered loading finishes positions out of order;
     the set above the watermark stays within the loader's in-flight window."""
 
-    def __init__(self, watermark: int = 0, done: Iterable[int] = ()) -> None:
+    def __init__(self, watermark: int = 0, done: Iterable[int] = (), batches: int = 0) -> None:
         self.watermark = watermark
         self.done: set[int] = set(done)
+        # Batches delivered: where a DataLoader's turn over its workers stood (see
+        # Loader.for_worker); with buckets or budgets, not the positions over batch_size.
+        self.batches = batches
 
     def mark(self, positions: Sequence[int], *, contiguous: bool = False) -> None:
-        """Record ``positions`` as delivered. ``contiguous`` promises they are increasing (the
-        ordered case), which makes the common case O(1)."""
+        """Record ``positions`` as delivered, one batch. ``contiguous`` promises they are
+        increasing (the ordered case), which makes the common case O(1)."""
+        self.batches += 1
         if (
             contiguous
             and positions
@@ -252,11 +256,13 @@ class Progress:
         return self.watermark == 0 and not self.done
 
     def state(self) -> dict[str, Any]:
-        return {"watermark": self.watermark, "done": sorted(self.done)}
+        return {"watermark": self.watermark, "done": sorted(self.done), "batches": self.batches}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> Progress:
-        return cls(int(state["watermark"]), (int(p) for p in state["done"]))
+        # ("batches": not in states saved before it was kept)
+        batches = int(state.get("batches", 0))
+        return cls(int(state["watermark"]), (int(p) for p in state["done"]), batches)
 
 
 class WorkerProgress:
