@@ -194,7 +194,11 @@ class TorchLoader:
         elif loader.is_streaming:
             progress = WorkerProgress(workers, {0: resume} if resume is not None else None)
         else:
-            progress = Progress() if resume is None else Progress(resume.watermark, resume.done)
+            progress = (
+                Progress()
+                if resume is None
+                else Progress(resume.watermark, resume.done, resume.batches)
+            )
         iterator = iter(data_loader)
         loader._resume, loader._progress, loader._finished = None, progress, False
         for batch, (worker, positions) in iterator:

@@ -509,7 +509,11 @@ class Loader:
                 "resumes with the same number of workers, through Loader.to_torch_loader()"
             )
         self._resume = None
-        progress = Progress() if resume is None else Progress(resume.watermark, resume.done)
+        progress = (
+            Progress()
+            if resume is None
+            else Progress(resume.watermark, resume.done, resume.batches)
+        )
         self._progress, self._finished = progress, False
         self._stats = stats = LoaderStats()
         stats.start()
