@@ -119,15 +119,6 @@ def _third_party_transient(exc: BaseException) -> bool:
             return True
         if isinstance(exc, aiohttp.ClientResponseError):
             return _is_retryable_status(exc.status)
-    requests = sys.modules.get("requests.exceptions")
-    if requests is not None:
-        if isinstance(
-            exc, (requests.ConnectionError, requests.Timeout, requests.ChunkedEncodingError)
-        ):
-            return True
-        response = getattr(exc, "response", None)
-        if isinstance(exc, requests.HTTPError) and response is not None:
-            return _is_retryable_status(response.status_code)
     urllib_error = sys.modules.get("urllib.error")
     if urllib_error is not None and isinstance(exc, urllib_error.URLError):
         # A failed connection ("connection refused") comes wrapped: judge what it wraps.
@@ -170,13 +161,12 @@ def is_transient(exc: BaseException) -> bool:
     Transient: ``ConnectionError``, ``TimeoutError`` (what ``anyio.fail_after`` raises),
     network ``OSError``s (by errno), `HTTPStatusError` with status 408, 429 or >= 500,
     `TruncatedBodyError`, aiohttp connection/payload/timeout errors (and its
-    ``ClientResponseError`` with a retryable status), requests' connection, timeout and
-    chunked-encoding errors (and its ``HTTPError`` with a retryable status), urllib's
-    ``URLError`` when the error it wraps is transient, any other exception with an HTTP
-    ``status`` attribute that is retryable (urllib's ``HTTPError``), botocore transport
-    errors, obstore errors whose message gives a retryable status or a connection,
-    request, timeout or interrupted-transfer failure, and S3-style errors whose class name,
-    error code (`HTTPStatusError.code` too) or message says ``SlowDown``,
+    ``ClientResponseError`` with a retryable status), urllib's ``URLError`` when the error
+    it wraps is transient, any other exception with a retryable HTTP ``status`` attribute
+    (urllib's ``HTTPError``), botocore transport errors, obstore errors whose message
+    gives a retryable status or a connection, request, timeout or interrupted-transfer
+    failure, and S3-style errors whose class name, error code (`HTTPStatusError.code`
+    too) or message says ``SlowDown``,
     ``InternalError``, ``ServiceUnavailable``, ``RequestTimeout``, ``Throttling``,
     ``TooManyRequests`` or ``RequestLimitExceeded``. An exception group is transient when
     every exception in it is.
