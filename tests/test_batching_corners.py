@@ -88,6 +88,18 @@ def test_pad_collate_refuses_dicts_that_differ_in_keys() -> None:
 # -- batchers and the Loader ------------------------------------------------------------------
 
 
+def bucketed(data: list[int]) -> al.Loader:
+    """Batches of up to 4 cut from buckets of 8 by a cost that scatters the samples."""
+    return al.Loader(
+        al.from_sequence(data),
+        batch_size=4,
+        bucket=8,
+        batch_cost=lambda x: (x * 7) % 13,
+        collate_fn=keep,
+        seed=1,
+    )
+
+
 @pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
 def test_bucketed_resume_under_dataloader_workers_yields_the_uninterrupted_batches() -> None:
     """api.md: a loaded state yields exactly the batches the original would have yielded
@@ -100,14 +112,7 @@ def test_bucketed_resume_under_dataloader_workers_yields_the_uninterrupted_batch
     data = list(range(32))
 
     def build() -> al.Loader:
-        return al.Loader(
-            al.from_sequence(data),
-            batch_size=4,
-            bucket=8,
-            batch_cost=lambda x: (x * 7) % 13,
-            collate_fn=keep,
-            seed=1,
-        )
+        return bucketed(data)
 
     def ints(batch: Any) -> list[int]:
         return [int(v) for v in batch]
@@ -252,14 +257,7 @@ def test_a_bucketed_state_from_dataloader_workers_resumes_without_workers_withou
     data = list(range(48))
 
     def build() -> al.Loader:
-        return al.Loader(
-            al.from_sequence(data),
-            batch_size=4,
-            bucket=8,
-            batch_cost=lambda x: (x * 7) % 13,
-            collate_fn=keep,
-            seed=1,
-        )
+        return bucketed(data)
 
     first = build()
     taken: list[int] = []

@@ -6,9 +6,7 @@ shard URLs, StratifiedSampler seeds."""
 from __future__ import annotations
 
 import contextlib
-import io
 import os
-import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,7 @@ import pytest
 from conftest import ASYNCIO_BACKENDS
 from test_loader import Hanging  # indices from `free` on never answer
 from test_mixing import Letters  # a sized stream that splits by the default stride
+from test_tar_and_mix_edges import collect, write_shard
 
 import asyncload as al
 from asyncload.sources import TarShardSource
@@ -24,21 +23,6 @@ from asyncload.streaming import aclosing
 
 pytestmark = pytest.mark.anyio
 ANYIO_BACKENDS = ASYNCIO_BACKENDS[:1]
-
-
-async def collect(loader: al.Loader) -> list[Any]:
-    async with loader:
-        return [x async for x in loader]
-
-
-def write_shard(path: Path, shard: int, samples: int) -> str:
-    with tarfile.open(path, "w") as tar:
-        for i in range(samples):
-            data = f"{shard}-{i}".encode()
-            info = tarfile.TarInfo(f"s{shard}/{i:03d}.txt")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return str(path)
 
 
 def open_files() -> list[str]:
