@@ -32,6 +32,7 @@ import errno
 import functools
 import hashlib
 import logging
+import operator
 import os
 import re
 import secrets
@@ -122,6 +123,9 @@ def _encode(obj: object, parts: list[bytes], whole: object) -> None:
         parts += (b"b%d:" % len(obj), obj)
     elif isinstance(obj, int):
         parts.append(b"i%x;" % obj)  # hex: no digit limit on huge ints
+    elif type(obj).__module__ == "numpy" and hasattr(obj, "__index__"):
+        # A numpy integer equals the int (a key_of or index may hand one): the same entry.
+        parts.append(b"i%x;" % operator.index(obj))
     elif obj is None:
         parts.append(b"n")
     elif isinstance(obj, tuple):

@@ -257,3 +257,22 @@ def test_throttle_floor_at_the_concurrency_is_accepted() -> None:
         al.from_sequence([1, 2, 3]), concurrency=4, throttle=Throttle(min_concurrency=4)
     )
     assert loader.statistics()["concurrency_limit"] == 4
+
+
+def test_retry_and_breaker_counts_take_numpy_integers() -> None:
+    """Counts computed with numpy (as batch_size and concurrency already may be) were
+    refused with "must be an int, not int64"."""
+    retry = al.Retry(attempts=np.int64(3))
+    assert retry.attempts == 3 and type(retry.attempts) is int
+    breaker = al.CircuitBreaker(failure_threshold=np.int32(2))
+    threshold = breaker._machine.failure_threshold
+    assert threshold == 2 and type(threshold) is int
+    with pytest.raises(TypeError, match="attempts"):
+        al.Retry(attempts=np.float64(3))
+
+
+def test_a_numpy_integer_key_names_the_same_disk_cache_entry_as_the_int() -> None:
+    from asyncload.disk_cache import encode_key
+
+    assert encode_key(np.int64(5)) == encode_key(5)
+    assert encode_key(("a", np.uint16(7))) == encode_key(("a", 7))

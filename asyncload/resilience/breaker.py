@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import math
+import operator
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -143,11 +144,12 @@ class BreakerState:
 
 
 def _check_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
+    number = operator.index(value)  # (a numpy integer too)
+    if number < 1:
+        raise ValueError(f"{name} must be >= 1, got {number}")
+    return number
 
 
 class CircuitBreaker:

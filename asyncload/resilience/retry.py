@@ -7,6 +7,7 @@ Sleep, clock and randomness are injectable so tests record delays instead of wai
 from __future__ import annotations
 
 import math
+import operator
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -115,8 +116,9 @@ class Retry:
         clock: Callable[[], float] | None = None,
         rng: _Random | None = None,
     ) -> None:
-        if isinstance(attempts, bool) or not isinstance(attempts, int):
+        if isinstance(attempts, bool) or not hasattr(attempts, "__index__"):
             raise TypeError(f"attempts must be an int, not {type(attempts).__name__}")
+        attempts = operator.index(attempts)  # (a numpy integer too)
         if attempts < 1:
             raise ValueError(f"attempts must be >= 1, got {attempts}")
         if jitter not in _JITTERS:
