@@ -157,17 +157,19 @@ def _sample_error(index: int, key: Hashable | None, exc: BaseException) -> Sampl
     return error
 
 
-def fresh_containers(sample: Any) -> Any:
-    """``sample`` with its dicts, lists and tuples copied (at every depth); what they hold
-    (arrays, bytes, numbers) is shared."""
+def map_leaves(sample: Any, leaf: Callable[[Any], Any]) -> Any:
+    """``sample`` with its dicts, lists and tuples made anew (at every depth) and ``leaf``
+    applied to what they hold (arrays, bytes, numbers)."""
     kind = type(sample)
     if kind is dict:
-        return {key: fresh_containers(value) for key, value in sample.items()}
-    if kind is list:
-        return [fresh_containers(value) for value in sample]
-    if kind is tuple:
-        return tuple(fresh_containers(value) for value in sample)
-    return sample
+        return {key: map_leaves(value, leaf) for key, value in sample.items()}
+    if kind is list or kind is tuple:
+        return kind(map_leaves(value, leaf) for value in sample)
+    return leaf(sample)
+
+
+def _same(value: Any) -> Any:
+    return value
 
 
 class Fetcher:
@@ -218,7 +220,7 @@ class Fetcher:
             return _no_index  # a stream: samples arrive from its iterator, not by index
         get: Callable[[int], Awaitable[Any]] = self.dataset.__getitem__
         if self.timeout is not None:
-            get = _with_timeout(get, self.timeout)
+            get = with_timeout(get, self.timeout)
         if breaker is not None:
             get = _through_breaker(get, breaker)
         if gate is not None:
@@ -302,7 +304,7 @@ class Fetcher:
         try:
             if self.transform is not None:
                 if self._own_containers:
-                    sample = fresh_containers(sample)
+                    sample = map_leaves(sample, _same)
                 sample = await call_maybe_async(self.transform, sample)
             if self.validate is not None:
                 verdict = await call_maybe_async(self.validate, sample)
@@ -331,7 +333,7 @@ async def _no_index(index: int) -> Any:
     raise TypeError("a streaming dataset has no indices")
 
 
-def _with_timeout(
+def with_timeout(
     get: Callable[[int], Awaitable[Any]], seconds: float
 ) -> Callable[[int], Awaitable[Any]]:
     async def get_within(index: int) -> Any:

@@ -10,6 +10,8 @@ import numpy as np
 import torch.utils.data
 from torch.multiprocessing.reductions import reduce_tensor
 
+from ._fetch import map_leaves
+
 if TYPE_CHECKING:
     from .loader import Loader
 
@@ -100,7 +102,7 @@ class LoaderIterableDataset(torch.utils.data.IterableDataset[Any]):
         # Single samples from a cache are the cache's own arrays, read-only: DataLoader's
         # default_convert would wrap them in writable tensors over the cache's memory.
         if loader.batch_size is None and loader.cache is not None:
-            iterator_out: Iterator[Any] = map(_own_arrays, iterator)
+            iterator_out: Iterator[Any] = (map_leaves(s, _writable) for s in iterator)
         else:
             iterator_out = iterator
         try:
@@ -116,15 +118,11 @@ class LoaderIterableDataset(torch.utils.data.IterableDataset[Any]):
         return len(self.loader)
 
 
-def _own_arrays(sample: Any) -> Any:
-    """``sample`` with its read-only numpy arrays copied (in dicts, lists and tuples)."""
-    if isinstance(sample, np.ndarray):
-        return sample if sample.flags.writeable else sample.copy()
-    if type(sample) is dict:
-        return {key: _own_arrays(value) for key, value in sample.items()}
-    if type(sample) in (list, tuple):
-        return type(sample)(_own_arrays(value) for value in sample)
-    return sample
+def _writable(value: Any) -> Any:
+    """A read-only numpy array copied; anything else as it is."""
+    if isinstance(value, np.ndarray) and not value.flags.writeable:
+        return value.copy()
+    return value
 
 
 class TorchLoader:
@@ -194,11 +192,7 @@ class TorchLoader:
         elif loader.is_streaming:
             progress = WorkerProgress(workers, {0: resume} if resume is not None else None)
         else:
-            progress = (
-                Progress()
-                if resume is None
-                else Progress(resume.watermark, resume.done, resume.batches)
-            )
+            progress = Progress() if resume is None else resume.copy()
         iterator = iter(data_loader)
         loader._resume, loader._progress, loader._finished = None, progress, False
         for batch, (worker, positions) in iterator:

@@ -509,11 +509,7 @@ class Loader:
                 "resumes with the same number of workers, through Loader.to_torch_loader()"
             )
         self._resume = None
-        progress = (
-            Progress()
-            if resume is None
-            else Progress(resume.watermark, resume.done, resume.batches)
-        )
+        progress = Progress() if resume is None else resume.copy()
         self._progress, self._finished = progress, False
         self._stats = stats = LoaderStats()
         stats.start()

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
-import anyio
 import numpy as np
 
+from ._fetch import with_timeout
 from .datasets import DROPPED, AsyncDataset, AsyncIterableDataset
 from .errors import SampleFiltered
 from .streaming import StreamEpoch, StreamError, aclosing, close_stream, equal_length
@@ -148,14 +148,6 @@ class MixedDataset(AsyncIterableDataset[Any]):
             await dataset.aclose()
 
 
-async def _fetch_within(dataset: AsyncDataset[Any], index: int, seconds: float | None) -> Any:
-    if seconds is None:
-        return await dataset[index]
-    with anyio.move_on_after(seconds):
-        return await dataset[index]
-    raise TimeoutError(f"no answer within timeout={seconds} s for sample {index} of {dataset!r}")
-
-
 def _size(dataset: AsyncDataset[Any] | AsyncIterableDataset[Any]) -> int | None:
     return len(dataset) if isinstance(dataset, AsyncDataset) else dataset.num_samples()
 
@@ -168,10 +160,13 @@ async def _map_share(
     before it), so that the shares differ by at most one sample, as DistributedSampler's."""
     n = len(dataset)
     order = spec.rng(salt).permutation(n).tolist() if spec.shuffle else range(n)
+    # Each fetch under the Loader's timeout (per attempt) and retry, as map-style datasets
+    # are fetched outside a mix.
+    get: Callable[[int], Awaitable[Any]] = dataset.__getitem__
+    if spec.timeout is not None:
+        get = with_timeout(get, spec.timeout)
     for i in order[(spec.slot - offset) % spec.shares :: spec.shares]:
-        # Each fetch under the Loader's timeout (per attempt) and retry, as map-style
-        # datasets are fetched outside a mix.
-        fetch = functools.partial(_fetch_within, dataset, i, spec.timeout)
+        fetch = functools.partial(get, i)
         try:
             if spec.retry is None:
                 yield await fetch()

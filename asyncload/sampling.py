@@ -247,6 +247,9 @@ class Progress:
             self.done.remove(self.watermark)
             self.watermark += 1
 
+    def copy(self) -> Progress:
+        return Progress(self.watermark, self.done, self.batches)
+
     def __contains__(self, position: int) -> bool:
         return position < self.watermark or position in self.done
 

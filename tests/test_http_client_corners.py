@@ -17,6 +17,7 @@ from typing import Any
 
 import anyio
 import pytest
+import test_http_corners
 
 from asyncload.sources import HTTPSource
 
@@ -32,57 +33,16 @@ def ok(body: bytes, extra: bytes = b"") -> bytes:
 Answer = Callable[[bytes], Awaitable[bytes | None]]
 
 
-class Server:
-    """``asyncio.start_server`` on 127.0.0.1: each request head read is handed to
-    ``answer(target)``, whose bytes are written back (None: close the connection)."""
+class Server(test_http_corners.Server):
+    """test_http_corners' server, each request head read handed to ``answer(target)``,
+    whose bytes are written back (None: close the connection)."""
 
     def __init__(self, answer: Answer) -> None:
-        self.answer = answer
-        self.targets: list[bytes] = []
-        self.base = ""
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._writers: list[asyncio.StreamWriter] = []
+        super().__init__()
+        self._answer = answer
 
-    def url(self, path: str) -> str:
-        return self.base + path
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        self._writers.append(writer)
-        try:
-            while True:
-                try:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                except (asyncio.IncompleteReadError, ConnectionError):
-                    return
-                target = head.split(b" ", 2)[1]
-                self.targets.append(target)
-                data = await self.answer(target)
-                if data is None:
-                    return
-                writer.write(data)
-                await writer.drain()
-        except (ConnectionError, asyncio.CancelledError):
-            pass
-        finally:
-            writer.close()
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.base = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
-
-    async def stop(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for writer in self._writers:
-            writer.close()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
+    async def answer(self, target: bytes) -> bytes | None:
+        return await self._answer(target)
 
 
 @contextlib.asynccontextmanager
@@ -107,6 +67,16 @@ async def outcome(fetch: Awaitable[Any]) -> Any:
         return await fetch
     except Exception as exc:
         return exc
+
+
+async def first_sample_error(url: str) -> Any:
+    """What ``await HTTPSource([url])[0]`` raises (or returns)."""
+    source = HTTPSource([url])
+    try:
+        with anyio.fail_after(SAFETY):
+            return await outcome(source[0])
+    finally:
+        await source.aclose()
 
 
 # -- iter_chunks: chunk_size below 1 ------------------------------------------------------------
@@ -297,13 +267,7 @@ async def test_a_host_that_is_not_valid_idna_names_the_url() -> None:
     bare ``UnicodeError`` of ``host.encode("idna")`` ("label empty or too long"), which
     names neither the URL nor HTTPSource (``_Target`` turns only its own RequestError into
     a named ValueError)."""
-    url = "http://b\u00fccher..example/x?token=SECRET"
-    source = HTTPSource([url])
-    try:
-        with anyio.fail_after(SAFETY):
-            error = await outcome(source[0])
-    finally:
-        await source.aclose()
+    error = await first_sample_error("http://b\u00fccher..example/x?token=SECRET")
     assert isinstance(error, ValueError), error
     assert "b\u00fccher..example/x" in str(error), str(error)
     assert "SECRET" not in str(error)
@@ -314,12 +278,7 @@ async def test_port_zero_is_not_taken_for_the_default_port() -> None:
     (the error even says ``Connect call failed ('127.0.0.1', 80)``), and ``_origin`` takes
     ``http://h:0/`` for the same origin as ``http://h/``. Port 0 is no port to connect to:
     a ValueError naming the URL, as for any other bad port."""
-    source = HTTPSource(["http://127.0.0.1:0/x"])
-    try:
-        with anyio.fail_after(SAFETY):
-            error = await outcome(source[0])
-    finally:
-        await source.aclose()
+    error = await first_sample_error("http://127.0.0.1:0/x")
     assert isinstance(error, ValueError), error
     assert "port" in str(error) and "', 80)" not in str(error), str(error)
 

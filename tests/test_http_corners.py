@@ -59,16 +59,24 @@ class Server:
                     return
                 target = head.split(b" ", 2)[1]
                 self.targets.append(target)
-                if target.startswith(b"/gate"):
-                    self.arrived += 1
-                    self.on_arrival(self.arrived)
-                    await self.release.wait()
-                writer.write(ANSWER)
+                data = await self.answer(target)
+                if data is None:
+                    return
+                writer.write(data)
                 await writer.drain()
         except (ConnectionError, asyncio.CancelledError):
             pass
         finally:
             writer.close()
+
+    async def answer(self, target: bytes) -> bytes | None:
+        """The bytes to write back for a request of ``target`` (None: close the
+        connection); subclasses answer otherwise."""
+        if target.startswith(b"/gate"):
+            self.arrived += 1
+            self.on_arrival(self.arrived)
+            await self.release.wait()
+        return ANSWER
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -80,6 +88,8 @@ class Server:
         self._server.close()
         for writer in self._writers:
             writer.close()
+        for task in self._tasks:  # (an answer that never comes)
+            task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._server.wait_closed()
 
