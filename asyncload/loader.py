@@ -65,8 +65,9 @@ class Loader:
     each keyword's full contract.
 
     :param dataset: an ``AsyncDataset`` (map-style) or ``AsyncIterableDataset`` (a stream).
-    :param batch_size: samples per batch; ``None`` yields single samples, uncollated. With
-        ``batch_budget`` or ``bucket``, the most samples a batch may hold.
+    :param batch_size: samples per batch; ``None`` yields single samples, uncollated (a
+        ``collate_fn`` given is applied to each, as torch's DataLoader does without
+        batching). With ``batch_budget`` or ``bucket``, the most samples a batch may hold.
     :param shuffle: a permutation (streams: shard order and a shuffle buffer) that is a
         pure function of ``(seed, epoch)``, the same on every rank.
     :param seed: the shuffle seed.
@@ -559,7 +560,13 @@ class Loader:
         else:
             spec = replace(self._stream_epoch(), on_retry=stats.count_retry)
             units = StreamUnits(self.dataset, spec, fetch_from)
-        collate = _first if self.batch_size is None else (self.collate_fn or default_collate)
+        collate: Callable[[list[Any]], Any]
+        if self.batch_size is not None:
+            collate = self.collate_fn or default_collate
+        elif self.collate_fn is not None:
+            collate = functools.partial(_each, self.collate_fn)
+        else:
+            collate = _first
         # In memory under a plain for, the epoch's steps run on demand (see InlineEpoch).
         kind = InlineEpoch if inline and isinstance(units, MapUnits) else Epoch
         build = functools.partial(
@@ -1099,6 +1106,11 @@ def _sized(sampler: Iterable[int]) -> int:
 
 def _first(values: list[Any]) -> Any:
     return values[0]
+
+
+def _each(collate_fn: Callable[[Any], Any], values: list[Any]) -> Any:
+    # batch_size=None: the single sample, converted as torch's DataLoader converts it.
+    return collate_fn(values[0])
 
 
 def _holds_positions(state: dict[str, Any]) -> bool:

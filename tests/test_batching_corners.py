@@ -270,3 +270,20 @@ def test_a_bucketed_state_from_dataloader_workers_resumes_without_workers_withou
     resumed.load_state_dict(state)
     seen = taken + [int(v) for batch in resumed for v in batch]
     assert sorted(seen) == data, [v for v in set(seen) if seen.count(v) > 1]
+
+
+# -- batch_size=None ------------------------------------------------------------------------
+
+
+def test_collate_fn_converts_each_sample_without_batching() -> None:
+    """torch's DataLoader with ``batch_size=None`` applies a given ``collate_fn`` to each
+    sample; the Loader ignored it silently, so a conversion the user asked for never ran."""
+    loader = al.Loader(al.from_sequence([1, 2, 3]), batch_size=None, collate_fn=lambda x: x * 10)
+    assert list(loader) == [10, 20, 30]
+
+    async def consume() -> list[Any]:
+        return [sample async for sample in loader]
+
+    assert asyncio.run(consume()) == [10, 20, 30]
+    # Without one, samples come as they are (no list-wrapping, no conversion).
+    assert list(al.Loader(al.from_sequence([[1], [2]]), batch_size=None)) == [[1], [2]]

@@ -642,3 +642,17 @@ async def test_resume_at_random_points_equals_the_uninterrupted_run(
                 assert seen == full  # the epoch had ended: the state resumes a new pass
                 continue
             assert seen + rest == full, (rank, cut)
+
+
+def test_bad_source_options_are_refused_at_construction() -> None:
+    """A misspelled ``http_options`` keyword or a malformed ``s3_options`` endpoint was
+    only found when the first shard of that kind opened, mid-run; now construction
+    refuses it, naming the option."""
+    from asyncload.sources import TarShardSource
+
+    with pytest.raises(TypeError, match=r"http_options: .*max_conections"):
+        TarShardSource(["http://127.0.0.1:1/a.tar"], http_options={"max_conections": 2})
+    with pytest.raises(ValueError, match=r"s3_options: .*endpoint_url"):
+        TarShardSource(["s3://bucket/a.tar"], s3_options={"endpoint_url": "http://:99"})
+    # Options for a kind of shard that is not there are not used, so not checked.
+    TarShardSource(["/data/a.tar"], s3_options={"endpoint_url": "http://:99"})

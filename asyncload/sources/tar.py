@@ -116,6 +116,19 @@ class TarShardSource(AsyncIterableDataset[Sample]):
         self.s3_options = dict(s3_options or {})
         self._http: Any = None
         self._s3: dict[str, Any] = {}
+        # The shards' sources are made now, so that a bad option (an unknown keyword, a
+        # malformed endpoint_url) is refused here, naming it, not at the first shard of a
+        # run. Making them opens nothing: connections come per event loop, on first use.
+        for shard in self.shards:
+            try:
+                if shard.startswith(("http://", "https://")):
+                    option = "http_options"
+                    self._http_source()
+                elif shard.startswith("s3://"):
+                    option = "s3_options"
+                    self._s3_source(shard[len("s3://") :].partition("/")[0])
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"TarShardSource: {option}: {exc}") from exc
 
     def __repr__(self) -> str:
         return f"<TarShardSource of {len(self.shards)} shards>"
