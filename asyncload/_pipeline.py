@@ -359,6 +359,11 @@ class Epoch(_Assembly):
         self._send: MemoryObjectSendStream[Item]
         self.receive: MemoryObjectReceiveStream[Item]
         self._send, self.receive = anyio.create_memory_object_stream[Item](prefetch)
+        # prefetch=0: a batch is collated only once the consumer asks for it (the sender
+        # would otherwise hold one, collated, blocked in send()): next_item() counts a
+        # demand, and the sender or a worker handing over a batch meets it.
+        self._on_demand = prefetch == 0
+        self._demand = 0
         self._space_waiters: deque[Signal] = deque()  # workers waiting for room
         self._wake_sender: Signal | None = None
         # Units left to complete before the workers beyond the first batch's start.
@@ -529,6 +534,8 @@ class Epoch(_Assembly):
             if room.open_receive_streams and (
                 room.tasks_waiting_receive or room.current_buffer_used < room.max_buffer_size
             ):
+                if self._on_demand:
+                    self._demand -= 1  # (a consumer waits in receive(): it asked)
                 item = self._collated(*batch)
                 if item is not None:
                     self._send.send_nowait(item)
@@ -539,12 +546,14 @@ class Epoch(_Assembly):
     async def _sender(self) -> None:
         ready = self._ready
         while True:
-            if not ready:
-                if self._fetch_done:
+            if not ready or (self._on_demand and not self._demand):
+                if not ready and self._fetch_done:
                     return
                 event = self._wake_sender = self._signal()
                 await event.wait()
                 continue
+            if self._on_demand:
+                self._demand -= 1
             item = self._collated(*ready.popleft())
             if item is None:
                 return
@@ -584,6 +593,9 @@ class Epoch(_Assembly):
 
     async def next_item(self) -> Item | None:
         """The next batch, or None at the end of the epoch (then see :meth:`finish`)."""
+        if self._on_demand:
+            self._demand += 1
+            self._notify_sender()
         try:
             return await self.receive.receive()
         except (anyio.EndOfStream, anyio.ClosedResourceError):

@@ -126,7 +126,10 @@ class _Pump:
         self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.loop = asyncio.get_running_loop()
         self.thread = threading.get_ident()
-        self.credit = anyio.Semaphore(max(1, loader.prefetch))
+        # One credit per batch the queue may hold. prefetch=0 holds none: each next()
+        # grants the credit for the batch it then waits for (SyncIterator.__next__).
+        self.credit = anyio.Semaphore(loader.prefetch)
+        self.on_demand = loader.prefetch == 0
         self.go = anyio.Event()
         # Batches put in the queue (counted by the loop thread only) and taken from it (by
         # the consuming thread only): each counter has one writer, so none is lost.
@@ -234,6 +237,8 @@ class SyncIterator(Iterator[Any]):
     def __next__(self) -> Any:
         if self._closed:
             raise StopIteration
+        if self._pump.on_demand:
+            self._pump.grant()
         item = self._pump.queue.get()
         if self._closed:  # by close() from another thread while this one waited
             raise StopIteration
@@ -257,7 +262,8 @@ class SyncIterator(Iterator[Any]):
         except BaseException:  # an on_statistics callback raised: the loop ends with it
             self.close()
             raise
-        if not self._closed:  # (closed by the callback, or by another thread meanwhile)
+        if not self._closed and not self._pump.on_demand:
+            # (Not closed by the callback, or by another thread meanwhile.)
             self._pump.grant()
         self.last_positions = item[1]
         return item[0]

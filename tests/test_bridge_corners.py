@@ -262,3 +262,38 @@ def test_an_epoch_that_fails_to_start_still_ends_its_progress_report() -> None:
     with pytest.raises(IndexError, match="sampler gave index 99"):
         list(loader)
     assert len(got) == 1 and got[0]["batches"] == 0, got
+
+
+def test_prefetch_0_makes_no_batch_ahead_of_the_consumer() -> None:
+    """``prefetch=0``: no collated batch waits for the consumer. The epoch's sender
+    collated a batch and held it, blocked in its zero-slot stream, and the bridge's queue
+    took a credit of its own (``max(1, prefetch)``): a plain ``for`` held two collated
+    batches ahead of each ``next()``, ``async for`` one. Now a batch is collated only
+    once a consumer waits for it, so the wait below always runs out (not an ordering
+    guess: the fixed code cannot set the event before the second ``next()``)."""
+    from test_loader import Indexed
+
+    made: list[int] = []
+    second = threading.Event()
+
+    def collate(samples: list[int]) -> list[int]:
+        made.append(samples[0])
+        if len(made) == 2:
+            second.set()
+        return samples
+
+    loader = al.Loader(Indexed(6), batch_size=1, concurrency=1, prefetch=0, collate_fn=collate)
+    iterator = iter(loader)
+    assert next(iterator) == [0]
+    assert not second.wait(0.3), "a second batch was made before next() asked for it"
+    assert made == [0]
+    assert list(iterator) == [[1], [2], [3], [4], [5]]
+    assert made == [0, 1, 2, 3, 4, 5]
+
+    async def consume() -> None:
+        made.clear()
+        async for batch in loader:
+            assert made[-1:] == batch and len(made) == batch[0] + 1  # none made ahead
+            await asyncio.sleep(0)  # (the sender gets its turn to run ahead, if it would)
+
+    asyncio.run(consume())
