@@ -93,6 +93,7 @@ class ErrorPolicy:
             return Failure(error)
         budget = self._over_budget()
         if budget is not None:
+            stats.log_error(index, key, exc, "raised")
             return Failure(budget)
         if self.on_error == "skip":
             stats.skipped += 1
@@ -101,6 +102,7 @@ class ErrorPolicy:
         try:
             substitute = await call_maybe_async(self.on_error, index, exc)  # type: ignore[arg-type]
         except Exception as handler_exc:
+            stats.log_error(index, key, exc, "raised")
             handler_error = _sample_error(index, key, handler_exc)
             handler_error.__context__ = error
             return Failure(handler_error)

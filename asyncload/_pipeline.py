@@ -588,8 +588,10 @@ class Epoch(_Assembly):
 
     @property
     def buffered(self) -> int:
-        """Collated batches waiting for the consumer."""
-        return self.receive.statistics().current_buffer_used
+        """Collated batches waiting for the consumer (none once it has gone: a closed
+        stream still counts the batches it dropped)."""
+        room = self.receive.statistics()
+        return room.current_buffer_used if room.open_receive_streams else 0
 
     async def next_item(self) -> Item | None:
         """The next batch, or None at the end of the epoch (then see :meth:`finish`)."""

@@ -143,7 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     s3.add_argument(
         "--endpoint-url",
         type=_endpoint_url,
-        default=os.environ.get("AWS_ENDPOINT_URL") or None,
+        # (Not a default here: argparse would check $AWS_ENDPOINT_URL, set for some other
+        # tool, on every command. It is read, and checked, for an s3:// source only.)
+        default=None,
         help="an S3-compatible endpoint (default: $AWS_ENDPOINT_URL, else AWS)",
     )
     s3.add_argument("--region", default=None, help="default: from the environment")
@@ -285,11 +287,17 @@ def _preflight(spec: SourceSpec) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    endpoint_url = args.endpoint_url
+    if endpoint_url is None and str(args.source).startswith("s3://"):
+        endpoint_url = os.environ.get("AWS_ENDPOINT_URL") or None
+        problem = None if endpoint_url is None else endpoint_url_problem(endpoint_url)
+        if problem is not None:
+            raise ArgumentError("--endpoint-url", f"(from $AWS_ENDPOINT_URL) {problem}")
     spec = resolve(
         args.source,
         urls_file=args.urls,
         limit=args.limit,
-        s3=S3Options(endpoint_url=args.endpoint_url, region=args.region, anonymous=args.anonymous),
+        s3=S3Options(endpoint_url=endpoint_url, region=args.region, anonymous=args.anonymous),
     )
     _preflight(spec)
     what = {"http": "URLs", "files": "files", "s3": "objects"}[spec.kind]

@@ -91,7 +91,7 @@ def resolve(source: str | None, *, urls_file: str | None, limit: int, s3: S3Opti
     if source is not None and urls_file is not None:
         raise ArgumentError("--urls", "give SOURCE or --urls, not both")
     if urls_file is not None:
-        if not os.path.isfile(urls_file):
+        if not _readable_file(urls_file):
             raise ArgumentError("--urls", f"no such file: {urls_file!r}")
         return _url_list(urls_file, "--urls", limit)
     if source is None:
@@ -108,15 +108,21 @@ def resolve(source: str | None, *, urls_file: str | None, limit: int, s3: S3Opti
         )
     if os.path.isdir(source):
         return _directory(os.path.abspath(source), limit)
-    if os.path.isfile(source):
+    if _readable_file(source):
         return _url_list(source, "SOURCE", limit)
     raise ArgumentError("SOURCE", f"no such file or directory: {source!r}")
+
+
+def _readable_file(path: str) -> bool:
+    # Not os.path.isfile: a shell's <(...) is a pipe (/dev/fd/N), and open() says what
+    # is wrong with anything else that exists.
+    return os.path.exists(path) and not os.path.isdir(path)
 
 
 def _url_list(path: str, argument: str, limit: int) -> SourceSpec:
     urls: list[str] = []
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # (-sig: a BOM some editors write)
             for number, line in enumerate(f, 1):
                 url = line.strip()
                 if not url or url.startswith("#"):
