@@ -19,7 +19,7 @@ import anyio
 from ._callables import call_maybe_async
 from ._redact import redact_key
 from .cache import cache_key
-from .datasets import DROPPED, AsyncDataset, AsyncIterableDataset
+from .datasets import DROPPED, AsyncDataset, AsyncIterableDataset, _stream_key
 from .errors import (
     CircuitOpenError,
     ErrorBudgetExceeded,
@@ -303,6 +303,7 @@ class Fetcher:
         return Values(out) if clean else out
 
     async def finish(self, index: int, sample: Any) -> Any:
+        fetched = sample
         try:
             if self.transform is not None:
                 if self._own_containers:
@@ -320,7 +321,10 @@ class Fetcher:
             self.stats.filtered += 1
             return DROPPED
         except Exception as exc:
-            return await self.policy.failed(index, self._key(index), exc)
+            key = self._key(index)
+            if key is None:  # a stream's sample names itself (a tar sample's __key__)
+                key = _stream_key(fetched)
+            return await self.policy.failed(index, key, exc)
         return sample
 
     def _key(self, index: int) -> Hashable | None:

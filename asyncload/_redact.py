@@ -22,7 +22,10 @@ def redact_url(url: str) -> str:
 
 
 def redact_key(key: object) -> object:
-    """A sample key fit for a message or a log: URLs redacted, anything else as it is."""
+    """A sample key fit for a message or a log: URLs redacted, in tuples too (a concat
+    view's keys are ``(part, key)``), anything else as it is."""
     if isinstance(key, str) and "://" in key:
         return redact_url(key)
+    if type(key) is tuple:
+        return tuple(redact_key(item) for item in key)
     return key

@@ -8,6 +8,7 @@ dropped when that load ends, so a cache can be built anywhere and used from any 
 from __future__ import annotations
 
 import itertools
+import numbers
 import operator
 import os
 import sys
@@ -216,11 +217,11 @@ class _Flight:
 def _check_limit(name: str, value: object) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int or None, not {type(value).__name__}")
     if value < 1:
         raise ValueError(f"{name} must be >= 1 or None, got {value}")
-    return value
+    return int(value)  # (a numpy integer stored as int)
 
 
 def cache_key(dataset: AsyncDataset[Any], index: int) -> Hashable:

@@ -557,13 +557,18 @@ class TorchDataset(AsyncDataset[Any]):
             # (torch's Dataset base class has a __getitem__ that raises: an IterableDataset
             # with a __len__ would pass for map-style)
             raise TypeError("from_torch: dataset must be a map-style dataset with __len__")
-        if isinstance(max_threads, bool) or not isinstance(max_threads, int) or max_threads < 1:
+        # (__index__: a numpy integer too)
+        if (
+            isinstance(max_threads, bool)
+            or not hasattr(max_threads, "__index__")
+            or operator.index(max_threads) < 1
+        ):
             raise ValueError(f"from_torch: max_threads must be a positive int, got {max_threads!r}")
         self.dataset = dataset
-        self.max_threads = max_threads
+        self.max_threads = operator.index(max_threads)
         # A partial, not a lambda: the dataset pickles into DataLoader workers.
         self._limiters: PerLoop[anyio.CapacityLimiter] = PerLoop(
-            functools.partial(anyio.CapacityLimiter, max_threads)
+            functools.partial(anyio.CapacityLimiter, self.max_threads)
         )
 
     def __len__(self) -> int:

@@ -33,6 +33,8 @@ from .datasets import AsyncDataset, AsyncIterableDataset
 from .drift import DriftMonitor
 from .mixing import StratifiedSampler
 from .progress import Reporter
+from .resilience.breaker import CircuitBreaker
+from .resilience.retry import Retry
 from .resilience.throttle import ConcurrencyGate, Throttle
 from .sampling import (
     Plan,
@@ -185,13 +187,15 @@ class Loader:
                 raise TypeError(f"timeout must be a number of seconds or None, got {timeout!r}")
             if not 0 < timeout < math.inf:  # (NaN too)
                 raise ValueError(f"timeout must be > 0 seconds and finite, got {timeout}")
-        for name, obj, method in (
-            ("retry", retry, "run"),
-            ("breaker", breaker, "run"),
-            ("cache", cache, "get_or_load"),
+        for name, obj, method, other in (
+            # (other: what the keyword beside it takes; both have run(), so a swap of the
+            # two would pass the method check)
+            ("retry", retry, "run", (CircuitBreaker,)),
+            ("breaker", breaker, "run", (Retry,)),
+            ("cache", cache, "get_or_load", ()),
         ):
             if obj is not None and (
-                isinstance(obj, type) or not callable(getattr(obj, method, None))
+                isinstance(obj, (type, *other)) or not callable(getattr(obj, method, None))
             ):
                 # (A class has the method too: Loader(cache=al.LRUCache) forgot the ().)
                 what = f"the class {obj.__name__}" if isinstance(obj, type) else type(obj).__name__

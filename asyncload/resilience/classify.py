@@ -134,6 +134,14 @@ def _third_party_transient(exc: BaseException) -> bool:
         )
         if transport and isinstance(exc, transport):
             return True
+        client_error = getattr(botocore, "ClientError", None)
+        if client_error is not None and isinstance(exc, client_error):
+            # A 5xx with an empty body (any HEAD) or a proxy's page has no S3 code to go
+            # by ("503"): its HTTP status says it all.
+            metadata = exc.response.get("ResponseMetadata") or {}
+            status = metadata.get("HTTPStatusCode")
+            if type(status) is int and _is_retryable_status(status):
+                return True
     trio = sys.modules.get("trio")
     return trio is not None and isinstance(exc, trio.TooSlowError)
 
@@ -163,13 +171,13 @@ def is_transient(exc: BaseException) -> bool:
     `TruncatedBodyError`, aiohttp connection/payload/timeout errors (and its
     ``ClientResponseError`` with a retryable status), urllib's ``URLError`` when the error
     it wraps is transient, any other exception with a retryable HTTP ``status`` attribute
-    (urllib's ``HTTPError``), botocore transport errors, obstore errors whose message
-    gives a retryable status or a connection, request, timeout or interrupted-transfer
-    failure, and S3-style errors whose class name, error code (`HTTPStatusError.code`
-    too) or message says ``SlowDown``,
-    ``InternalError``, ``ServiceUnavailable``, ``RequestTimeout``, ``Throttling``,
-    ``TooManyRequests`` or ``RequestLimitExceeded``. An exception group is transient when
-    every exception in it is.
+    (urllib's ``HTTPError``), botocore transport errors and ``ClientError``s with a
+    retryable HTTP status, obstore errors whose message gives a retryable status or a
+    connection, request, timeout or interrupted-transfer failure, and S3-style errors
+    whose class name, error code (`HTTPStatusError.code` too) or message says
+    ``SlowDown``, ``InternalError``, ``ServiceUnavailable``, ``RequestTimeout``,
+    ``Throttling``, ``TooManyRequests`` or ``RequestLimitExceeded``. An exception group is
+    transient when every exception in it is.
 
     Permanent: cancellation and every other ``BaseException`` that is not an ``Exception``,
     ``FileNotFoundError``, ``PermissionError``, ``IsADirectoryError``,
