@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Final, Generic, NoReturn, TypeVar, final,
 import anyio.to_thread
 
 from ._callables import PerLoop, call_maybe_async, is_async_callable
+from ._threads import run_abandonable
 from .errors import SampleFiltered
 from .streaming import (
     StreamEpoch,
@@ -576,11 +577,9 @@ class TorchDataset(AsyncDataset[Any]):
 
     async def __getitem__(self, index: int) -> Any:
         i = normalize_index(index, len(self.dataset))
-        # abandon_on_cancel: a timeout (or close) must not wait for a read that hangs; the
-        # thread finishes on its own and its result is dropped.
-        return await anyio.to_thread.run_sync(
-            self.dataset.__getitem__, i, limiter=self._limiters.get(), abandon_on_cancel=True
-        )
+        # Abandoned on a timeout (or close): a read that hangs must not hold them up; the
+        # thread keeps its place among max_threads until it returns.
+        return await run_abandonable(self.dataset.__getitem__, i, limiter=self._limiters.get())
 
 
 def from_torch(dataset: Any, *, max_threads: int = 32) -> TorchDataset:

@@ -24,6 +24,7 @@ import numpy as np
 
 from ._callables import PerLoop, gather
 from ._redact import redact_key
+from ._threads import run_abandonable
 from .datasets import AsyncDataset, _dataset_token, normalize_index
 from .sources.files import FileSource, StrPath
 
@@ -430,7 +431,8 @@ class ImageFolder(AsyncDataset[tuple[Any, Any]]):
             return []
         limiter = self._limiters.get()
         if self._files is not None:
-            return await anyio.to_thread.run_sync(self._load_files, positions, limiter=limiter)
+            # Abandoned on a timeout (or close), as FileSource's reads: a stuck mount.
+            return await run_abandonable(self._load_files, positions, limiter=limiter)
         data = await self._fetch(positions)
         return await anyio.to_thread.run_sync(self._decode_many, data, positions, limiter=limiter)
 

@@ -437,6 +437,7 @@ class Loader:
             length=None if total is None else rank_share(total, shares, self.drop_last),
             retry=self.retry,
             timeout=self.timeout,
+            in_flight=self.concurrency,
         )
 
     def __len__(self) -> int:

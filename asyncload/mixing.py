@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
+import anyio
 import numpy as np
 
 from ._fetch import with_timeout
@@ -49,6 +51,8 @@ class MixedDataset(AsyncIterableDataset[Any]):
         *,
         stop: str = "first",
     ) -> None:
+        if isinstance(datasets, (AsyncDataset, AsyncIterableDataset)):
+            raise TypeError("mix: datasets must be a list of datasets, got one dataset")
         self.datasets = list(datasets)
         if not self.datasets:
             raise ValueError("mix: datasets is empty")
@@ -65,10 +69,11 @@ class MixedDataset(AsyncIterableDataset[Any]):
                 if w.ndim == 1
                 else "mix: weights must be a flat sequence"
             )
-        if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+        if not np.all(np.isfinite(w)) or np.any(w < 0) or not np.any(w > 0):
             raise ValueError(f"mix: weights must be >= 0 and not all 0, got {list(w)}")
         if stop not in ("first", "all"):
             raise ValueError(f'mix: stop must be "first" or "all", got {stop!r}')
+        w = w / w.max()  # (first: weights near the float maximum would sum to inf)
         self.weights = w / w.sum()
         self.stop = stop
 
@@ -90,13 +95,21 @@ class MixedDataset(AsyncIterableDataset[Any]):
         # previous part's left off, so that the shares differ by at most one sample (a
         # stream of unknown size counts 0: its shares may differ by more).
         offset = 0
+        # The map-style parts share the Loader's concurrency, each reading ahead its part.
+        by_index = sum(isinstance(d, AsyncDataset) for d in self.datasets)
+        ahead = max(1, spec.in_flight // max(1, by_index))
         for k, (dataset, weight) in enumerate(zip(self.datasets, self.weights, strict=True)):
             if isinstance(dataset, AsyncIterableDataset):
-                # Its share k of its own samples is share (k + offset) of the mix's.
+                # Its share k of its own samples is share (k + offset) of the mix's. Its
+                # shuffle is seeded apart (salted by k, as a map-style part's order is):
+                # mix([s, s.map(augment)]) must not deliver x and augment(x) in step.
                 slot = (spec.slot - offset) % spec.shares
-                parts.append(dataset.epoch_stream(dataclasses.replace(part_spec, slot=slot)))
+                seed = int(np.random.SeedSequence([spec.seed, k]).generate_state(1)[0])
+                parts.append(
+                    dataset.epoch_stream(dataclasses.replace(part_spec, slot=slot, seed=seed))
+                )
             else:
-                parts.append(_map_share(dataset, part_spec, salt=k, offset=offset))
+                parts.append(_map_share(dataset, part_spec, salt=k, offset=offset, ahead=ahead))
             offset += (_size(dataset) or 0) if weight > 0 else 0
         return parts
 
@@ -132,8 +145,17 @@ class MixedDataset(AsyncIterableDataset[Any]):
                     continue
                 yield item
         finally:
-            for part in parts:
-                await close_stream(part)
+            # Shielded, and every part whatever the others do: leaving the loader cancels
+            # this, and a part left open keeps its shards or connections.
+            with anyio.CancelScope(shield=True):
+                errors = []
+                for part in parts:
+                    try:
+                        await close_stream(part)
+                    except Exception as exc:
+                        errors.append(exc)
+                if errors:
+                    raise errors[0]
 
     async def __aiter__(self) -> AsyncIterator[Any]:
         async with aclosing(self.epoch_stream(StreamEpoch())) as stream:
@@ -153,29 +175,67 @@ def _size(dataset: AsyncDataset[Any] | AsyncIterableDataset[Any]) -> int | None:
 
 
 async def _map_share(
-    dataset: AsyncDataset[Any], spec: StreamEpoch, salt: int, offset: int
+    dataset: AsyncDataset[Any], spec: StreamEpoch, salt: int, offset: int, ahead: int = 1
 ) -> AsyncIterator[Any]:
     """A map-style dataset as a stream: this share's part of its (seeded) order, the
     parts' orders striped over the shares end to end (``offset``: the samples of the parts
-    before it), so that the shares differ by at most one sample, as DistributedSampler's."""
+    before it), so that the shares differ by at most one sample, as DistributedSampler's.
+
+    Up to ``ahead`` fetches run at once, in the epoch's task group (``spec.start_soon``),
+    and their outcomes come in order: a sample, ``DROPPED`` or a `StreamError`."""
     n = len(dataset)
     order = spec.rng(salt).permutation(n).tolist() if spec.shuffle else range(n)
+    indices = order[(spec.slot - offset) % spec.shares :: spec.shares]
     # Each fetch under the Loader's timeout (per attempt) and retry, as map-style datasets
     # are fetched outside a mix.
     get: Callable[[int], Awaitable[Any]] = dataset.__getitem__
     if spec.timeout is not None:
         get = with_timeout(get, spec.timeout)
-    for i in order[(spec.slot - offset) % spec.shares :: spec.shares]:
+
+    async def outcome(i: int) -> Any:
         fetch = functools.partial(get, i)
         try:
             if spec.retry is None:
-                yield await fetch()
-            else:
-                yield await spec.retry.run(fetch, on_retry=spec.on_retry)
+                return await fetch()
+            return await spec.retry.run(fetch, on_retry=spec.on_retry)
         except SampleFiltered:
-            yield DROPPED  # counted as filtered, and its position kept (exact resume)
+            return DROPPED  # counted as filtered, and its position kept (exact resume)
         except Exception as exc:
-            yield StreamError(exc, key=dataset.key_of(i))
+            return StreamError(exc, key=dataset.key_of(i))
+
+    start_soon = spec.start_soon
+    if ahead <= 1 or start_soon is None:
+        for i in indices:
+            yield await outcome(i)
+        return
+
+    async def fill(slot: _Slot, i: int) -> None:
+        slot.value = await outcome(i)
+        slot.done.set()
+
+    window: deque[_Slot] = deque()
+    for i in indices:
+        slot = _Slot()
+        start_soon(fill, slot, i)
+        window.append(slot)
+        if len(window) >= ahead:
+            head = window.popleft()
+            await head.done.wait()
+            yield head.value
+    while window:
+        head = window.popleft()
+        await head.done.wait()
+        yield head.value
+
+
+class _Slot:
+    """One fetch read ahead: its outcome, once ``done``."""
+
+    __slots__ = ("done", "value")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.value: Any = None
 
 
 class StratifiedSampler:

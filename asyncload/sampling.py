@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import operator
 import random
 import sys
 from collections.abc import Iterable, Iterator, Sequence
@@ -49,7 +50,7 @@ def epoch_order(
         if callable(set_epoch):
             set_epoch(epoch)
         with _global_rngs_seeded(seed, epoch):
-            order = [int(i) for i in sampler]
+            order = [_sampler_index(i) for i in sampler]
         for i in order:
             if not 0 <= i < n:
                 raise IndexError(f"sampler gave index {i}, out of range for {n} samples")
@@ -58,6 +59,15 @@ def epoch_order(
         permutation: Sequence[int] = np.random.default_rng([seed, epoch]).permutation(n)  # type: ignore[assignment]
         return permutation
     return range(n)
+
+
+def _sampler_index(i: object) -> int:
+    # Not int(): it truncates 1.5 to 1 (another sample, silently) and takes True as 1.
+    if not isinstance(i, bool):
+        with contextlib.suppress(TypeError):
+            return operator.index(i)  # type: ignore[arg-type]
+    hint = " (a batch sampler is not a sampler)" if isinstance(i, (list, tuple)) else ""
+    raise TypeError(f"sampler gave {i!r}, not an integer index{hint}")
 
 
 @contextlib.contextmanager

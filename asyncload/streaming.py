@@ -34,8 +34,11 @@ class StreamEpoch:
     order and the shuffle buffer of ``buffer_size`` samples; ``length`` is the number of
     samples every share yields (padding by repeating its stream, or stopping early), or
     ``None`` to yield what the share has. ``retry`` and ``timeout`` are the loader's, for
-    opening and reading shards; ``on_retry(attempt, exc, delay)`` counts retries. ``start_soon`` starts a background task in the epoch's task
-    group (for shard prefetching); those tasks are cancelled with the epoch.
+    opening and reading shards; ``on_retry(attempt, exc, delay)`` counts retries.
+    ``start_soon`` starts a background task in the epoch's task group (for shard
+    prefetching, a mix's read-ahead); those tasks are cancelled with the epoch.
+    ``in_flight``: the fetches a stream may keep going at once where it fetches by index
+    (a mix's map-style parts): the Loader's ``concurrency``.
     """
 
     slot: int = 0
@@ -49,6 +52,7 @@ class StreamEpoch:
     timeout: float | None = None
     on_retry: Callable[[int, Exception, float], object] | None = field(default=None, compare=False)
     start_soon: Callable[..., Any] | None = field(default=None, compare=False)
+    in_flight: int = field(default=1, compare=False)
 
     def rng(self, *salt: int) -> np.random.Generator:
         """A generator seeded by ``(seed, epoch, *salt)``: the same on every rank."""

@@ -37,18 +37,23 @@ class TieredCache:
     ``Loader(cache=...)`` does).
 
     As ``Loader(cache=...)``, the loader counts a lookup as a cache hit when the source was
-    not called, whichever tier answered. Raises ``ValueError`` with no tiers, ``TypeError``
-    for a tier without ``get_or_load``.
+    not called, whichever tier answered. Raises ``ValueError`` with no tiers or a tier given
+    twice, ``TypeError`` for a tier without ``get_or_load`` (or a class).
     """
 
     def __init__(self, *tiers: CacheTier) -> None:
         if not tiers:
             raise ValueError("TieredCache needs at least one tier")
         for i, tier in enumerate(tiers):
+            if isinstance(tier, type):  # (TieredCache(al.LRUCache, ...): the () forgotten)
+                raise TypeError(f"tier {i} is the class {tier.__name__}, not a cache object")
             if not callable(getattr(tier, "get_or_load", None)):
                 raise TypeError(
                     f"tier {i} ({type(tier).__name__}) has no get_or_load(key, load) method"
                 )
+            if any(tier is other for other in tiers[:i]):
+                # Its lookup would wait for its own single flight of the same key: a hang.
+                raise ValueError(f"tier {i} is the same cache object as an earlier tier")
         self.tiers = tiers
         self._hits = self._misses = 0
 

@@ -6,8 +6,7 @@ import os
 import pathlib
 from collections.abc import Hashable, Iterable, Sequence
 
-import anyio.to_thread
-
+from .._threads import run_abandonable
 from ..datasets import AsyncDataset, normalize_index
 
 __all__ = ["FileSource"]
@@ -116,14 +115,14 @@ class FileSource(AsyncDataset[bytes]):
 
     async def __getitem__(self, index: int) -> bytes:
         key = self.keys[normalize_index(index, len(self.keys))]
-        # abandon_on_cancel: a timeout (or close) must not wait for a read that hangs (a
-        # stuck network mount); the thread finishes on its own, its result dropped.
-        return await anyio.to_thread.run_sync(self._read, key, abandon_on_cancel=True)
+        # Abandoned on a timeout (or close): a read that hangs (a stuck network mount) must
+        # not hold them up; the thread finishes on its own, its result dropped.
+        return await run_abandonable(self._read, key)
 
     async def getitems(self, indices: Sequence[int]) -> list[bytes]:
         n = len(self.keys)
         keys = [self.keys[normalize_index(i, n)] for i in indices]
-        return await anyio.to_thread.run_sync(self._read_many, keys, abandon_on_cancel=True)
+        return await run_abandonable(self._read_many, keys)
 
     def key_of(self, index: int) -> Hashable:
         return self.keys[normalize_index(index, len(self.keys))]

@@ -12,9 +12,9 @@ from collections import deque
 from collections.abc import Hashable, Iterable, Sequence
 from typing import Any
 
-import anyio.to_thread
 import numpy as np
 
+from .._threads import run_abandonable
 from ..datasets import AsyncDataset, normalize_index
 
 __all__ = ["NpySource"]
@@ -195,16 +195,16 @@ class NpySource(AsyncDataset[np.ndarray]):
 
     async def __getitem__(self, index: int) -> np.ndarray:
         file, row = self.locate(index)
-        # abandon_on_cancel: a timeout (or close) must not wait for a page fault that hangs
-        # (a stuck network mount); the thread finishes on its own, its result dropped.
-        return await anyio.to_thread.run_sync(self._read_one, file, row, abandon_on_cancel=True)
+        # Abandoned on a timeout (or close): a page fault that hangs (a stuck network
+        # mount) must not hold them up; the thread finishes on its own, its result dropped.
+        return await run_abandonable(self._read_one, file, row)
 
     async def getitems(self, indices: Sequence[int]) -> list[np.ndarray]:
         """Rows ``indices`` in the order asked, copied out in one thread call."""
         locations = [self.locate(i) for i in indices]
         if not locations:
             return []
-        return await anyio.to_thread.run_sync(self._read_many, locations, abandon_on_cancel=True)
+        return await run_abandonable(self._read_many, locations)
 
     def key_of(self, index: int) -> Hashable:
         file, row = self.locate(index)

@@ -1,0 +1,95 @@
+"""Blocking calls in worker threads that a timeout or a close can walk away from, without
+letting the threads left behind pile up past their limit."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import anyio
+import anyio.to_thread
+import sniffio
+
+from ._callables import PerLoop
+
+__all__ = ["run_abandonable"]
+
+T = TypeVar("T")
+
+# The thread pool's own limit: none. The callers' limiters bound the threads, holding each
+# token until its thread has returned.
+_UNBOUNDED: PerLoop[anyio.CapacityLimiter] = PerLoop(lambda: anyio.CapacityLimiter(math.inf))
+
+
+async def run_abandonable(
+    fn: Callable[..., T], *args: Any, limiter: anyio.CapacityLimiter | None = None
+) -> T:
+    """``fn(*args)`` in a worker thread, holding a token of ``limiter`` (default: anyio's
+    thread limiter) until the thread has returned.
+
+    Cancelling the caller (a timeout, a close) abandons the thread instead of waiting for
+    it, since a read from a stuck network mount may never return. anyio's own
+    ``abandon_on_cancel`` gives the token back at once, so each timeout could leave one
+    more stuck thread, past any limit; here the thread gives it back when it ends. A call
+    abandoned before its thread began does not run ``fn`` at all.
+    """
+    if limiter is None:
+        limiter = anyio.to_thread.current_default_thread_limiter()
+    call = _Call(limiter, _call_soon_threadsafe())
+    await limiter.acquire_on_behalf_of(call)
+    try:
+        return await anyio.to_thread.run_sync(
+            call.run, fn, args, abandon_on_cancel=True, limiter=_UNBOUNDED.get()
+        )
+    finally:
+        call.leave()
+
+
+def _call_soon_threadsafe() -> Callable[[Callable[[], object]], object]:
+    """How a thread schedules a callback in the running event loop, without waiting."""
+    if sniffio.current_async_library() == "trio":
+        import trio
+
+        return trio.lowlevel.current_trio_token().run_sync_soon
+    import asyncio
+
+    return asyncio.get_running_loop().call_soon_threadsafe
+
+
+class _Call:
+    """Who gives the token back: the caller when it leaves after the thread ended (or
+    before it began), else the thread when ``fn`` returns."""
+
+    def __init__(self, limiter: anyio.CapacityLimiter, call_soon: Callable[..., object]) -> None:
+        self._limiter = limiter
+        self._call_soon = call_soon
+        self._lock = threading.Lock()
+        self._running = self._left = False
+
+    def run(self, fn: Callable[..., T], args: tuple[Any, ...]) -> Any:
+        """In the worker thread: ``fn(*args)``, unless the caller has left already (then
+        nobody takes the result: None)."""
+        with self._lock:
+            if self._left:
+                return None  # abandoned before it began; the caller gave the token back
+            self._running = True
+        try:
+            return fn(*args)
+        finally:
+            with self._lock:
+                self._running = False
+                release = self._left
+            if release:
+                with contextlib.suppress(Exception):  # the loop has ended: nothing to free
+                    self._call_soon(self._limiter.release_on_behalf_of, self)
+
+    def leave(self) -> None:
+        """In the event loop, once the caller has its result, its error or its cancellation."""
+        with self._lock:
+            self._left = True
+            if self._running:
+                return  # the thread still runs fn: it gives the token back when it returns
+        self._limiter.release_on_behalf_of(self)
