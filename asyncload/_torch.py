@@ -154,8 +154,7 @@ class TorchLoader:
         self.kwargs = dataloader_kwargs
 
     def __len__(self) -> int:
-        # What the workers will yield, each its own share (a stream's padded on its own,
-        # buckets cut within it).
+        # What the workers will yield, each its own share (buckets cut within it).
         workers = max(1, self.num_workers)
         return sum(len(self.loader.for_worker(w, workers)) for w in range(workers))
 

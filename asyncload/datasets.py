@@ -38,6 +38,7 @@ from .streaming import (
     equal_length,
     shuffle_buffer,
     stride,
+    take_run,
 )
 
 __all__ = [
@@ -606,8 +607,9 @@ class AsyncIterableDataset(ABC, Generic[T]):
 
         The default reads the whole stream and keeps every ``spec.shares``-th sample from
         ``spec.slot``, through a seeded shuffle buffer when ``spec.shuffle``, cut or padded
-        to ``spec.length``. Datasets that can split themselves (shards) override it so
-        that each share reads only its own part.
+        to ``spec.length``, of which a DataLoader worker keeps its ``spec.run``. Datasets
+        that can split themselves (shards) override it so that each share reads only its
+        own part.
         """
 
         def open_stream() -> AsyncIterator[Any]:
@@ -618,7 +620,8 @@ class AsyncIterableDataset(ABC, Generic[T]):
 
         if spec.length is None:
             return open_stream()
-        return equal_length(open_stream, spec.length, repr(self), self._aiter_partial)
+        stream = equal_length(open_stream, spec.length, repr(self), self._aiter_partial)
+        return stream if spec.run is None else take_run(stream, spec.run)
 
     async def aclose(self) -> None:
         """Release what this dataset holds in the running event loop."""

@@ -49,7 +49,7 @@ from .sampling import (
     worker_progress,
 )
 from .stats import LoaderStats
-from .streaming import StreamEpoch
+from .streaming import StreamEpoch, worker_run
 
 __all__ = ["Loader"]
 
@@ -425,19 +425,36 @@ class Loader:
         size, every share yields the same number of samples: its own, repeated from the
         start when short (or cut short with ``drop_last``), so that ranks stay in step."""
         assert isinstance(self.dataset, AsyncIterableDataset)
-        shares = self.world_size * self.num_workers
         total = self.dataset.num_samples()
+        workers, slot, shares = self.num_workers, self.rank, self.world_size
+        length = run = None
+        if total is None:
+            # Unknown size: each DataLoader worker is a share of its own, as it comes.
+            slot, shares = slot * workers + self.worker, shares * workers
+        else:
+            length = rank_share(total, shares, self.drop_last)
+            if workers > 1:
+                # The rank's share (padded for the rank, not per worker) split into runs
+                # of whole batches: the workers yield the rank's batches, each sample once.
+                batch = self.batch_size or 1
+                fixed = self.batch_budget is None and self.bucket is None
+                if not fixed:
+                    batch = 1  # (batches cut by cost: within each worker's run)
+                elif self.drop_last:
+                    length -= length % batch  # (a partial last batch would be dropped)
+                run = worker_run(length, workers, self.worker, batch)
         return StreamEpoch(
-            slot=self.rank * self.num_workers + self.worker,
+            slot=slot,
             shares=shares,
             shuffle=self.shuffle,
             seed=self.seed,
             epoch=self._epoch,
             buffer_size=self.shuffle_buffer,
-            length=None if total is None else rank_share(total, shares, self.drop_last),
+            length=length,
             retry=self.retry,
             timeout=self.timeout,
             in_flight=self.concurrency,
+            run=run,
         )
 
     def __len__(self) -> int:
@@ -447,12 +464,13 @@ class Loader:
         A stream has a length when it knows its number of samples (``num_samples()``).
         """
         if isinstance(self.dataset, AsyncIterableDataset):
-            length = self._stream_epoch().length
-            if length is None:
+            spec = self._stream_epoch()
+            if spec.length is None:
                 raise TypeError(
                     "len() of a Loader over a stream that does not know its size is unknown"
                 )
-            return self._batches(length)  # (a DataLoader worker's copy: its own share)
+            # (A DataLoader worker's copy: its own run.)
+            return self._batches(spec.length if spec.run is None else spec.run[1])
         if self._costs is not None:
             return len(self.plan()) // self.batch_size if self.batch_size else 0
         if self.num_workers > 1:  # a DataLoader worker's copy: its own share

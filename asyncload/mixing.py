@@ -20,7 +20,14 @@ import numpy as np
 from ._fetch import with_timeout
 from .datasets import DROPPED, AsyncDataset, AsyncIterableDataset
 from .errors import SampleFiltered
-from .streaming import StreamEpoch, StreamError, aclosing, close_stream, equal_length
+from .streaming import (
+    StreamEpoch,
+    StreamError,
+    aclosing,
+    close_stream,
+    equal_length,
+    take_run,
+)
 
 __all__ = ["MixedDataset", "StratifiedSampler", "mix"]
 
@@ -89,7 +96,7 @@ class MixedDataset(AsyncIterableDataset[Any]):
 
     def _parts(self, spec: StreamEpoch) -> list[AsyncIterator[Any]]:
         # Each part streams its own share, whole: the mix's length (if any) is the mix's.
-        part_spec = dataclasses.replace(spec, length=None)
+        part_spec = dataclasses.replace(spec, length=None, run=None)
         parts = []
         # Of this part in the drawn parts, end to end: each part's shares start where the
         # previous part's left off, so that the shares differ by at most one sample (a
@@ -123,7 +130,8 @@ class MixedDataset(AsyncIterableDataset[Any]):
         def open_whole() -> AsyncIterator[Any]:  # (for a share with nothing of its own)
             return self._mixed(dataclasses.replace(spec, slot=0, shares=1))
 
-        return equal_length(open_stream, spec.length, repr(self), open_whole)
+        stream = equal_length(open_stream, spec.length, repr(self), open_whole)
+        return stream if spec.run is None else take_run(stream, spec.run)
 
     async def _mixed(self, spec: StreamEpoch) -> AsyncIterator[Any]:
         parts = self._parts(spec)

@@ -23,6 +23,8 @@ __all__ = [
     "equal_length",
     "shuffle_buffer",
     "stride",
+    "take_run",
+    "worker_run",
 ]
 
 
@@ -38,7 +40,11 @@ class StreamEpoch:
     ``start_soon`` starts a background task in the epoch's task group (for shard
     prefetching, a mix's read-ahead); those tasks are cancelled with the epoch.
     ``in_flight``: the fetches a stream may keep going at once where it fetches by index
-    (a mix's map-style parts): the Loader's ``concurrency``.
+    (a mix's map-style parts): the Loader's ``concurrency``. ``run``: ``(offset, count)``,
+    a DataLoader worker's part of its rank's share, items ``offset`` to ``offset + count``
+    of the ``length`` the share yields (`worker_run`); ``None``: all of them. A stream that
+    splits itself reads only that part; others read up to it and drop the rest
+    (`take_run`).
     """
 
     slot: int = 0
@@ -53,6 +59,7 @@ class StreamEpoch:
     on_retry: Callable[[int, Exception, float], object] | None = field(default=None, compare=False)
     start_soon: Callable[..., Any] | None = field(default=None, compare=False)
     in_flight: int = field(default=1, compare=False)
+    run: tuple[int, int] | None = None
 
     def rng(self, *salt: int) -> np.random.Generator:
         """A generator seeded by ``(seed, epoch, *salt)``: the same on every rank."""
@@ -65,11 +72,14 @@ class StreamError:
     that could not be read after retries): the loader applies ``on_error`` to it, with
     ``key`` (a shard URL, a member name) in the messages."""
 
-    __slots__ = ("exc", "key")
+    __slots__ = ("count", "exc", "key")
 
-    def __init__(self, exc: Exception, key: Hashable | None = None) -> None:
+    def __init__(self, exc: Exception, key: Hashable | None = None, *, count: int = 1) -> None:
         self.exc = exc
         self.key = key
+        # The samples it stands for (a shard that failed with samples_per_shard known):
+        # equal_length counts them all, rather than pad the share with repeats.
+        self.count = count
 
     def __repr__(self) -> str:
         return f"StreamError({self.exc!r}, key={self.key!r})"
@@ -163,7 +173,7 @@ async def equal_length(
         async with aclosing(open_stream()) as stream:
             async for item in stream:
                 yield item
-                produced += 1
+                produced += item.count if type(item) is StreamError else 1
                 if produced >= length:
                     return
         if produced == before:
@@ -171,3 +181,33 @@ async def equal_length(
                 open_stream, open_whole = open_whole, None
                 continue
             raise ValueError(f"{what}: this share's stream is empty; it cannot be padded")
+
+
+def worker_run(length: int, workers: int, worker: int, batch: int) -> tuple[int, int]:
+    """``(offset, count)`` of ``worker``'s part of a share of ``length`` items split over
+    ``workers``: consecutive runs of whole batches of ``batch`` (the first ``B % workers``
+    workers one batch more), the last partial batch in the last run. So the workers
+    together yield the share's batches, each sample once, with no padding of their own."""
+    batches = -(-length // batch)
+    each, extra = divmod(batches, workers)
+    start = worker * each + min(worker, extra)
+    stop = start + each + (worker < extra)
+    offset = min(start * batch, length)
+    return offset, min(stop * batch, length) - offset
+
+
+async def take_run(stream: AsyncIterator[Any], run: tuple[int, int]) -> AsyncIterator[Any]:
+    """Items ``offset`` to ``offset + count`` of ``stream`` (a `StreamError` filling as
+    many positions as it stands for), the ones before read and dropped."""
+    offset, count = run
+    end = offset + count
+    position = 0
+    async with aclosing(stream):
+        if count <= 0:
+            return
+        async for item in stream:
+            if position >= offset:
+                yield item
+            position += item.count if type(item) is StreamError else 1
+            if position >= end:
+                return

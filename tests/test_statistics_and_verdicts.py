@@ -73,7 +73,11 @@ class Stream(al.AsyncIterableDataset[int]):
 
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
-def test_torch_loader_len_counts_each_workers_padding() -> None:
+def test_torch_loader_len_counts_the_ranks_batches_under_workers() -> None:
+    # 10 samples over 3 workers: runs of whole batches of the rank's share (4, 4 and 2
+    # samples), not each worker padded to 4 (12 samples, 6 batches, two seen twice).
     pytest.importorskip("torch")
     batches = al.Loader(Stream(), batch_size=2).to_torch_loader(num_workers=3)
-    assert len(batches) == len(list(batches)) == 6
+    taken = list(batches)
+    assert len(batches) == len(taken) == 5
+    assert sorted(int(x) for batch in taken for x in batch) == list(range(10))

@@ -11,6 +11,7 @@ import bisect
 import contextlib
 import itertools
 import operator
+import os
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from typing import Any
@@ -84,13 +85,14 @@ class TarShardSource(AsyncIterableDataset[Sample]):
     ) -> None:
         if isinstance(shards, str):
             raise TypeError("TarShardSource: shards must be a list of paths or URLs, not a str")
-        self.shards = [str(shard) for shard in shards]
+        self.shards = [_shard_name(shard) for shard in shards]
         if not self.shards:
             raise ValueError("TarShardSource: shards is empty")
         counts: list[int] | None
         if samples_per_shard is None:
             counts = None
-        elif not hasattr(samples_per_shard, "__iter__"):  # one count (a numpy int too)
+        elif not hasattr(samples_per_shard, "__iter__") or _is_0d(samples_per_shard):
+            # One count: an int, a numpy integer, a 0-d array or tensor.
             counts = [_count(samples_per_shard)] * len(self.shards)
         else:  # any iterable of counts (a list, an array, a tensor, a dict's values)
             counts = [_count(n) for n in samples_per_shard]
@@ -205,7 +207,10 @@ class TarShardSource(AsyncIterableDataset[Sample]):
                     None if retry is None else retry.next_delay(attempt, exc, retry.now() - started)
                 )
                 if delay is None:
-                    yield StreamError(exc, key=shown)
+                    # Standing for the rest of the piece: with a known end, as many samples
+                    # (else the share would be padded with repeats of its other samples).
+                    rest = 1 if stop is None else max(1, stop - start - given)
+                    yield StreamError(exc, key=shown, count=rest)
                     return
                 if spec.on_retry is not None:
                     spec.on_retry(attempt, exc, delay)
@@ -221,7 +226,8 @@ class TarShardSource(AsyncIterableDataset[Sample]):
         Without known sizes, whole shards: shards ``slot, slot + shares, ...`` of the
         epoch's shard order. With them (``samples_per_shard``), the epoch's samples are
         laid end to end in shard order and each share takes a run of them: its ``length``
-        from ``slot * length`` (wrapping around to pad), or without a ``length`` (a part
+        from ``slot * length`` (wrapping around to pad; a DataLoader worker, its ``run``
+        of that), or without a ``length`` (a part
         of a mix) its share of the total, the first ``total % shares`` shares one more
         than the others (as a stride over the samples would give). Every sample is read by
         exactly one share, and a shard on a boundary is read in part by each of the two
@@ -243,7 +249,11 @@ class TarShardSource(AsyncIterableDataset[Sample]):
             need = each + (spec.slot < extra)
             at = spec.slot * each + min(spec.slot, extra)
         else:
-            need, at = spec.length, (spec.slot * spec.length) % total if total else 0
+            need, at = spec.length, spec.slot * spec.length
+            if spec.run is not None:  # a DataLoader worker's part of it
+                offset, need = spec.run
+                at += offset
+            at = at % total if total else 0
         pieces: list[Piece] = []
         while need > 0 and total:
             i = bisect.bisect_right(starts, at) - 1  # the shard holding sample `at`
@@ -265,7 +275,8 @@ class TarShardSource(AsyncIterableDataset[Sample]):
 
         if spec.length is None:
             return open_stream()
-        return equal_length(open_stream, spec.length, repr(self))
+        length = spec.length if spec.run is None else spec.run[1]
+        return equal_length(open_stream, length, repr(self))
 
     async def _samples(self, pieces: list[Piece], spec: StreamEpoch) -> AsyncIterator[Item]:
         """The samples of ``pieces`` in order, read ``prefetch_shards`` pieces at a time."""
@@ -342,6 +353,19 @@ class TarShardSource(AsyncIterableDataset[Sample]):
                 if type(item) is StreamError:
                     raise item.exc
                 yield item
+
+
+def _shard_name(shard: object) -> str:
+    # (str(b"/x.tar") would be the path "b'/x.tar'": not found, at the first shard)
+    if isinstance(shard, (str, os.PathLike)):
+        name = os.fspath(shard)
+        if isinstance(name, str):
+            return name
+    raise TypeError(f"TarShardSource: shards must be str paths or URLs, got {shard!r}")
+
+
+def _is_0d(value: object) -> bool:
+    return getattr(value, "ndim", None) == 0
 
 
 def _count(n: Any) -> int:
