@@ -778,10 +778,14 @@ class EpochIterator(AsyncIterator[Any]):
         return [] if self._ended else self._epoch.take_ready(limit)
 
     def end(self) -> None:
-        """The consumer has seen the end of the epoch: record it, if the epoch completed."""
-        self._report_end()
-        if self._epoch.completed and self._epoch.failure is None:
-            self._on_end()
+        """The consumer has seen the end of the epoch: record it, if the epoch completed
+        (also when the last ``on_statistics`` call raises: the epoch is over all the same,
+        and a resume must not deliver an empty pass of it)."""
+        try:
+            self._report_end()
+        finally:
+            if self._epoch.completed and self._epoch.failure is None:
+                self._on_end()
 
     def report_end(self) -> None:
         """Close the progress bar and send the last statistics (once)."""

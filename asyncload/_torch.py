@@ -135,6 +135,9 @@ class TorchLoader:
     """
 
     def __init__(self, loader: Loader, **dataloader_kwargs: Any) -> None:
+        if "batch_size" in dataloader_kwargs and dataloader_kwargs["batch_size"] is None:
+            # (What it passes itself: the Loader makes the batches.)
+            dataloader_kwargs = {k: v for k, v in dataloader_kwargs.items() if k != "batch_size"}
         for name in ("dataset", "batch_size", "shuffle", "sampler", "batch_sampler"):
             if name in dataloader_kwargs:
                 raise TypeError(

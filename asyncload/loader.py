@@ -251,10 +251,19 @@ class Loader:
                     "shuffle=True (with seed=), or pass the sampler that orders the whole "
                     "dataset"
                 )
-        if isinstance(dataset, AsyncIterableDataset) and sampler is not None:
-            raise ValueError(
-                "sampler is for map-style datasets; a streaming dataset has no indices"
-            )
+        if isinstance(dataset, AsyncIterableDataset):
+            if sampler is not None:
+                raise ValueError(
+                    "sampler is for map-style datasets; a streaming dataset has no indices"
+                )
+            # Refused, not ignored: a stream reads by shard or page, not by index, and
+            # these act per index (retry= and timeout= do apply, to opening and reading).
+            for name, value in (("cache", cache), ("breaker", breaker)):
+                if value is not None:
+                    raise ValueError(
+                        f"{name}= is for map-style datasets; a stream's samples are not "
+                        "fetched by index (retry= and timeout= apply to its reads)"
+                    )
         if (
             isinstance(sampler, StratifiedSampler)
             and isinstance(dataset, AsyncDataset)
@@ -1196,9 +1205,15 @@ def _resolve_ranks(rank: int | None, world_size: int | None) -> tuple[int, int]:
             world_size = dist.get_world_size() if world_size is None else world_size
     if world_size is None:
         world_size = 1
-    if rank is None:
-        rank = 0
     _check_int("world_size", world_size, minimum=1)
+    if rank is None:
+        if world_size != 1:
+            # Rank 0 on every process would give each the same share, silently.
+            raise ValueError(
+                f"world_size={world_size} needs rank= too (torch.distributed is not "
+                "initialised to say which rank this process is)"
+            )
+        rank = 0
     _check_int("rank", rank, minimum=0)
     if rank >= world_size:
         raise ValueError(f"rank must be < world_size, got rank={rank}, world_size={world_size}")

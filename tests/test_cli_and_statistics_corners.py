@@ -169,3 +169,31 @@ def test_a_bad_aws_endpoint_url_is_named_for_an_s3_source(
         cli_main.main(["bench", "s3://bucket/prefix"])
     assert exited.value.code == 2
     assert "--endpoint-url: (from $AWS_ENDPOINT_URL)" in capsys.readouterr().err
+
+
+def test_an_epoch_ends_when_its_last_statistics_call_raises() -> None:
+    """The end-of-epoch snapshot's on_statistics raising skipped recording the end: the
+    state said the epoch was unfinished, so a resume delivered an empty pass of it."""
+
+    def callback(snapshot: dict[str, Any]) -> None:
+        if snapshot["samples"] == 4:
+            raise RuntimeError("logger down")
+
+    loader = al.Loader(al.from_sequence(list(range(4))), batch_size=2, on_statistics=callback)
+    with pytest.raises(RuntimeError, match="logger down"):
+        list(loader)
+    assert loader.state_dict()["finished"] is True
+
+
+def test_an_installed_asyncload_puts_nothing_before_the_standard_library(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The measure child got the package's parent folder first on PYTHONPATH; installed,
+    that is site-packages, which then came before the standard library in the child."""
+    import site
+
+    parent = str(Path(runner.__file__).resolve().parents[2])
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    assert runner._child_env()["PYTHONPATH"] == os.pathsep.join([parent, "/elsewhere"])
+    monkeypatch.setattr(site, "getsitepackages", lambda: [parent])
+    assert runner._child_env()["PYTHONPATH"] == "/elsewhere"

@@ -192,3 +192,35 @@ def test_default_retry_retries_a_botocore_5xx_without_an_s3_error_code(
 
     assert anyio.run(al.Retry(sleep=sleep).call, get_object) == b"data"
     assert calls == 2 and len(slept) == 1
+
+
+def test_options_a_stream_would_ignore_are_refused() -> None:
+    """A breaker or a cache given for a stream did nothing, silently: a stream is read by
+    shard or page, not fetched by index."""
+
+    class Stream(al.AsyncIterableDataset[int]):
+        async def __aiter__(self) -> Any:
+            yield 1
+
+    with pytest.raises(ValueError, match="breaker="):
+        al.Loader(Stream(), breaker=al.CircuitBreaker())
+    with pytest.raises(ValueError, match="cache="):
+        al.Loader(Stream(), cache=al.LRUCache(max_items=4))
+
+
+def test_world_size_without_rank_is_refused() -> None:
+    """Without torch.distributed, Loader(world_size=4) made every process rank 0: each got
+    the same quarter of the data, and three quarters were never read."""
+    with pytest.raises(ValueError, match=r"world_size=4 needs rank="):
+        al.Loader(Numbers(8), world_size=4)
+    assert al.Loader(Numbers(8), world_size=4, rank=3).rank == 3
+    assert al.Loader(Numbers(8), world_size=1).rank == 0
+
+
+def test_to_torch_loader_takes_batch_size_none() -> None:
+    """batch_size=None is what it passes DataLoader itself; it was refused as batch_size=."""
+    pytest.importorskip("torch")
+    loader = al.Loader(Numbers(4), batch_size=2)
+    assert [b.tolist() for b in loader.to_torch_loader(batch_size=None)] == [[0, 1], [2, 3]]
+    with pytest.raises(TypeError, match="batch_size="):
+        loader.to_torch_loader(batch_size=2)

@@ -127,3 +127,10 @@ def test_a_sized_stream_under_two_dataloader_workers_yields_the_ranks_batches(
         expected = n - n % 4 if drop_last else n
         assert sorted(got) == list(range(expected))
         assert len(batches) == len(loader) == len(loader.to_torch_loader(num_workers=2))
+
+
+def test_shard_url_schemes_in_any_case_are_urls(tmp_path: Path) -> None:
+    """``FILE://`` or ``HTTP://`` was taken for a local path (and not found)."""
+    shard = write_shard(tmp_path / "s0.tar", 0, 2)
+    source = TarShardSource(["FILE://" + shard, "HTTP://127.0.0.1:1/a.tar"])
+    assert source.shards == ["file://" + shard, "http://127.0.0.1:1/a.tar"]

@@ -14,6 +14,7 @@ import importlib
 import json
 import os
 import signal
+import site
 import subprocess
 import sys
 import tempfile
@@ -105,6 +106,10 @@ def run_one(spec: SourceSpec, cfg: RunConfig) -> Result:
 def _child_env() -> dict[str, str]:
     # The child must import this very asyncload, installed or not (a source checkout).
     package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if package_parent in {*site.getsitepackages(), site.getusersitepackages()}:
+        # Installed: the child (this interpreter) finds it there. On PYTHONPATH,
+        # site-packages would come before the standard library.
+        return dict(os.environ)
     path = os.environ.get("PYTHONPATH")
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_parent, path]))}
 

@@ -360,6 +360,10 @@ def _shard_name(shard: object) -> str:
     if isinstance(shard, (str, os.PathLike)):
         name = os.fspath(shard)
         if isinstance(name, str):
+            scheme, sep, rest = name.partition("://")
+            if sep and scheme.lower() in ("http", "https", "s3", "file"):
+                # A URL scheme in any case (HTTP://...), not a local path.
+                name = scheme.lower() + sep + rest
             return name
     raise TypeError(f"TarShardSource: shards must be str paths or URLs, got {shard!r}")
 
