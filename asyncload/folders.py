@@ -154,6 +154,9 @@ class ImageFolder(AsyncDataset[tuple[Any, Any]]):
     them; :meth:`getitems` reads and decodes a whole chunk per call, which is what the
     Loader uses (``Loader(..., concurrency=C)`` keeps ``C // batch_size`` chunks, so as
     many decode threads, busy: give it ``concurrency >= 2 * batch_size`` on 2 or more cores).
+    A Loader's ``cache=`` keeps what this dataset returns, after its ``transform``: give
+    random augmentations to the Loader's ``transform`` instead, or every epoch gets the
+    first one again.
 
     Errors: an image the decoder cannot decode raises the decoder's exception (for Pillow,
     ``PIL.UnidentifiedImageError``, an ``OSError`` for a truncated file, ...), with a note
