@@ -138,7 +138,7 @@ class TorchLoader:
         if "batch_size" in dataloader_kwargs and dataloader_kwargs["batch_size"] is None:
             # (What it passes itself: the Loader makes the batches.)
             dataloader_kwargs = {k: v for k, v in dataloader_kwargs.items() if k != "batch_size"}
-        for name in ("dataset", "batch_size", "shuffle", "sampler", "batch_sampler"):
+        for name in ("dataset", "batch_size", "shuffle", "sampler", "batch_sampler", "drop_last"):
             if name in dataloader_kwargs:
                 raise TypeError(
                     f"TorchLoader: {name}= is the asyncload Loader's job, not DataLoader's"

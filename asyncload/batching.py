@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .collate import _dicts_error, _raise, default_collate
+from .collate import _dicts_error, _positions, _raise, add_note, default_collate
 
 __all__ = [
     "HOLE",
@@ -366,7 +366,11 @@ class PadCollate:
             for key in first:
                 column = [s[key] for s in samples]
                 if _ragged(column):
-                    out[key], extra = self._pad(column)
+                    try:
+                        out[key], extra = self._pad(column)
+                    except ValueError as exc:
+                        add_note(exc, f"PadCollate: in key {key!r}")
+                        raise
                     out[f"{key}_{'mask' if self.mask else 'lengths'}"] = extra
                 else:
                     out[key] = default_collate(column)
@@ -375,18 +379,43 @@ class PadCollate:
 
     def _pad(self, arrays: list[Any]) -> tuple[np.ndarray, np.ndarray]:
         arrays = [np.asarray(a) for a in arrays]
+        first = arrays[0]
+        _raise(_padding_error(arrays))
         lengths = np.array([len(a) for a in arrays], dtype=np.int64)
         longest = int(lengths.max()) if len(lengths) else 0
-        first = arrays[0]
         # The dtype all of them fit in (an int row then a float row: floats), as np.stack
-        # would give; the first one's would truncate the others.
+        # would give; the first one's would truncate the others. And pad_value's: NaN or
+        # 0.5 padding int rows makes them floats (a Python number counts only as a kind:
+        # 0 keeps uint8), where a cast would pad with another value, silently.
         dtype = functools.reduce(np.promote_types, {a.dtype for a in arrays})
+        dtype = np.result_type(dtype, self.pad_value)
         padded = np.full((len(arrays), longest, *first.shape[1:]), self.pad_value, dtype)
         for row, array in enumerate(arrays):
             padded[row, : len(array)] = array
         if self.mask:
             return padded, np.arange(longest)[None, :] < lengths[:, None]
         return padded, lengths
+
+
+def _padding_error(arrays: list[np.ndarray]) -> ValueError | None:
+    """``ValueError`` naming the positions when ``arrays`` cannot be padded along their
+    first axis: a 0-d one, or shapes that differ past the first axis."""
+    scalars = [i for i, a in enumerate(arrays) if a.ndim == 0]
+    if scalars:
+        return ValueError(
+            f"PadCollate pads along the first axis: 0-d samples at batch {_positions(scalars)}"
+        )
+    at: dict[tuple[int, ...], list[int]] = {}
+    for i, array in enumerate(arrays):
+        at.setdefault(array.shape[1:], []).append(i)
+    if len(at) > 1:
+        shapes = "; ".join(
+            f"(n, {', '.join(map(str, s))}) at batch {_positions(i)}" for s, i in at.items()
+        )
+        return ValueError(
+            f"PadCollate pads the first axis only; the samples differ past it ({shapes})"
+        )
+    return None
 
 
 def _ragged(column: list[Any]) -> bool:

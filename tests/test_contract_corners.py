@@ -224,3 +224,6 @@ def test_to_torch_loader_takes_batch_size_none() -> None:
     assert [b.tolist() for b in loader.to_torch_loader(batch_size=None)] == [[0, 1], [2, 3]]
     with pytest.raises(TypeError, match="batch_size="):
         loader.to_torch_loader(batch_size=2)
+    # drop_last= too, when the loader is made (DataLoader refused it only when iterated).
+    with pytest.raises(TypeError, match="drop_last="):
+        loader.to_torch_loader(drop_last=True)
