@@ -492,27 +492,30 @@ class Epoch(_Assembly):
                     error.__cause__ = exc
                     self._fail(error)
                     return
-                position += 1
-                if progress is not None and position in progress:
-                    continue
-                while self._held >= self.window:
-                    await self._wait_space()
-                self._held += 1
-                # Every sample counts as attempted, a filtered one too (as Fetcher.one
-                # counts a map dataset's): the same data gives the same error fraction.
-                over = fetcher.policy.count(1)
-                if sample is DROPPED:
-                    stats.filtered += 1
-                    outcome: Any = DROPPED if over is None else over
-                else:
-                    if over is not None:
+                # A failed shard's error stands for as many samples as it had left (as the
+                # stream counted them): one failed sample per position, so that on_error
+                # substitutes each and the share keeps its length.
+                for _ in range(sample.count if type(sample) is StreamError else 1):
+                    position += 1
+                    if progress is not None and position in progress:
+                        continue
+                    while self._held >= self.window:
+                        await self._wait_space()
+                    self._held += 1
+                    # Every sample counts as attempted, a filtered one too (as Fetcher.one
+                    # counts a map dataset's): the same data gives the same error fraction.
+                    over = fetcher.policy.count(1)
+                    if sample is DROPPED:
+                        stats.filtered += 1
+                        outcome: Any = DROPPED if over is None else over
+                    elif over is not None:
                         outcome = over  # past the error budget: the epoch fails here
                     elif type(sample) is StreamError:
                         outcome = await fetcher.policy.failed(position, sample.key, sample.exc)
                     else:
                         outcome = await fetcher.finish(position, sample)
-                self._complete(self._taken_seq, [position], [outcome])
-                self._taken_seq += 1
+                    self._complete(self._taken_seq, [position], [outcome])
+                    self._taken_seq += 1
         finally:
             with anyio.CancelScope(shield=True):
                 await close_stream(stream)

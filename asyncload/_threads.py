@@ -25,7 +25,10 @@ _UNBOUNDED: PerLoop[anyio.CapacityLimiter] = PerLoop(lambda: anyio.CapacityLimit
 
 
 async def run_abandonable(
-    fn: Callable[..., T], *args: Any, limiter: anyio.CapacityLimiter | None = None
+    fn: Callable[..., T],
+    *args: Any,
+    limiter: anyio.CapacityLimiter | None = None,
+    discard: Callable[[T], object] | None = None,
 ) -> T:
     """``fn(*args)`` in a worker thread, holding a token of ``limiter`` (default: anyio's
     thread limiter) until the thread has returned.
@@ -34,18 +37,22 @@ async def run_abandonable(
     it, since a read from a stuck network mount may never return. anyio's own
     ``abandon_on_cancel`` gives the token back at once, so each timeout could leave one
     more stuck thread, past any limit; here the thread gives it back when it ends. A call
-    abandoned before its thread began does not run ``fn`` at all.
+    abandoned before its thread began does not run ``fn`` at all; ``discard(result)``
+    releases a result that nobody takes (a file opened after its caller left).
     """
     if limiter is None:
         limiter = anyio.to_thread.current_default_thread_limiter()
-    call = _Call(limiter, _call_soon_threadsafe())
+    call = _Call(limiter, _call_soon_threadsafe(), discard)
     await limiter.acquire_on_behalf_of(call)
+    taken = False
     try:
-        return await anyio.to_thread.run_sync(
+        result: T = await anyio.to_thread.run_sync(
             call.run, fn, args, abandon_on_cancel=True, limiter=_UNBOUNDED.get()
         )
+        taken = True
+        return result
     finally:
-        call.leave()
+        call.leave(taken)
 
 
 def _call_soon_threadsafe() -> Callable[[Callable[[], object]], object]:
@@ -60,14 +67,22 @@ def _call_soon_threadsafe() -> Callable[[Callable[[], object]], object]:
 
 
 class _Call:
-    """Who gives the token back: the caller when it leaves after the thread ended (or
-    before it began), else the thread when ``fn`` returns."""
+    """Who gives the token back (and discards an untaken result): the caller when it
+    leaves after the thread ended (or before it began), else the thread when ``fn``
+    returns."""
 
-    def __init__(self, limiter: anyio.CapacityLimiter, call_soon: Callable[..., object]) -> None:
+    def __init__(
+        self,
+        limiter: anyio.CapacityLimiter,
+        call_soon: Callable[..., object],
+        discard: Callable[[Any], object] | None,
+    ) -> None:
         self._limiter = limiter
         self._call_soon = call_soon
+        self._discard = discard
         self._lock = threading.Lock()
-        self._running = self._left = False
+        self._running = self._left = self._returned = False
+        self._result: Any = None
 
     def run(self, fn: Callable[..., T], args: tuple[Any, ...]) -> Any:
         """In the worker thread: ``fn(*args)``, unless the caller has left already (then
@@ -77,19 +92,38 @@ class _Call:
                 return None  # abandoned before it began; the caller gave the token back
             self._running = True
         try:
-            return fn(*args)
-        finally:
-            with self._lock:
-                self._running = False
-                release = self._left
-            if release:
-                with contextlib.suppress(Exception):  # the loop has ended: nothing to free
-                    self._call_soon(self._limiter.release_on_behalf_of, self)
+            result = fn(*args)
+        except BaseException:
+            self._end(returned=False, result=None)
+            raise
+        self._end(returned=True, result=result)
+        return result
 
-    def leave(self) -> None:
-        """In the event loop, once the caller has its result, its error or its cancellation."""
+    def _end(self, *, returned: bool, result: Any) -> None:
+        with self._lock:
+            self._running = False
+            self._returned, self._result = returned, result
+            left = self._left
+        if left:  # the caller has gone: the result is nobody's, the token this thread's
+            if returned:
+                self._discard_result()
+            with contextlib.suppress(Exception):  # the loop has ended: nothing to free
+                self._call_soon(self._limiter.release_on_behalf_of, self)
+
+    def leave(self, taken: bool) -> None:
+        """In the event loop, once the caller has its result (``taken``), its error or its
+        cancellation."""
         with self._lock:
             self._left = True
             if self._running:
                 return  # the thread still runs fn: it gives the token back when it returns
+            untaken = self._returned and not taken
+        if untaken:  # (the thread returned, but the caller was cancelled before it saw it)
+            self._discard_result()
         self._limiter.release_on_behalf_of(self)
+
+    def _discard_result(self) -> None:
+        if self._discard is not None:
+            with contextlib.suppress(Exception):
+                self._discard(self._result)
+        self._result = None

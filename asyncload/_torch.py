@@ -11,6 +11,7 @@ import torch.utils.data
 from torch.multiprocessing.reductions import reduce_tensor
 
 from ._fetch import map_leaves
+from .datasets import AsyncIterableDataset
 
 if TYPE_CHECKING:
     from .loader import Loader
@@ -174,11 +175,13 @@ class TorchLoader:
                 "this stream's state was saved without DataLoader workers; it resumes only "
                 "without them"
             )
-        if loader.is_streaming and isinstance(resume, WorkerProgress) and resume.workers != workers:
-            raise ValueError(
-                f"this stream's state was saved with {resume.workers} DataLoader workers; "
-                f"it resumes only with as many, not {workers}"
-            )
+        if loader.is_streaming and isinstance(resume, WorkerProgress):
+            if resume.workers != workers:
+                raise ValueError(
+                    f"this stream's state was saved with {resume.workers} DataLoader workers; "
+                    f"it resumes only with as many, not {workers}"
+                )
+            loader._check_run_unit(resume)
         # The workers (or, without workers, this process) iterate a copy that carries the
         # resume point; this loader only keeps count of what the training loop takes.
         detached = loader._detached()
@@ -191,8 +194,12 @@ class TorchLoader:
         progress: Progress | WorkerProgress
         if isinstance(resume, WorkerProgress):
             progress = resume
-        elif loader.is_streaming:
-            progress = WorkerProgress(workers, {0: resume} if resume is not None else None)
+        elif isinstance(loader.dataset, AsyncIterableDataset):
+            sized = workers > 1 and loader.dataset.num_samples() is not None
+            unit = loader._run_unit() if sized else None
+            progress = WorkerProgress(
+                workers, {0: resume} if resume is not None else None, unit=unit
+            )
         else:
             progress = Progress() if resume is None else resume.copy()
         iterator = iter(data_loader)
@@ -203,6 +210,8 @@ class TorchLoader:
             else:
                 progress.mark(positions)
             yield batch
+        if self.num_workers == 0 and not detached._finished:
+            return  # closed mid-epoch (loader.close()): the state keeps what was taken
         loader._epoch_done()
 
 

@@ -445,11 +445,8 @@ class Loader:
             if workers > 1:
                 # The rank's share (padded for the rank, not per worker) split into runs
                 # of whole batches: the workers yield the rank's batches, each sample once.
-                batch = self.batch_size or 1
-                fixed = self.batch_budget is None and self.bucket is None
-                if not fixed:
-                    batch = 1  # (batches cut by cost: within each worker's run)
-                elif self.drop_last:
+                batch = self._run_unit()
+                if self.drop_last:
                     length -= length % batch  # (a partial last batch would be dropped)
                 run = worker_run(length, workers, self.worker, batch)
         return StreamEpoch(
@@ -465,6 +462,22 @@ class Loader:
             in_flight=self.concurrency,
             run=run,
         )
+
+    def _run_unit(self) -> int:
+        """The batch unit of a sized stream's worker runs: ``batch_size`` for batches of
+        fixed counts, else 1 (batches cut by cost, within each worker's run)."""
+        fixed = self.batch_budget is None and self.bucket is None
+        return (self.batch_size or 1) if fixed else 1
+
+    def _check_run_unit(self, resume: WorkerProgress) -> None:
+        """``ValueError`` when a sized stream's per-worker state was saved with runs of
+        another batch unit: its positions would mean other samples."""
+        if resume.unit is not None and resume.unit != self._run_unit():
+            raise ValueError(
+                f"this stream's state was saved by DataLoader workers reading runs of "
+                f"batches of {resume.unit} samples; this loader's are of {self._run_unit()}: "
+                "resume with the batch_size (and bucket, batch_budget) it was saved with"
+            )
 
     def __len__(self) -> int:
         """Batches per epoch on this rank (samples, with ``batch_size=None``).
@@ -701,6 +714,7 @@ class Loader:
                     f"this stream's state was saved with {resume.workers} DataLoader workers; "
                     f"it resumes only with as many, not {num_workers}"
                 )
+            self._check_run_unit(resume)
             worker = (worker + resume.next_slot) % num_workers  # (see WorkerProgress)
             clone._resume = resume.slots.get(worker, Progress())
         elif resume is not None:
@@ -764,7 +778,9 @@ class Loader:
 
         Not in it, since a saved position means the same sample under any of them:
         ``batch_size`` (without planned batches), ``ordered``, ``concurrency``, the
-        number of DataLoader workers (checked apart, for a stream), transforms."""
+        number of DataLoader workers (checked apart, for a stream), transforms. (A sized
+        stream's state saved under workers records its runs' batch unit itself: see
+        `WorkerProgress.unit`.)"""
         sampler, sampler_length = self.sampler, None
         if sampler is not None:
             # Unsized: left out, as counting it would mean drawing an epoch's order.

@@ -218,31 +218,39 @@ async def _map_share(
         return
 
     async def fill(slot: _Slot, i: int) -> None:
-        slot.value = await outcome(i)
-        slot.done.set()
+        with slot.scope:
+            slot.value = await outcome(i)
+            slot.done.set()
 
     window: deque[_Slot] = deque()
-    for i in indices:
-        slot = _Slot()
-        start_soon(fill, slot, i)
-        window.append(slot)
-        if len(window) >= ahead:
+    try:
+        for i in indices:
+            slot = _Slot()
+            start_soon(fill, slot, i)
+            window.append(slot)
+            if len(window) >= ahead:
+                head = window.popleft()
+                await head.done.wait()
+                yield head.value
+        while window:
             head = window.popleft()
             await head.done.wait()
             yield head.value
-    while window:
-        head = window.popleft()
-        await head.done.wait()
-        yield head.value
+    finally:
+        # Left early (the mix stopped, a worker's run or the share ended): the fetches
+        # read ahead are not wanted, and the epoch's task group would wait for them.
+        for slot in window:
+            slot.scope.cancel()
 
 
 class _Slot:
     """One fetch read ahead: its outcome, once ``done``."""
 
-    __slots__ = ("done", "value")
+    __slots__ = ("done", "scope", "value")
 
     def __init__(self) -> None:
         self.done = anyio.Event()
+        self.scope = anyio.CancelScope()  # (cancelled before its task starts: it never runs)
         self.value: Any = None
 
 

@@ -283,9 +283,16 @@ class WorkerProgress:
     worker reads its own part of the stream."""
 
     def __init__(
-        self, workers: int, slots: dict[int, Progress] | None = None, next_slot: int = 0
+        self,
+        workers: int,
+        slots: dict[int, Progress] | None = None,
+        next_slot: int = 0,
+        unit: int | None = None,
     ) -> None:
         self.workers = workers
+        # A stream of known size: the batch unit of the workers' runs (Loader._run_unit),
+        # which decides what a worker's positions mean; None otherwise.
+        self.unit = unit
         self.slots: dict[int, Progress] = slots if slots is not None else {}
         # The worker the DataLoader asks next (it takes batches from each in turn): on
         # resume, that one is worker 0, so that batches come in the saved run's order.
@@ -306,12 +313,19 @@ class WorkerProgress:
             "workers": self.workers,
             "slots": {str(k): p.state() for k, p in sorted(self.slots.items())},
             "next": self.next_slot,
+            "unit": self.unit,
         }
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> WorkerProgress:
         slots = {int(k): Progress.from_state(v) for k, v in state["slots"].items()}
-        return cls(int(state["workers"]), slots, int(state.get("next", 0)))
+        unit = state.get("unit")  # (not in states saved before it was kept)
+        return cls(
+            int(state["workers"]),
+            slots,
+            int(state.get("next", 0)),
+            None if unit is None else int(unit),
+        )
 
 
 def to_intervals(positions: Iterable[int]) -> list[list[int]]:

@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import operator
 import os
+import threading
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from typing import Any
@@ -23,6 +24,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from .._redact import redact_url
 from .._tar import iter_members, iter_samples
+from .._threads import run_abandonable
 from ..datasets import AsyncIterableDataset
 from ..streaming import StreamEpoch, StreamError, aclosing, equal_length, shuffle_buffer
 
@@ -406,10 +408,27 @@ async def _with_timeout(
 
 
 async def _file_chunks(path: str, chunk_size: int) -> AsyncIterator[bytes]:
-    # One thread hop per chunk of a megabyte: the hop costs far less than the read.
-    file = await anyio.to_thread.run_sync(open, path, "rb")
+    # One thread hop per chunk of a megabyte: the hop costs far less than the read. Both
+    # abandoned on a timeout or close, as FileSource's reads (a stuck network mount); a
+    # file opened after its caller left is closed in its thread.
+    file = await run_abandonable(open, path, "rb", discard=_close)
+    reading = False
     try:
-        while chunk := await anyio.to_thread.run_sync(file.read, chunk_size):
+        while True:
+            reading = True
+            chunk = await run_abandonable(file.read, chunk_size)
+            reading = False
+            if not chunk:
+                return
             yield chunk
     finally:
-        file.close()  # quick for a file opened for reading; and it must run when cancelled
+        if reading:
+            # A read left behind: close() would wait for its lock here, in the event loop,
+            # for as long as the read hangs. Closed by a thread of its own once it returns.
+            threading.Thread(target=file.close, name="asyncload-close", daemon=True).start()
+        else:
+            file.close()  # quick for a file opened for reading; must run when cancelled
+
+
+def _close(file: Any) -> None:
+    file.close()
