@@ -16,26 +16,14 @@ import anyio
 import anyio.lowlevel
 import numpy as np
 import pytest
+from test_torch_cli_corners import fake_run_all
 
 import asyncload as al
 from asyncload._cli import main as cli_main
 from asyncload._cli import runner
-from asyncload._cli.measure import Measurement
 from asyncload._cli.sources import S3Options, resolve
 
 ANYIO_BACKENDS = ["asyncio"]
-
-
-def fake_run_all(spec: Any, configs: Any, *, on_result: Any = None) -> list[Any]:
-    n = len(spec.keys)
-    return [
-        runner.Result(
-            config=cfg,
-            measurement=Measurement(samples=n, bytes=n, batches=1, samples_per_s=1.0),
-            peak_rss_bytes=None,
-        )
-        for cfg in configs
-    ]
 
 
 # -- the command line ---------------------------------------------------------------------

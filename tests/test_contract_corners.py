@@ -12,6 +12,7 @@ from typing import Any
 import anyio
 import numpy as np
 import pytest
+from test_statistics_and_verdicts import Numbers
 
 import asyncload as al
 from asyncload.datasets import normalize_index
@@ -106,18 +107,6 @@ async def test_stream_sample_failing_in_transform_carries_its_key(tmp_path: Path
 
 
 # -- bad arguments at construction -----------------------------------------------------------
-
-
-class Numbers(al.AsyncDataset[int]):
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    async def __getitem__(self, index: int) -> int:
-        await anyio.lowlevel.checkpoint()
-        return normalize_index(index, self.n)
 
 
 def test_a_breaker_given_as_retry_is_refused_at_construction() -> None:

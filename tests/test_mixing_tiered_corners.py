@@ -5,10 +5,6 @@ the Loader's timeout."""
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import os
-import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +13,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 from conftest import BACKENDS
+from stuck_files import stuck_fifo
 from test_mixing import Letters  # a sized stream that splits by the default stride
 
 import asyncload as al
@@ -203,41 +200,16 @@ async def test_image_folder_local_read_obeys_the_loader_timeout(tmp_path: Path) 
     """A local image whose read hangs (a stuck network mount; here a FIFO nobody writes):
     ImageFolder reads it in a thread that cannot be abandoned, so the Loader's ``timeout``
     never fires and the epoch (or ``aclose()``) waits for the read for ever. FileSource
-    reads with ``abandon_on_cancel=True`` for exactly this, and times out in 0.6 s."""
+    reads through ``run_abandonable`` for exactly this, and times out in 0.6 s."""
     root = tmp_path / "root"
     (root / "cat").mkdir(parents=True)
     (root / "cat" / "a.png").write_bytes(b"ok")
     stuck = root / "cat" / "b.png"
-    os.mkfifo(stuck)
-    folder = ImageFolder(root, decoder=len)  # a stub decoder: Pillow is not the point
-
-    done, fired = threading.Event(), threading.Event()
-
-    def release_readers() -> None:  # the hang guard: what a bug-free run never needs
-        fired.set()
-        while not done.is_set():
-            with contextlib.suppress(OSError):  # (ENXIO: no reader waits now)
-                os.close(os.open(stuck, os.O_WRONLY | os.O_NONBLOCK))
-            done.wait(0.01)
-
-    guard = threading.Timer(HANG_GUARD_S, release_readers)
-    guard.daemon = True
-    guard.start()
-    try:
+    with stuck_fifo(stuck) as fifo:
+        folder = ImageFolder(root, decoder=len)  # a stub decoder: Pillow is not the point
         loader = al.Loader(folder, batch_size=None, timeout=0.2, on_error="skip")
         got = await collect(loader)
         stats = loader.statistics()
-    finally:
-        guard.cancel()
-        done.set()
-        # Unblock any abandoned reader still waiting in open() (ENXIO: none left).
-        for _ in range(1000):
-            try:
-                os.close(os.open(stuck, os.O_WRONLY | os.O_NONBLOCK))
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:
-                    break
-            await anyio.sleep(0.001)
-    assert not fired.is_set(), "the read was never timed out: only the hang guard ended it"
+    assert not fifo.fired, "the read was never timed out: only the hang guard ended it"
     assert got == [(2, 0)]  # a.png, 2 bytes, class 0; b.png skipped as timed out
     assert stats["errors"] == 1 and stats["skipped"] == 1

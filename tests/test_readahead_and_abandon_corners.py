@@ -5,8 +5,6 @@ another batch size, local tar shards whose open or read hangs."""
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import os
 import threading
 from pathlib import Path
@@ -15,6 +13,9 @@ from typing import Any
 import anyio
 import pytest
 from conftest import BACKENDS
+from stuck_files import HANG_GUARD_S, stuck_fifo
+from test_mixing_tiered_corners import collect
+from test_stream_split_corners import SizedStream
 from test_tar_and_mix_edges import write_shard
 
 import asyncload as al
@@ -23,15 +24,6 @@ from asyncload.sources import TarShardSource
 pytestmark = pytest.mark.anyio
 
 ANYIO_BACKENDS = [BACKENDS[0], BACKENDS[2]]  # asyncio and trio
-
-# A hang guard, never an ordering device: a correct loader finishes long before it.
-HANG_GUARD_S = 5.0
-
-
-async def collect(loader: al.Loader) -> list[Any]:
-    async with loader:
-        return [x async for x in loader]
-
 
 # -- a mix's map-style parts reading ahead --------------------------------------------------
 
@@ -105,18 +97,6 @@ async def test_a_failed_shard_under_a_substituting_on_error_keeps_the_ranks_in_s
 # -- a stream's rank share split into DataLoader worker runs --------------------------------
 
 
-class _SizedCounting(al.AsyncIterableDataset[int]):
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    async def __aiter__(self) -> Any:
-        for i in range(self.n):
-            yield i
-
-    def num_samples(self) -> int:
-        return self.n
-
-
 def test_a_stream_state_under_workers_resumed_with_another_batch_size_loses_nothing() -> None:
     """Loader._plan_state: batch_size is not part of a state's plan "since a saved position
     means the same sample under any of them" (a map-style state resumes under another
@@ -132,14 +112,14 @@ def test_a_stream_state_under_workers_resumed_with_another_batch_size_loses_noth
     def data_loader(loader: al.Loader) -> Any:
         return loader.to_torch_loader(num_workers=2, multiprocessing_context="fork")
 
-    saved = al.Loader(_SizedCounting(20), batch_size=4)
+    saved = al.Loader(SizedStream(20), batch_size=4)
     first = []
     for batch in data_loader(saved):
         first.append(batch)
         if len(first) == 2:
             break
     state = saved.state_dict()
-    resumed = al.Loader(_SizedCounting(20), batch_size=5)
+    resumed = al.Loader(SizedStream(20), batch_size=5)
     try:
         resumed.load_state_dict(state)
         second = list(data_loader(resumed))
@@ -155,7 +135,7 @@ def test_a_stream_state_under_workers_resumed_with_another_batch_size_loses_noth
 
 async def test_a_local_tar_shard_that_hangs_obeys_the_loaders_timeout(tmp_path: Path) -> None:
     """A local shard whose read hangs (a stuck network mount; here a FIFO nobody writes).
-    Today's run_abandonable made FileSource, NpySource, from_torch and ImageFolder's local
+    run_abandonable made FileSource, NpySource, from_torch and ImageFolder's local
     reads give up at the Loader's timeout, but TarShardSource still opens and reads a
     local shard with plain anyio.to_thread.run_sync (sources/tar.py _file_chunks), which
     cannot be abandoned: _with_timeout's move_on_after waits for the thread, so
@@ -164,36 +144,12 @@ async def test_a_local_tar_shard_that_hangs_obeys_the_loaders_timeout(tmp_path: 
     a file that an abandoned open() opens late is closed, not left to the GC)."""
     good = write_shard(tmp_path / "s0.tar", 0, 3)
     stuck = tmp_path / "stuck.tar"
-    os.mkfifo(stuck)
-    done, fired = threading.Event(), threading.Event()
-
-    def release_readers() -> None:  # the hang guard: what a bug-free run never needs
-        fired.set()
-        while not done.is_set():
-            with contextlib.suppress(OSError):  # (ENXIO: no reader waits now)
-                os.close(os.open(stuck, os.O_WRONLY | os.O_NONBLOCK))
-            done.wait(0.01)
-
-    guard = threading.Timer(HANG_GUARD_S, release_readers)
-    guard.daemon = True
-    guard.start()
-    try:
+    with stuck_fifo(stuck) as fifo:
         loader = al.Loader(
             TarShardSource([str(stuck), good]), batch_size=None, timeout=0.2, on_error="skip"
         )
         got = [sample["__key__"] for sample in await collect(loader)]
-    finally:
-        guard.cancel()
-        done.set()
-        # Unblock an abandoned reader still waiting in open() (ENXIO: none left).
-        for _ in range(1000):
-            try:
-                os.close(os.open(stuck, os.O_WRONLY | os.O_NONBLOCK))
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:
-                    break
-            await anyio.sleep(0.001)
-    assert not fired.is_set(), "the read was never timed out: only the hang guard ended it"
+    assert not fifo.fired, "the read was never timed out: only the hang guard ended it"
     assert got == ["s0/000", "s0/001", "s0/002"]
     assert loader.statistics()["skipped"] == 1
 
