@@ -76,6 +76,8 @@ class LoaderIterableDataset(torch.utils.data.IterableDataset[Any]):
         self.loader = loader
         # Tagged: yield (batch, (worker, positions)) for TorchLoader to keep state exact.
         self.tagged = tagged
+        # The loader (or copy) last iterated in this process: whether its epoch ended.
+        self.iterated: Loader | None = None
         self._iterated_in_worker = False  # (set in a worker's own copy only)
 
     def __iter__(self) -> Iterator[Any]:
@@ -96,6 +98,7 @@ class LoaderIterableDataset(torch.utils.data.IterableDataset[Any]):
             # In this process: untagged, the loader itself (its own state counts); tagged,
             # a copy resuming from its part of the state (TorchLoader counts).
             loader = self.loader.for_worker(0, 1) if self.tagged else self.loader
+            self.iterated = loader
         iterator = iter(loader)
         if loader is not self.loader:
             # In this process: the loader's close() must reach the copy's thread too.
@@ -188,9 +191,8 @@ class TorchLoader:
         # Iterated in this process (no workers), the copy's iterators are the loader's own,
         # for close() (pickled into workers, a copy gets its own again).
         detached._iterators = loader._iterators
-        data_loader = torch.utils.data.DataLoader(
-            LoaderIterableDataset(detached, tagged=True), batch_size=None, **self.kwargs
-        )
+        dataset = LoaderIterableDataset(detached, tagged=True)
+        data_loader = torch.utils.data.DataLoader(dataset, batch_size=None, **self.kwargs)
         progress: Progress | WorkerProgress
         if isinstance(resume, WorkerProgress):
             progress = resume
@@ -210,7 +212,8 @@ class TorchLoader:
             else:
                 progress.mark(positions)
             yield batch
-        if self.num_workers == 0 and not detached._finished:
+        ran = dataset.iterated
+        if self.num_workers == 0 and not (ran is not None and ran._finished):
             return  # closed mid-epoch (loader.close()): the state keeps what was taken
         loader._epoch_done()
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -384,17 +385,35 @@ class PadCollate:
         lengths = np.array([len(a) for a in arrays], dtype=np.int64)
         longest = int(lengths.max()) if len(lengths) else 0
         # The dtype all of them fit in (an int row then a float row: floats), as np.stack
-        # would give; the first one's would truncate the others. And pad_value's: NaN or
-        # 0.5 padding int rows makes them floats (a Python number counts only as a kind:
-        # 0 keeps uint8), where a cast would pad with another value, silently.
+        # would give; the first one's would truncate the others. And pad_value's, where
+        # the rows' cannot hold it: NaN or 0.5 padding int rows makes them floats, a
+        # longer string widens strings, where a cast would pad with another value.
         dtype = functools.reduce(np.promote_types, {a.dtype for a in arrays})
-        dtype = np.result_type(dtype, self.pad_value)
+        if not _holds(dtype, self.pad_value):
+            dtype = np.promote_types(dtype, np.asarray(self.pad_value).dtype)
         padded = np.full((len(arrays), longest, *first.shape[1:]), self.pad_value, dtype)
         for row, array in enumerate(arrays):
             padded[row, : len(array)] = array
         if self.mask:
             return padded, np.arange(longest)[None, :] < lengths[:, None]
         return padded, lengths
+
+
+def _holds(dtype: np.dtype[Any], value: Any) -> bool:
+    """Whether ``dtype`` stores ``value`` as it is: exactly for integers, bools and
+    strings (0 stays a uint8 or bool pad, -1 does not); any real number for floats."""
+    kind = np.asarray(value).dtype.kind
+    if dtype.kind in "fc":
+        return kind in "biuf" or (kind == "c" and dtype.kind == "c")
+    if dtype.kind not in "biuUS" or kind not in "biufUS":
+        return False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (a cast that loses the value: seen below)
+            stored = np.array(value, dtype=dtype)
+    except (TypeError, ValueError, OverflowError):
+        return False
+    return bool(stored == value)
 
 
 def _padding_error(arrays: list[np.ndarray]) -> ValueError | None:

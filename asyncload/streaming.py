@@ -172,6 +172,9 @@ async def equal_length(
         before = produced
         async with aclosing(open_stream()) as stream:
             async for item in stream:
+                if type(item) is StreamError and produced + item.count > length:
+                    # (A failed shard's error, repeated to pad: only the positions left.)
+                    item = StreamError(item.exc, item.key, count=length - produced)
                 yield item
                 produced += item.count if type(item) is StreamError else 1
                 if produced >= length:
@@ -206,8 +209,15 @@ async def take_run(stream: AsyncIterator[Any], run: tuple[int, int]) -> AsyncIte
         if count <= 0:
             return
         async for item in stream:
-            if position >= offset:
-                yield item
-            position += item.count if type(item) is StreamError else 1
+            if type(item) is StreamError and item.count > 1:
+                # A failed shard's error across the run's edges: the positions inside.
+                inside = min(position + item.count, end) - max(position, offset)
+                if inside > 0:
+                    yield StreamError(item.exc, item.key, count=inside)
+                position += item.count
+            else:
+                if position >= offset:
+                    yield item
+                position += 1
             if position >= end:
                 return

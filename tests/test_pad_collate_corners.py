@@ -4,6 +4,7 @@ arrays' dtype cannot hold, and arrays that differ past the first axis (or have n
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -53,3 +54,23 @@ def test_pad_collate_names_a_0d_sample_and_the_key() -> None:
         al.PadCollate()([{"x": np.zeros((2, 3))}, {"x": np.zeros((1, 4))}])
     if hasattr(caught.value, "__notes__"):
         assert "PadCollate: in key 'x'" in caught.value.__notes__
+
+
+@pytest.mark.parametrize(
+    ("rows", "pad", "dtype"),
+    [
+        (np.uint8, 0, np.uint8),
+        (np.uint8, -1, np.int64),
+        (np.float32, np.float64(0), np.float32),
+        (np.float32, float("nan"), np.float32),
+        (np.int64, 0.5, np.float64),
+        (np.bool_, False, np.bool_),
+        (np.bool_, 2, np.int64),
+    ],
+)
+def test_pad_collate_keeps_the_rows_dtype_when_it_holds_the_pad_value(
+    rows: Any, pad: Any, dtype: Any
+) -> None:
+    padded, _ = al.PadCollate(pad)([np.ones(2, dtype=rows), np.ones(1, dtype=rows)])
+    assert padded.dtype == dtype
+    assert np.array_equal(padded[1, 1:], np.array([pad], dtype=dtype), equal_nan=True)
