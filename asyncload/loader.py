@@ -431,8 +431,10 @@ class Loader:
 
     def _stream_epoch(self) -> StreamEpoch:
         """This share's part of the current epoch of a stream. When the stream knows its
-        size, every share yields the same number of samples: its own, repeated from the
-        start when short (or cut short with ``drop_last``), so that ranks stay in step."""
+        size, every rank yields the same number of samples: its own, repeated from the
+        start when short (or cut short with ``drop_last``), so that ranks stay in step; a
+        DataLoader worker takes its run of whole batches of its rank's share. Of unknown
+        size, every rank and worker is a share of its own."""
         assert isinstance(self.dataset, AsyncIterableDataset)
         total = self.dataset.num_samples()
         workers, slot, shares = self.num_workers, self.rank, self.world_size
