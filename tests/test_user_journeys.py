@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -127,24 +128,31 @@ def test_tar_http_dataloader_two_workers_every_sample_once(tar_server: FileServe
     assert isinstance(batches[0]["x"], torch.Tensor)
 
 
-@pytest.mark.parametrize("workers", [0, 1, 2])
-@pytest.mark.parametrize("cut", [1, 3, 5])
-def test_tar_http_to_torch_loader_resume_every_sample_once(
-    tar_server: FileServer, workers: int, cut: int
-) -> None:
-    loader = build_tar_loader(tar_server)
-    loader.set_epoch(1)
-    tl = loader.to_torch_loader(num_workers=workers)
+def cut_and_resume(
+    build: Callable[[], al.Loader], workers: int, cut: int, *, epoch: int = 0
+) -> tuple[list[Any], list[Any], al.Loader]:
+    """The first ``cut`` batches of epoch ``epoch`` through to_torch_loader(), then the
+    rest of it from a new loader resumed from the state saved there (and that loader)."""
+    loader = build()
+    loader.set_epoch(epoch)
     seen: list[Any] = []
-    for batch in tl:
+    for batch in loader.to_torch_loader(num_workers=workers):
         seen.append(batch)
         if len(seen) == cut:
             break
     state = loader.state_dict()
     loader.close()
-    again = build_tar_loader(tar_server)
+    again = build()
     again.load_state_dict(state)
-    rest = list(again.to_torch_loader(num_workers=workers))
+    return seen, list(again.to_torch_loader(num_workers=workers)), again
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2])
+@pytest.mark.parametrize("cut", [1, 3, 5])
+def test_tar_http_to_torch_loader_resume_every_sample_once(
+    tar_server: FileServer, workers: int, cut: int
+) -> None:
+    seen, rest, again = cut_and_resume(lambda: build_tar_loader(tar_server), workers, cut, epoch=1)
     got = keys_of(seen) + keys_of(rest)
     assert sorted(got) == ALL_KEYS
     # and after the resumed epoch, a state that starts a full new pass
@@ -197,19 +205,9 @@ def flat(batches: list[Any]) -> list[str]:
 def test_mix_tar_and_http_resume_every_sample_once(
     mix_server: FileServer, workers: int, cut: int
 ) -> None:
-    loader = build_mix_loader(mix_server)
     full = flat(list(build_mix_loader(mix_server).to_torch_loader(num_workers=workers)))
     assert sorted(full) == MIX_ALL
-    seen: list[Any] = []
-    for batch in loader.to_torch_loader(num_workers=workers):
-        seen.append(batch)
-        if len(seen) == cut:
-            break
-    state = loader.state_dict()
-    loader.close()
-    again = build_mix_loader(mix_server)
-    again.load_state_dict(state)
-    rest = list(again.to_torch_loader(num_workers=workers))
+    seen, rest, _ = cut_and_resume(lambda: build_mix_loader(mix_server), workers, cut)
     assert sorted(flat(seen) + flat(rest)) == MIX_ALL
 
 
