@@ -152,6 +152,7 @@ class _Pump:
             # then takes every batch that is there in one go, without waiting for the loop
             # thread to hand over the GIL for each one.
             self.iterator = iterator = self.epoch.start()
+            self._first_taken = iterator.hold_ramp()
             while True:
                 await credit.acquire()
                 try:
@@ -174,6 +175,12 @@ class _Pump:
     def release(self) -> None:
         """Let the epoch start (called from the consuming thread, once, without waiting)."""
         self.loop.call_soon_threadsafe(self.go.set)
+
+    def took_first(self) -> None:
+        """The consumer has its first batch: the epoch may start its other workers
+        (called from the consuming thread)."""
+        with contextlib.suppress(RuntimeError):  # the loop closed: the epoch has ended
+            self.loop.call_soon_threadsafe(self._first_taken)
 
     def grant(self) -> None:
         """Let the pump fetch the next batch (called from the consuming thread)."""
@@ -257,6 +264,8 @@ class SyncIterator(Iterator[Any]):
         # Delivered now, not when the pump queued it: state_dict() after a break must
         # not count the batches still waiting in the queue.
         self._pump.taken += 1
+        if self._pump.taken == 1:
+            self._pump.took_first()
         try:
             iterator.commit(item)
         except BaseException:  # an on_statistics callback raised: the loop ends with it

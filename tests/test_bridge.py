@@ -774,3 +774,56 @@ def test_an_epoch_ending_after_set_epoch_does_not_finish_the_next() -> None:
     state = loader.state_dict()
     assert state["epoch"] == 1 and not state["finished"]
     assert state["progress"]["watermark"] == 0
+
+
+class Overlap(al.AsyncDataset[int]):
+    """Counts the fetches running at once (``most``: the most so far). Indices from
+    ``hold`` on wait until :meth:`release` (called from another thread); ``waiting[k]``
+    is set once ``k`` fetches wait so."""
+
+    def __init__(self, n: int, hold: int) -> None:
+        self.n, self.hold = n, hold
+        self.running = self.most = self.held = 0
+        self.waiting = {k: threading.Event() for k in range(1, 9)}
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.go: asyncio.Event | None = None
+
+    def __len__(self) -> int:
+        return self.n
+
+    def release(self) -> None:
+        assert self.loop is not None and self.go is not None
+        self.loop.call_soon_threadsafe(self.go.set)
+
+    async def __getitem__(self, index: int) -> int:
+        if self.go is None:
+            self.loop, self.go = asyncio.get_running_loop(), asyncio.Event()
+        self.running += 1
+        self.most = max(self.most, self.running)
+        if index >= self.hold:
+            self.held += 1
+            if self.held in self.waiting:  # (after release(), the later ones pass)
+                self.waiting[self.held].set()
+            await self.go.wait()
+        await asyncio.sleep(0)
+        self.running -= 1
+        return index
+
+
+def test_the_other_workers_start_once_the_consumer_has_its_first_batch() -> None:
+    """The sync bridge: the workers beyond the first batch's start only once the consuming
+    thread has taken that batch (opening their connections, the loop thread held the
+    GIL the consumer needed to take it). Until then the first batch's two workers go on
+    alone; then the whole concurrency runs."""
+    ds = Overlap(60, hold=20)
+    loader = al.Loader(ds, batch_size=2, concurrency=8, prefetch=4)
+    with loader:
+        batches = iter(loader)
+        assert ds.waiting[2].wait(timeout=30)  # samples 0-19 done, 20 and 21 waiting
+        assert ds.most == 2
+        assert as_lists([next(batches)]) == [[0, 1]]
+        assert ds.waiting[8].wait(timeout=30)  # 22-27 too
+        assert ds.most == 8
+        ds.release()
+        rest = as_lists(list(batches))
+    assert [x for batch in rest for x in batch] == list(range(2, 60))
