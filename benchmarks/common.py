@@ -30,9 +30,16 @@ RESULTS = ROOT / "benchmarks" / "results"
 MiB = 1024 * 1024
 
 
-def sample_urls(base_url: str, count: int, latency_ms: float | None = None) -> list[str]:
-    """URLs of samples ``0 .. count-1``; ``latency_ms`` overrides the server's latency."""
+def sample_urls(
+    base_url: str, count: int, latency_ms: float | None = None, jitter_ms: float = 0.0
+) -> list[str]:
+    """URLs of samples ``0 .. count-1``; ``latency_ms`` overrides the server's latency, and
+    ``jitter_ms`` (with it) spreads each over ``latency_ms`` +- ``jitter_ms``."""
     query = "" if latency_ms is None else f"?latency_ms={latency_ms:g}"
+    if jitter_ms:
+        if latency_ms is None:
+            raise ValueError("sample_urls: jitter_ms needs latency_ms")
+        query += f"&jitter_ms={jitter_ms:g}"
     return [f"{base_url}/sample/{i}{query}" for i in range(count)]
 
 
