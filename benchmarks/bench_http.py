@@ -573,6 +573,16 @@ def label(row: harness.Row) -> str:
     return LOADER_NAMES[row["peer"]].format(w=row["in_flight"])
 
 
+def rows_table(rows: list[harness.Row]) -> list[str]:
+    """The page's table of summary rows, with requests in flight and samples measured."""
+    return results_table(
+        rows,
+        label,
+        lead=[Column("requests in flight", lambda r: str(requests_in_flight(r)))],
+        tail=[Column("samples measured", lambda r: f"{r['samples']:,}")],
+    )
+
+
 def console(report: harness.Report) -> str:
     """The summary, then the asyncload / plain asyncio ratios."""
     lines = [
@@ -836,12 +846,7 @@ def render(report: harness.Report) -> str:
     lines += [f"![{alt}](img/{name})\n" for name, alt in PLOTS.values()]
     for lat in sorted({row["latency_ms"] for row in summary}):
         lines += [f"### {lat:g} ms per request", ""]
-        lines += results_table(
-            [r for r in summary if r["latency_ms"] == lat],
-            label,
-            lead=[Column("requests in flight", lambda r: str(requests_in_flight(r)))],
-            tail=[Column("samples measured", lambda r: f"{r['samples']:,}")],
-        )
+        lines += rows_table([r for r in summary if r["latency_ms"] == lat])
         lines.append("")
     headlines = _target_lines(report) + _headlines(summary)
     if headlines:
@@ -897,12 +902,7 @@ def _split_section(report: harness.Report) -> list[str]:
         "before 2026-11-27, credited the DataLoader with the rest of its first wave for "
         "free; each run's JSON keeps that figure as `first_to_last_per_s`).",
         "",
-        *results_table(
-            split,
-            label,
-            lead=[Column("requests in flight", lambda r: str(requests_in_flight(r)))],
-            tail=[Column("samples measured", lambda r: f"{r['samples']:,}")],
-        ),
+        *rows_table(split),
         "",
         *failed_runs(split, lambda r: f"{label(r)} / split cores"),
     ]
@@ -940,12 +940,7 @@ def _jitter_section(report: harness.Report) -> list[str]:
         )
         + " |",
         "",
-        *results_table(
-            jittered,
-            label,
-            lead=[Column("requests in flight", lambda r: str(requests_in_flight(r)))],
-            tail=[Column("samples measured", lambda r: f"{r['samples']:,}")],
-        ),
+        *rows_table(jittered),
         "",
         *failed_runs(jittered, lambda r: f"{label(r)} / jittered"),
     ]
