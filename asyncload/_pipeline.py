@@ -462,6 +462,11 @@ class Epoch(_Assembly):
             if unit is None:
                 if self._starting:  # fewer units than the first batch: start no more
                     self._ramped()
+                if self._taken is not None:
+                    # No unit is left for the held workers either, and the consumer may
+                    # never take a batch (all filtered, skipped or dropped): they must
+                    # not keep the epoch from ending.
+                    self._taken.set()
                 return
             positions, indices = unit
             seq = self._taken_seq
