@@ -79,7 +79,8 @@ RSS_TARGET = 8.0
 SPLIT_LATENCY_MS = 20.0
 SPLIT_GRID = {"asyncload-sync": 64, "asyncload-async": 64, "plain-asyncio": 64, "dataloader": 16}
 SPLIT_GRID_QUICK = {"asyncload-async": 64, "plain-asyncio": 64}
-# The jittered runs: shared cores, each request's latency spread evenly over 20 +- 1 ms
+# The jittered runs: shared cores, each request's latency spread over 20 +- 1 ms (uvloop's
+# timers make that 19, 20 or 21 ms, about 1:2:1)
 # (the server's latencies are otherwise exact: see ``_jitter_section``).
 JITTER_LATENCY_MS = 20.0
 JITTER_MS = 1.0
@@ -926,9 +927,9 @@ def _jitter_section(report: harness.Report) -> list[str]:
         "millisecond, so its groups stay large; one that spends more spreads them out. "
         "The members of a group wait for each other to be written and read, so it costs "
         "latency (see `docs/performance.md`). Real storage does not answer in lock step. "
-        f"These runs spread each request's latency evenly over {JITTER_LATENCY_MS:g} +- "
+        f"These runs spread each request's latency over {JITTER_LATENCY_MS:g} +- "
         f"{JITTER_MS:g} ms (a fixed function of the sample's index, the same for every "
-        "peer; the mean stays 20 ms), on the shared cores, at 64 in flight (DataLoader: "
+        "peer; on uvloop's timers 19, 20 or 21 ms, about 1:2:1, the mean 20 ms), on the shared cores, at 64 in flight (DataLoader: "
         "16 workers).",
         "",
         "| asyncload `for` / plain | asyncload `async for` / plain "
