@@ -149,35 +149,42 @@ def plan(
         for in_flight in grid.get(peer, ())
     ]
     if split_cores:
-        lat = SPLIT_LATENCY_MS
-        configs += [
-            RunConfig(
-                peer,
-                in_flight,
-                measured_samples(in_flight, lat, quick),
-                BATCH_SIZE,
-                SAMPLE_BYTES,
-                lat,
-                params={"cores": "split"},
-            )
-            for peer, in_flight in (SPLIT_GRID_QUICK if quick else SPLIT_GRID).items()
-            if peer not in skip
-        ]
-    lat = JITTER_LATENCY_MS
-    configs += [
+        configs += _point(
+            SPLIT_GRID_QUICK if quick else SPLIT_GRID,
+            SPLIT_LATENCY_MS,
+            quick,
+            skip,
+            {"cores": "split"},
+        )
+    jitter = {"jitter_ms": JITTER_MS}
+    configs += _point(
+        JITTER_GRID_QUICK if quick else JITTER_GRID, JITTER_LATENCY_MS, quick, skip, jitter
+    )
+    return configs
+
+
+def _point(
+    grid: dict[str, int],
+    latency: float,
+    quick: bool,
+    skip: Sequence[str],
+    params: dict[str, Any],
+) -> list[RunConfig]:
+    """One point's runs (the split-cores or the jittered ones): each peer of ``grid`` at
+    its requests in flight, but those in ``skip``."""
+    return [
         RunConfig(
             peer,
             in_flight,
-            measured_samples(in_flight, lat, quick),
+            measured_samples(in_flight, latency, quick),
             BATCH_SIZE,
             SAMPLE_BYTES,
-            lat,
-            params={"jitter_ms": JITTER_MS},
+            latency,
+            params=dict(params),
         )
-        for peer, in_flight in (JITTER_GRID_QUICK if quick else JITTER_GRID).items()
+        for peer, in_flight in grid.items()
         if peer not in skip
     ]
-    return configs
 
 
 def is_split(params: dict[str, Any]) -> bool:
