@@ -12,6 +12,7 @@ import copy
 import functools
 import math
 import numbers
+import os
 import sys
 import warnings
 import weakref
@@ -90,8 +91,10 @@ class Loader:
     :param on_error: ``"raise"``, ``"skip"`` or ``fn(index, exc) -> substitute``.
     :param max_errors: with ``"skip"`` or a callable: failed samples allowed per epoch, a
         count (int) or a fraction of those attempted (float in (0, 1)).
-    :param rank: this process's rank; default from ``torch.distributed`` when initialised.
-    :param world_size: the number of ranks; default from ``torch.distributed``.
+    :param rank: this process's rank; default from ``torch.distributed`` when initialised,
+        else from the ``RANK`` environment variable (torchrun sets it), else 0.
+    :param world_size: the number of ranks; default from ``torch.distributed``, else from
+        ``WORLD_SIZE`` in the environment, else 1.
     :param throttle: lower the concurrency when the store says "slow down" (``True``, or an
         ``al.Throttle``); ``False`` turns it off.
     :param shuffle_buffer: samples held by a stream's shuffle buffer.
@@ -1212,15 +1215,23 @@ def _check_int(name: str, value: object, *, minimum: int | None) -> None:
 
 
 def _resolve_ranks(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    """Explicit keywords, else torch.distributed when it is initialised, else (0, 1).
+    """Explicit keywords, else torch.distributed when it is initialised, else the
+    ``RANK`` and ``WORLD_SIZE`` environment variables (torchrun sets them in every
+    process it starts), else (0, 1).
 
-    Read here, in the constructing process: DataLoader workers cannot query it.
+    Read here, in the constructing process: DataLoader workers cannot query it. The
+    environment is read because a loader built before ``init_process_group`` under
+    torchrun would otherwise be rank 0 of 1 on every rank: each would train on the whole
+    dataset, the same batches, silently.
     """
     if rank is None or world_size is None:
         dist = sys.modules.get("torch.distributed")  # never import torch ourselves
         if dist is not None and dist.is_available() and dist.is_initialized():
             rank = dist.get_rank() if rank is None else rank
             world_size = dist.get_world_size() if world_size is None else world_size
+        else:
+            rank = _environment_int("RANK") if rank is None else rank
+            world_size = _environment_int("WORLD_SIZE") if world_size is None else world_size
     if world_size is None:
         world_size = 1
     _check_int("world_size", world_size, minimum=1)
@@ -1229,13 +1240,28 @@ def _resolve_ranks(rank: int | None, world_size: int | None) -> tuple[int, int]:
             # Rank 0 on every process would give each the same share, silently.
             raise ValueError(
                 f"world_size={world_size} needs rank= too (torch.distributed is not "
-                "initialised to say which rank this process is)"
+                "initialised, and RANK is not set, to say which rank this process is)"
             )
         rank = 0
     _check_int("rank", rank, minimum=0)
     if rank >= world_size:
         raise ValueError(f"rank must be < world_size, got rank={rank}, world_size={world_size}")
     return int(rank), int(world_size)
+
+
+def _environment_int(name: str) -> int | None:
+    """The environment variable ``name`` as an int, None when it is unset or empty."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(
+            f"the environment variable {name}={value!r} is not an int (torchrun sets it to "
+            f"this process's {name.lower()}); pass rank= and world_size= to the Loader to "
+            "override it"
+        ) from None
 
 
 def _planned_costs(batch_cost: Any, dataset: Any) -> np.ndarray | None:

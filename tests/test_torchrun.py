@@ -145,6 +145,21 @@ def test_loaders_take_their_rank_from_torch_distributed(runs: list[list[Record]]
                 assert (record[name]["rank"], record[name]["world_size"]) == (r, WORLD)
 
 
+def test_a_loader_built_before_the_process_group_takes_its_rank_from_torchrun(
+    runs: list[list[Record]],
+) -> None:
+    """Built before init_process_group, a loader used to be rank 0 of 1 on every rank:
+    each trained on the whole dataset, silently. torchrun's RANK and WORLD_SIZE say."""
+    for ranks in runs:
+        shares = []
+        for r, record in enumerate(ranks):
+            assert (record["early"]["rank"], record["early"]["world_size"]) == (r, WORLD)
+            shares.append([i for batch in record["early"]["ids"] for i in batch])
+        # Each rank its own ceil(N / WORLD) samples (one padded), together the whole epoch.
+        assert [len(share) for share in shares] == [-(-N // WORLD)] * WORLD
+        assert set(shares[0]) | set(shares[1]) == set(range(N))
+
+
 @pytest.mark.parametrize("name", DATASETS)
 def test_every_rank_takes_the_same_number_of_batches(runs: list[list[Record]], name: str) -> None:
     for ranks in runs:

@@ -169,6 +169,9 @@ def run_dataset(
 def main(argv: list[str]) -> int:
     manifest_path, out_dir = Path(argv[0]), Path(argv[1])
     manifest = json.loads(manifest_path.read_text())
+    # Built before the process group exists: its rank comes from torchrun's environment.
+    early = build_map(manifest["n"])
+    early_share = [map_ids(batch) for batch in early]
     dist.init_process_group("gloo")
     try:
         trainer = Trainer()
@@ -178,6 +181,7 @@ def main(argv: list[str]) -> int:
         result = {
             "rank": dist.get_rank(),
             "world_size": dist.get_world_size(),
+            "early": {"rank": early.rank, "world_size": early.world_size, "ids": early_share},
             "map": run_dataset(lambda: build_map(n), map_ids, map_features, trainer),
             "budget": run_dataset(lambda: build_budget(n), map_ids, map_features, trainer),
             "tar": run_dataset(lambda: build_tar(shards, counts), tar_ids, tar_features, trainer),
