@@ -3,7 +3,8 @@
 ``GET /sample/{i}`` answers ``size`` bytes whose content is a pure function of ``i``
 (see :func:`sample_bytes`), after the latency (a timer); ``?latency_ms=X`` overrides
 the latency for one request, and ``&jitter_ms=J`` spreads it over X - J to X + J
-(see :func:`jitter`; uvloop's timers round each to whole milliseconds). ``GET /health`` answers ``ok`` at once. Served by a bare
+(see :func:`jitter`; uvloop's timers round each to whole milliseconds; J > X, a negative
+or a malformed value is answered 400). ``GET /health`` answers ``ok`` at once. Served by a bare
 asyncio protocol (keep-alive HTTP/1.1): measured 40 µs of server CPU a request against
 aiohttp.web's 110 (64 in flight, 0 ms). The server shares the cores with the loaders it
 measures, and at hundreds of requests in flight aiohttp.web's cost made it, not the
@@ -60,6 +61,18 @@ def sample_bytes(index: int, size: int) -> bytes:
     if size <= HEADER_BYTES:
         return head[:size]
     return head + bytes((index % 251,)) * (size - HEADER_BYTES)
+
+
+def _milliseconds(name: str, value: str) -> float:
+    """A query parameter in milliseconds, as seconds; ``ValueError`` naming it unless it is
+    a finite number >= 0."""
+    try:
+        ms = float(value)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not 0.0 <= ms < float("inf"):
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    return ms / 1000.0
 
 
 def jitter(index: int) -> float:
@@ -165,13 +178,20 @@ class _SampleProtocol(asyncio.Protocol):
             self._answer(404, f"no sample {index}".encode())
             return
         delay, spread = self.latency_s, 0.0
-        for pair in query.split("&"):
-            name, _, value = pair.partition("=")
-            if name == "latency_ms":
-                delay = float(value) / 1000.0
-            elif name == "jitter_ms":
-                spread = float(value) / 1000.0
-        delay = max(0.0, delay + spread * jitter(index))
+        try:
+            for pair in query.split("&"):
+                name, _, value = pair.partition("=")
+                if name == "latency_ms":
+                    delay = _milliseconds(name, value)
+                elif name == "jitter_ms":
+                    spread = _milliseconds(name, value)
+            if spread > delay:
+                # Clamping the low side at 0 would raise the mean above the latency asked.
+                raise ValueError(f"jitter_ms must be <= the latency, {delay * 1000:g} ms")
+        except ValueError as exc:
+            self._answer(400, str(exc).encode())
+            return
+        delay += spread * jitter(index)
         body = sample_bytes(index, self.size)
         if delay > 0:
             self.loop.call_later(delay, self._answer, 200, body)
