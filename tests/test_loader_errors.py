@@ -661,3 +661,17 @@ def test_errors_pickle_whole() -> None:
     assert (b2.errors, [str(c) for c in b2.causes]) == (4, ["x"])
     assert (h2.status, h2.url, h2.retry_after) == (503, "http://h/x", 1.5)
     assert f2.index == 7
+
+
+def test_the_error_budget_is_counted_per_dataloader_worker() -> None:
+    """As docs/dataloader.md says: each worker holds its own copy of the budget."""
+    pytest.importorskip("torch")
+    # Batches of 2 over 8 samples, 2 workers: worker 0 makes batches 0 and 2 (samples
+    # 0-1, 4-5), worker 1 batches 1 and 3 (2-3, 6-7). One failure in each worker's share.
+    loader = al.Loader(Failing(8, {0, 2}), batch_size=2, on_error="skip", max_errors=1)
+    got = sorted(int(x) for b in loader.to_torch_loader(num_workers=2) for x in b)
+    assert got == [1, 3, 4, 5, 6, 7]
+    # Two in one worker's share: over its budget.
+    loader = al.Loader(Failing(8, {0, 4}), batch_size=2, on_error="skip", max_errors=1)
+    with pytest.raises(al.ErrorBudgetExceeded, match="2 samples failed"):
+        list(loader.to_torch_loader(num_workers=2))
