@@ -521,8 +521,10 @@ def test_bad_arguments() -> None:
         S3Source(BUCKET, ["k"], max_object_bytes=0)
     with pytest.raises(ValueError, match="max_connections"):
         S3Source(BUCKET, ["k"], max_connections=0)
-    with pytest.raises(ValueError, match="keys"):
+    with pytest.raises(ValueError, match="key '' must be a non-empty string"):
         S3Source(BUCKET, ["k", ""])
+    with pytest.raises(ValueError, match="not both"):
+        S3Source(BUCKET, ["k"], access_key_id="x", secret_access_key="y", credential_provider=dict)
     with pytest.raises(ValueError, match="in_flight"):
         S3Source.from_prefix(BUCKET, "p/", in_flight=0)
     with pytest.raises(ValueError, match="timeout"):

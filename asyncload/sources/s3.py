@@ -61,6 +61,68 @@ def _origin(url: str) -> str:
     return f"{parts.scheme.lower()}://{parts.netloc.rpartition('@')[2].lower()}"
 
 
+# Where obstore finds an endpoint besides the endpoint_url argument: config keys (any case;
+# the S3-specific one first, as obstore ranks it), then the environment.
+_CONFIG_ENDPOINTS = (
+    "aws_endpoint_url_s3",
+    "endpoint",
+    "aws_endpoint",
+    "endpoint_url",
+    "aws_endpoint_url",
+)
+_ENVIRONMENT_ENDPOINTS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT", "AWS_ENDPOINT_URL")
+
+
+def _endpoint_in_use(endpoint_url: str | None, config: Mapping[str, Any]) -> str | None:
+    """The endpoint the store will talk to: ``endpoint_url``, else one given in ``config``,
+    else one in the environment; None for AWS's own."""
+    if endpoint_url is not None:
+        return endpoint_url
+    given = {str(name).lower(): value for name, value in config.items()}
+    for name in _CONFIG_ENDPOINTS:
+        if isinstance(given.get(name), str) and given[name]:
+            return str(given[name])
+    for name in _ENVIRONMENT_ENDPOINTS:
+        if os.environ.get(name):
+            return os.environ[name]
+    return None
+
+
+def key_problem(key: object) -> str | None:
+    """Why ``key`` cannot be asked for as written (None: it can). obstore drops a leading
+    or trailing ``/`` (``"dir/"`` would fetch ``"dir"``, and ``"/"`` the bucket's listing)
+    and refuses empty, ``.`` and ``..`` segments."""
+    if not isinstance(key, str) or not key:
+        return "must be a non-empty string"
+    if key.startswith("/") or key.endswith("/"):
+        return "starts or ends with '/': obstore would fetch another key (folder markers are not samples)"
+    if any(part in ("", ".", "..") for part in key.split("/")):
+        return "has an empty, '.' or '..' path segment, which obstore cannot address"
+    return None
+
+
+class _StaticCredentials:
+    """The keys given to S3Source, as obstore's credential provider. Given in its config
+    instead, obstore adds the environment's ``AWS_SESSION_TOKEN`` to them (the shell's
+    temporary credentials), a mix that AWS refuses. Picklable, for DataLoader workers."""
+
+    def __init__(self, access_key_id: str, secret_access_key: str, token: str | None) -> None:
+        self.access_key_id = access_key_id
+        self.secret_access_key = secret_access_key
+        self.token = token
+
+    def __call__(self) -> dict[str, Any]:
+        return {
+            "access_key_id": self.access_key_id,
+            "secret_access_key": self.secret_access_key,
+            "token": self.token,
+            "expires_at": None,  # static: never refreshed
+        }
+
+    def __repr__(self) -> str:
+        return "<S3 credentials given to S3Source>"  # (never the secret)
+
+
 def _note_runtime() -> None:
     global _runtime_pid
     if _runtime_pid is None:
@@ -165,13 +227,21 @@ class _Client:
             raise ValueError("S3Source: give both access_key_id and secret_access_key, or neither")
         if anonymous and (access_key_id is not None or credential_provider is not None):
             raise ValueError("S3Source: anonymous=True takes no credentials")
+        if credential_provider is not None and (
+            access_key_id is not None or session_token is not None
+        ):
+            raise ValueError(
+                "S3Source: give access_key_id/secret_access_key/session_token or "
+                "credential_provider, not both"
+            )
         _check_positive("max_object_bytes", max_object_bytes)
         _check_positive("max_connections", max_connections)
         self.bucket = bucket
         self.endpoint_url = endpoint_url
         # Where the objects live, without credentials or path: "aws" for AWS (whose
         # bucket names are global).
-        self.origin = _origin(endpoint_url) if endpoint_url is not None else "aws"
+        endpoint = _endpoint_in_use(endpoint_url, config or {})
+        self.origin = _origin(endpoint) if endpoint is not None else "aws"
         self.max_object_bytes = max_object_bytes
         self.max_connections = max_connections
         store_config: dict[str, Any] = dict(config or {})
@@ -180,9 +250,11 @@ class _Client:
         if region is not None:
             store_config["region"] = region
         if access_key_id is not None:
-            store_config["access_key_id"] = access_key_id
-            store_config["secret_access_key"] = secret_access_key
-        if session_token is not None:
+            assert secret_access_key is not None
+            credential_provider = _StaticCredentials(
+                access_key_id, secret_access_key, session_token
+            )
+        elif session_token is not None:
             store_config["session_token"] = session_token
         if anonymous:
             store_config["skip_signature"] = True
@@ -467,8 +539,9 @@ class S3Source(AsyncDataset[bytes]):
             raise TypeError("S3Source: keys must be a list of keys, not a single string")
         self.keys = list(keys)
         for key in self.keys:
-            if not isinstance(key, str) or not key:
-                raise ValueError(f"S3Source: keys must be non-empty strings, got {key!r}")
+            problem = key_problem(key)
+            if problem is not None:
+                raise ValueError(f"S3Source: key {key!r} {problem}")
         self._client = _Client(
             bucket,
             endpoint_url=endpoint_url,
@@ -590,7 +663,11 @@ class S3Source(AsyncDataset[bytes]):
         The stream holds one of ``max_connections`` from its request until it ends or is
         closed (``aclose()``), also while nobody reads it: whoever keeps several streams
         open at once must need no more than ``max_connections`` of them to make progress.
+        ``ValueError`` for a key that cannot be asked for as written (see :func:`key_problem`).
         """
+        problem = key_problem(key)
+        if problem is not None:
+            raise ValueError(f"S3Source: key {key!r} {problem}")
         return self._client.iter_chunks(key, chunk_size)
 
     async def aclose(self) -> None:
@@ -692,7 +769,11 @@ class S3PrefixStream(AsyncIterableDataset[bytes]):
         # object_store lists whole path segments ("data/ab" would miss "data/abc"): list the
         # parent folder, starting just before the prefix, and filter by _accept().
         parent, _, _ = prefix.rpartition("/")
-        start = prefix[:-1] if after is None else after
+        start: str | None = prefix[:-1] if after is None else after
+        if start is not None and start.rpartition("/")[2] in ("", ".", ".."):
+            # obstore refuses such an offset as a path ("dir/." for the prefix "dir/.h"):
+            # list the folder from its start; _accept() passes over the keys before.
+            start = None
         return obstore.list(store, parent or None, offset=start, chunk_size=self.page_size)
 
     def _pages(self, store: S3Store) -> Callable[[], asyncio.Future[Any]]:
@@ -713,9 +794,9 @@ class S3PrefixStream(AsyncIterableDataset[bytes]):
             """The next page, or None after the last (not StopAsyncIteration: a retry
             would take that for an error)."""
             nonlocal listing, last
-            if listing is None:
-                listing = self._listing(store, last)
             try:
+                if listing is None:
+                    listing = self._listing(store, last)
                 async with client.slot():
                     with anyio.move_on_after(timeout) as waited:  # (None: no limit)
                         page = await listing.__anext__()

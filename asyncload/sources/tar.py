@@ -27,6 +27,7 @@ from .._tar import iter_members, iter_samples
 from .._threads import run_abandonable
 from ..datasets import AsyncIterableDataset
 from ..streaming import StreamEpoch, StreamError, aclosing, equal_length, shuffle_buffer
+from .s3 import key_problem
 
 __all__ = ["TarShardSource"]
 
@@ -129,9 +130,15 @@ class TarShardSource(AsyncIterableDataset[Sample]):
                     option = "http_options"
                     self._http_source()
                 elif shard.startswith("s3://"):
+                    bucket, _, key = shard[len("s3://") :].partition("/")
+                    problem = key_problem(key)
+                    if problem is not None:
+                        raise ValueError(f"TarShardSource: shard {shard!r}: its key {problem}")
                     option = "s3_options"
-                    self._s3_source(shard[len("s3://") :].partition("/")[0])
+                    self._s3_source(bucket)
             except (TypeError, ValueError) as exc:
+                if str(exc).startswith("TarShardSource:"):
+                    raise
                 raise type(exc)(f"TarShardSource: {option}: {exc}") from exc
 
     def __repr__(self) -> str:
