@@ -125,20 +125,18 @@ class TarShardSource(AsyncIterableDataset[Sample]):
         # malformed endpoint_url) is refused here, naming it, not at the first shard of a
         # run. Making them opens nothing: connections come per event loop, on first use.
         for shard in self.shards:
+            if shard.startswith("s3://"):
+                problem = key_problem(shard[len("s3://") :].partition("/")[2])
+                if problem is not None:
+                    raise ValueError(f"TarShardSource: shard {shard!r}: its key {problem}")
             try:
                 if shard.startswith(("http://", "https://")):
                     option = "http_options"
                     self._http_source()
                 elif shard.startswith("s3://"):
-                    bucket, _, key = shard[len("s3://") :].partition("/")
-                    problem = key_problem(key)
-                    if problem is not None:
-                        raise ValueError(f"TarShardSource: shard {shard!r}: its key {problem}")
                     option = "s3_options"
-                    self._s3_source(bucket)
+                    self._s3_source(shard[len("s3://") :].partition("/")[0])
             except (TypeError, ValueError) as exc:
-                if str(exc).startswith("TarShardSource:"):
-                    raise
                 raise type(exc)(f"TarShardSource: {option}: {exc}") from exc
 
     def __repr__(self) -> str:
