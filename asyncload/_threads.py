@@ -15,7 +15,7 @@ import sniffio
 
 from ._callables import PerLoop
 
-__all__ = ["run_abandonable"]
+__all__ = ["run_abandonable", "run_in_daemon_thread"]
 
 T = TypeVar("T")
 
@@ -53,6 +53,44 @@ async def run_abandonable(
         return result
     finally:
         call.leave(taken)
+
+
+async def run_in_daemon_thread(fn: Callable[[], object], limiter: anyio.CapacityLimiter) -> None:
+    """``fn()`` in a daemon thread of its own, holding a token of ``limiter`` until the
+    thread has returned; ``fn``'s exception is the caller's.
+
+    For a call that blocks for as long as another process likes (waiting for a lock it
+    holds). Cancelling the caller abandons the thread; a daemon thread, unlike anyio's
+    worker threads, does not hold up the interpreter's exit: a process that stopped
+    waiting can end while the other still holds the lock.
+    """
+    token = object()
+    await limiter.acquire_on_behalf_of(token)
+    call_soon = _call_soon_threadsafe()
+    done = anyio.Event()
+    failed: list[BaseException] = []
+
+    def finish() -> None:  # in the event loop
+        limiter.release_on_behalf_of(token)
+        done.set()
+
+    def target() -> None:
+        try:
+            fn()
+        except BaseException as exc:
+            failed.append(exc)
+        finally:
+            with contextlib.suppress(Exception):  # the loop has ended: nothing to wake
+                call_soon(finish)
+
+    try:
+        threading.Thread(target=target, name="asyncload wait", daemon=True).start()
+    except BaseException:
+        limiter.release_on_behalf_of(token)
+        raise
+    await done.wait()
+    if failed:
+        raise failed[0]
 
 
 def _call_soon_threadsafe() -> Callable[[Callable[[], object]], object]:

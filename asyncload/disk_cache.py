@@ -45,12 +45,12 @@ from collections.abc import Awaitable, Callable, Hashable, Iterator
 from typing import Any, TypedDict, cast
 
 import anyio
-import anyio.to_thread
 from anyio.lowlevel import RunVar
 
 from ._batched import ThreadBatcher
 from ._callables import PerLoop
 from ._redact import redact_key
+from ._threads import run_in_daemon_thread
 from .cache import _check_limit, _Flight, forget_loads_when_forked
 
 if sys.platform != "win32":
@@ -639,9 +639,7 @@ class DiskCache:
         held: _KeyLock | None = None
         try:
             # Abandoned on cancellation: a thread blocked in flock cannot be interrupted.
-            await anyio.to_thread.run_sync(
-                waiter.run, abandon_on_cancel=True, limiter=_wait_limiter()
-            )
+            await run_in_daemon_thread(waiter.run, _wait_limiter())
             held = waiter.take()
             return await self._lookups.get().run(
                 self._recheck, held, name, material, self._stamp(), release=_release_probe
@@ -783,9 +781,10 @@ class DiskCache:
         try:
             lock = _key_lock.acquire(self.path, name, blocking=False)
         except OSError as exc:
-            if exc.errno not in _CANNOT_WRITE:
+            if exc.errno not in _CANNOT_WRITE and exc.errno != errno.ENOENT:
                 raise
-            # No locks where no file can be made: load without one (storing will fail too).
+            # No locks where no file can be made (the directory read-only, full, or deleted
+            # while in use): load without one; storing fails too, counted as write_errors.
             return _Probe(lock=_KeyLock(None), corrupt=corrupt)
         if lock is None:
             return _Probe(corrupt=corrupt)
@@ -937,9 +936,14 @@ class DiskCache:
         )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            yield _Ledger(fd)
+            try:
+                yield _Ledger(fd)
+            finally:
+                # Explicitly: a child forked meanwhile shares this open file, and closing
+                # our descriptor would leave the lock held for as long as the child lives.
+                fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
-            os.close(fd)  # unlocks
+            os.close(fd)
 
 
 def _pread_exact(fd: int, size: int, offset: int) -> bytes | None:
