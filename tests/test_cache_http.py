@@ -236,3 +236,31 @@ async def test_repeated_keys_are_requested_once_per_key(
     # Those waiters shared the two loads (and fetches started after the release may have
     # joined them too, before the responses were read).
     assert stats["coalesced"] >= waiting
+
+
+# -- credentials in URLs ------------------------------------------------------------------
+
+
+async def test_a_disk_cache_never_writes_a_urls_credentials(
+    http_server: HTTPServer, tmp_path: Path
+) -> None:
+    """The entry files hold each key: a URL's ``user:password@`` must not be among them.
+    The same URL with other credentials is the same object: one entry."""
+
+    def with_credentials(user: str) -> list[str]:
+        return [
+            u.replace("://", f"://{user}:s3cret-{user}@", 1) for u in sample_urls(http_server, 4)
+        ]
+
+    cache = al.DiskCache(tmp_path / "cache", max_bytes=1 << 20)
+    first = al.Loader(HTTPSource(with_credentials("ann")), batch_size=4, cache=cache)
+    assert flat(await run_epoch(first)) == [sample_body(i) for i in range(4)]
+    await first.aclose()
+    assert http_server.total == 4
+    second = al.Loader(HTTPSource(with_credentials("bob")), batch_size=4, cache=cache)
+    assert flat(await run_epoch(second)) == [sample_body(i) for i in range(4)]
+    await second.aclose()
+    assert http_server.total == 4  # served from the first's entries
+    written = b"".join(p.read_bytes() for p in (tmp_path / "cache").rglob("*") if p.is_file())
+    assert b"/sample/3" in written  # (the keys are there...)
+    assert b"s3cret" not in written and b"ann:" not in written  # (...without credentials)

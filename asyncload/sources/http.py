@@ -10,7 +10,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Hashable, Iterable, Mapping
 from typing import Literal
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import anyio
 import sniffio
@@ -329,6 +329,16 @@ class HTTPSource(AsyncDataset[bytes]):
 
     def key_of(self, index: int) -> Hashable:
         return self.urls[normalize_index(index, len(self.urls))]
+
+    def _cache_key(self, index: int) -> Hashable:
+        """The URL without its ``user:password@``: a DiskCache writes keys into its files,
+        and the same URL read with other credentials is the same object. (The query string
+        stays, since it may name the object: a signed URL's signature is written too.)"""
+        url = self.urls[normalize_index(index, len(self.urls))]
+        if "@" not in url:
+            return url
+        parts = urlsplit(url)
+        return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
     async def aclose(self) -> None:
         """Close the running event loop's connections (a no-op when it has none)."""
