@@ -24,7 +24,7 @@ import sys
 import threading
 import weakref
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
@@ -114,6 +114,10 @@ class _Raised:
         self.exc = exc
 
 
+def _nothing() -> None:
+    pass
+
+
 class _Pump:
     """The loop-side half: starts the epoch, then moves its batches into the queue, one
     per credit. It must not reference the :class:`SyncIterator`, so that dropping that
@@ -121,8 +125,9 @@ class _Pump:
 
     def __init__(self, loader: Loader, epoch: EpochStart) -> None:
         self.loader = loader
-        self.epoch = epoch
+        self.epoch: EpochStart | None = epoch  # (None once forgotten: see forget())
         self.iterator: EpochIterator | None = None  # (once run() has started the epoch)
+        self._first_taken: Callable[[], object] = _nothing
         self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.loop = asyncio.get_running_loop()
         self.thread = threading.get_ident()
@@ -151,6 +156,7 @@ class _Pump:
             # The ready batches wait in the queue, not in the epoch's stream: the consumer
             # then takes every batch that is there in one go, without waiting for the loop
             # thread to hand over the GIL for each one.
+            assert self.epoch is not None
             self.iterator = iterator = self.epoch.start()
             self._first_taken = iterator.hold_ramp()
             while True:
@@ -189,7 +195,20 @@ class _Pump:
 
     def report_end(self) -> None:
         """Close the progress report (from the consuming thread), started or not."""
-        (self.iterator or self.epoch).report_end()
+        started = self.iterator or self.epoch
+        if started is not None:
+            started.report_end()
+
+    def forget(self) -> None:
+        """Once the loop thread has stopped: let go of the epoch and of the batches still
+        queued, so that an iterator kept after close() holds no data. (The end marker goes
+        back in, for a next() that another thread may be waiting in.)"""
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self.queue.get_nowait()
+        self.queue.put(_CLOSED)
+        self.iterator = self.epoch = None
+        self._first_taken = _nothing
 
 
 class SyncIterator(Iterator[Any]):
@@ -302,6 +321,7 @@ class SyncIterator(Iterator[Any]):
         finally:
             _PORTALS.discard(self._cm)
             self._cm.__exit__(None, None, None)
+            self._pump.forget()
 
     def __del__(self) -> None:
         if hasattr(self, "_task"):

@@ -1020,15 +1020,18 @@ class Loader:
         """Stop background threads and release what the dataset holds in them."""
         for iterator in list(self._iterators):
             iterator.close()
-        if self._current is not None:
-            self._current.cancel()
+        # Forgotten as well as cancelled: the loader lives on (for the next epoch), and
+        # must not keep the closed epoch's batches alive.
+        current, self._current = self._current, None
+        if current is not None:
+            current.cancel()
 
     async def aclose(self) -> None:
         """Cancel the running epochs (every ``async for`` begun, the newest one's too),
         wait for them, and release the dataset's connections in this event loop."""
         running = [it for it in list(self._iterators) if isinstance(it, _EpochOnDemand)]
+        current = self._current
         self.close()
-        current, self._current = self._current, None
         # Shielded: left by a cancellation (`async with loader` in a cancelled scope), the
         # epochs must still be waited for and the connections released.
         with anyio.CancelScope(shield=True):
