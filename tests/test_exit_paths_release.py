@@ -14,7 +14,6 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
-import psutil
 import pytest
 
 import asyncload as al
@@ -59,15 +58,6 @@ def as_list(samples: list[Any]) -> list[Any]:
 
 def new_loader(dataset: Tracked) -> al.Loader:
     return al.Loader(dataset, batch_size=4, concurrency=8, collate_fn=as_list)
-
-
-def client_connections(port: int) -> int:
-    """Our client's open TCP connections to the test server (the client side only)."""
-    return sum(
-        1
-        for c in psutil.Process().net_connections(kind="tcp")
-        if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED
-    )
 
 
 # -- memory held after close() ---------------------------------------------------------------
