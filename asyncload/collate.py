@@ -62,9 +62,13 @@ def default_collate(samples: Sequence[Any]) -> Any:
         # a masked array exists only once it is imported.
         ma = sys.modules.get("numpy.ma")
         if ma is not None and isinstance(first, ma.MaskedArray):
-            return ma.stack(samples)  # masks kept
-        # Another subclass (np.memmap): a plain array of the values.
-        return np.stack([np.asarray(s) for s in samples])
+            try:
+                return ma.stack(samples)  # masks kept
+            except ValueError:
+                _raise(_kinds_error(samples, _array_types()) or _shapes_error(samples))
+                raise
+        # Another subclass (np.memmap): plain arrays, collated (and checked) as such.
+        return default_collate([np.asarray(s) if isinstance(s, np.ndarray) else s for s in samples])
     if isinstance(first, (str, bytes, bytearray, memoryview)):
         # As a string among numbers fails below, so does a number among strings (None,
         # an on_error substitute, may stand for a text).

@@ -152,8 +152,10 @@ class NpySource(AsyncDataset[np.ndarray]):
         return mapped
 
     def _read_one(self, file: int, row: int) -> np.ndarray:
+        mapped = self._mapped(file)
+        mapped.check(self.paths[file])
         # [row, ...] gives an array even for a 1-D file (plain [row] gives a numpy scalar).
-        sample: np.ndarray = self._mapped(file).array[row, ...].copy()
+        sample: np.ndarray = mapped.array[row, ...].copy()
         return sample
 
     def _read_many(self, locations: Sequence[tuple[int, int]]) -> list[np.ndarray]:
@@ -162,9 +164,14 @@ class NpySource(AsyncDataset[np.ndarray]):
         if self.readahead and len(order) > 1:
             self._will_need([locations[pos] for pos in order])
         out: list[Any] = [None] * len(locations)
+        checked = -1
         for pos in order:
             file, row = locations[pos]
-            out[pos] = self._mapped(file).array[row, ...].copy()
+            mapped = self._mapped(file)
+            if file != checked:  # (once per file: the rows come in file order)
+                mapped.check(self.paths[file])
+                checked = file
+            out[pos] = mapped.array[row, ...].copy()
         return out
 
     def _will_need(self, locations: Sequence[tuple[int, int]]) -> None:
@@ -236,13 +243,16 @@ class NpySource(AsyncDataset[np.ndarray]):
 class _Mapped:
     """One file's map: the rows as a plain ndarray, and what ``madvise`` needs."""
 
-    __slots__ = ("array", "data", "mm", "row_bytes")
+    __slots__ = ("array", "data", "file", "mm", "needed", "row_bytes")
 
     def __init__(self, memmap: np.ndarray) -> None:
         # The memmap subclass's Python-level __getitem__/__array_finalize__ cost more than
         # the copy of a small row; a base-class view (which keeps the map alive) skips them.
         self.array: np.ndarray = memmap.view(np.ndarray)
         mm = getattr(memmap, "_mmap", None)  # numpy's mmap object, where it has one
+        # The file's size (mmap.size() is an fstat) against what the rows need: see check().
+        self.file = mm if isinstance(mm, mmap.mmap) else None
+        self.needed = int(getattr(memmap, "offset", 0)) + memmap.nbytes
         self.row_bytes = memmap.itemsize * math.prod(memmap.shape[1:])
         self.mm: mmap.mmap | None = None
         self.data = 0
@@ -255,6 +265,17 @@ class _Mapped:
             # Where the rows start inside the mmap (after the .npy header), by address.
             self.data = memmap.ctypes.data - np.frombuffer(mm, np.uint8).ctypes.data
             self.mm = mm
+
+    def check(self, path: str) -> None:
+        """``ValueError`` naming ``path`` unless the file still holds every row. A file
+        rewritten smaller in place after it was mapped (``np.save`` over it) has pages
+        past its end, and touching one kills the process (SIGBUS), not just the sample.
+        (A file cut short during the copy itself still can.)"""
+        if self.file is not None and (size := self.file.size()) < self.needed:
+            raise ValueError(
+                f"NpySource: {path!r} changed since it was opened: it is now {size} bytes, "
+                f"its rows need {self.needed}"
+            )
 
     def span(self, row: int) -> tuple[int, int]:
         """Byte range of ``row`` inside the mmap."""
