@@ -34,6 +34,7 @@ import sniffio
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from ._callables import as_failure, is_async_callable, is_cancellation
+from ._pipeline import _nothing
 
 if TYPE_CHECKING:
     from ._pipeline import EpochIterator
@@ -112,10 +113,6 @@ class _Raised:
 
     def __init__(self, exc: BaseException) -> None:
         self.exc = exc
-
-
-def _nothing() -> None:
-    pass
 
 
 class _Pump:
@@ -270,7 +267,8 @@ class SyncIterator(Iterator[Any]):
             raise StopIteration
         # An item in the queue was put after run() had started the epoch.
         iterator = self._pump.iterator
-        assert iterator is not None
+        if iterator is None:  # closed (and forgotten) by another thread just now
+            raise StopIteration
         if item is _END:
             try:
                 iterator.end()  # (may raise: a DriftError, on_statistics)

@@ -343,6 +343,8 @@ class Loader:
         self._excluded: list[list[int]] = []
         self._stats = LoaderStats()
         self._current: Epoch | InlineEpoch | None = None
+        # The epoch close() cancelled, until it has ended (aclose() waits for it).
+        self._cancelled: weakref.ref[Epoch | InlineEpoch] | Callable[[], None] = _no_epoch
         # Sync iterators, so close() can stop their threads; weak, so that leaving a for
         # loop drops (and stops) its iterator.
         self._iterators: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -744,6 +746,7 @@ class Loader:
         """A copy with the same settings, epoch and resume point, and its own runtime state."""
         clone = copy.copy(self)
         clone._stats, clone._current, clone._iterators = LoaderStats(), None, weakref.WeakSet()
+        clone._cancelled = _no_epoch
         return clone
 
     def _tag(self, positions: list[int]) -> tuple[int, list[int]]:
@@ -1021,17 +1024,19 @@ class Loader:
         for iterator in list(self._iterators):
             iterator.close()
         # Forgotten as well as cancelled: the loader lives on (for the next epoch), and
-        # must not keep the closed epoch's batches alive.
+        # must not keep the closed epoch's batches alive. Weakly kept for aclose(), which
+        # waits for it: its cancelled tasks keep it alive until they have ended.
         current, self._current = self._current, None
         if current is not None:
+            self._cancelled = weakref.ref(current)
             current.cancel()
 
     async def aclose(self) -> None:
         """Cancel the running epochs (every ``async for`` begun, the newest one's too),
         wait for them, and release the dataset's connections in this event loop."""
         running = [it for it in list(self._iterators) if isinstance(it, _EpochOnDemand)]
-        current = self._current
         self.close()
+        current = self._cancelled()
         # Shielded: left by a cancellation (`async with loader` in a cancelled scope), the
         # epochs must still be waited for and the connections released.
         with anyio.CancelScope(shield=True):
@@ -1058,7 +1063,7 @@ class Loader:
     def __getstate__(self) -> dict[str, Any]:
         # Picklable for DataLoader workers: runtime state stays behind.
         state = self.__dict__.copy()
-        state.update(_stats=LoaderStats(), _current=None)
+        state.update(_stats=LoaderStats(), _current=None, _cancelled=_no_epoch)
         del state["_iterators"]
         return state
 
@@ -1183,6 +1188,10 @@ def _holds_positions(state: dict[str, Any]) -> bool:
     return not progress.empty
 
 
+def _no_epoch() -> None:
+    return None
+
+
 def _check_version(state: dict[str, Any], what: str) -> None:
     version = state.get("version")
     if isinstance(version, bool) or version not in _READABLE_VERSIONS:
@@ -1227,14 +1236,19 @@ def _resolve_ranks(rank: int | None, world_size: int | None) -> tuple[int, int]:
     torchrun would otherwise be rank 0 of 1 on every rank: each would train on the whole
     dataset, the same batches, silently.
     """
+    where = ""  # where the values came from, for the errors below
     if rank is None or world_size is None:
         dist = sys.modules.get("torch.distributed")  # never import torch ourselves
         if dist is not None and dist.is_available() and dist.is_initialized():
             rank = dist.get_rank() if rank is None else rank
             world_size = dist.get_world_size() if world_size is None else world_size
         else:
-            rank = _environment_int("RANK") if rank is None else rank
-            world_size = _environment_int("WORLD_SIZE") if world_size is None else world_size
+            read = []
+            if rank is None and (rank := _environment_int("RANK")) is not None:
+                read.append("RANK")
+            if world_size is None and (world_size := _environment_int("WORLD_SIZE")) is not None:
+                read.append("WORLD_SIZE")
+            where = f" ({' and '.join(read)} from the environment)" if read else ""
     if world_size is None:
         world_size = 1
     _check_int("world_size", world_size, minimum=1)
@@ -1242,13 +1256,15 @@ def _resolve_ranks(rank: int | None, world_size: int | None) -> tuple[int, int]:
         if world_size != 1:
             # Rank 0 on every process would give each the same share, silently.
             raise ValueError(
-                f"world_size={world_size} needs rank= too (torch.distributed is not "
+                f"world_size={world_size}{where} needs rank= too (torch.distributed is not "
                 "initialised, and RANK is not set, to say which rank this process is)"
             )
         rank = 0
     _check_int("rank", rank, minimum=0)
     if rank >= world_size:
-        raise ValueError(f"rank must be < world_size, got rank={rank}, world_size={world_size}")
+        raise ValueError(
+            f"rank must be < world_size, got rank={rank}, world_size={world_size}{where}"
+        )
     return int(rank), int(world_size)
 
 

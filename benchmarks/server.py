@@ -71,7 +71,7 @@ def _milliseconds(name: str, value: str) -> float:
     except ValueError:
         raise ValueError(f"{name} must be a number, got {value!r}") from None
     if not 0.0 <= ms < float("inf"):
-        raise ValueError(f"{name} must be >= 0, got {value!r}")
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return ms / 1000.0
 
 

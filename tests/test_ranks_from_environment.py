@@ -66,8 +66,14 @@ def test_the_environment_reaches_dataloader_workers(monkeypatch: pytest.MonkeyPa
     [
         ({"RANK": "one", "WORLD_SIZE": "2"}, r"RANK='one' is not an int"),
         ({"RANK": "0", "WORLD_SIZE": "2.0"}, r"WORLD_SIZE='2.0' is not an int"),
-        ({"RANK": "2", "WORLD_SIZE": "2"}, r"rank must be < world_size, got rank=2, world_size=2"),
-        ({"WORLD_SIZE": "2"}, r"world_size=2 needs rank= too .*RANK is not set"),
+        (
+            {"RANK": "2", "WORLD_SIZE": "2"},
+            r"rank=2, world_size=2 \(RANK and WORLD_SIZE from the environment\)",
+        ),
+        (
+            {"WORLD_SIZE": "2"},
+            r"world_size=2 \(WORLD_SIZE from the environment\) needs rank= too .*RANK is not set",
+        ),
         ({"RANK": "-1", "WORLD_SIZE": "2"}, r"rank must be >= 0"),
     ],
 )

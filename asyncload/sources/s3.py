@@ -61,44 +61,55 @@ def _origin(url: str) -> str:
     return f"{parts.scheme.lower()}://{parts.netloc.rpartition('@')[2].lower()}"
 
 
-# Where obstore finds an endpoint besides the endpoint_url argument: config keys (any case;
-# the S3-specific one first, as obstore ranks it), then the environment.
-_CONFIG_ENDPOINTS = (
-    "aws_endpoint_url_s3",
-    "endpoint",
-    "aws_endpoint",
-    "endpoint_url",
-    "aws_endpoint_url",
+# Where obstore finds an endpoint besides the endpoint_url argument, in the order it ranks
+# them: the S3-specific key over the others, from config (any case) or the environment.
+_S3_ENDPOINT = ("aws_endpoint_url_s3", "AWS_ENDPOINT_URL_S3")
+_ENDPOINTS = (
+    ("endpoint", "aws_endpoint", "endpoint_url", "aws_endpoint_url"),
+    ("AWS_ENDPOINT", "AWS_ENDPOINT_URL"),
 )
-_ENVIRONMENT_ENDPOINTS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT", "AWS_ENDPOINT_URL")
 
 
 def _endpoint_in_use(endpoint_url: str | None, config: Mapping[str, Any]) -> str | None:
-    """The endpoint the store will talk to: ``endpoint_url``, else one given in ``config``,
-    else one in the environment; None for AWS's own."""
+    """The endpoint the store will talk to: ``endpoint_url`` (which _Client passes as both
+    of obstore's endpoint keys, so that it wins), else the one obstore takes from ``config``
+    or the environment; None for AWS's own."""
     if endpoint_url is not None:
         return endpoint_url
     given = {str(name).lower(): value for name, value in config.items()}
-    for name in _CONFIG_ENDPOINTS:
-        if isinstance(given.get(name), str) and given[name]:
-            return str(given[name])
-    for name in _ENVIRONMENT_ENDPOINTS:
-        if os.environ.get(name):
-            return os.environ[name]
+    for config_names, environment_names in (
+        ((_S3_ENDPOINT[0],), (_S3_ENDPOINT[1],)),
+        _ENDPOINTS,
+    ):
+        for name in config_names:
+            if isinstance(given.get(name), str) and given[name]:
+                return str(given[name])
+        for name in environment_names:
+            if os.environ.get(name):
+                return os.environ[name]
     return None
 
 
 def key_problem(key: object) -> str | None:
     """Why ``key`` cannot be asked for as written (None: it can). obstore drops a leading
-    or trailing ``/`` (``"dir/"`` would fetch ``"dir"``, and ``"/"`` the bucket's listing)
-    and refuses empty, ``.`` and ``..`` segments."""
+    or trailing ``/`` (``"dir/"`` would fetch ``"dir"``, and ``"/"`` the bucket's listing),
+    and refuses empty, ``.`` and ``..`` segments and ASCII control characters."""
     if not isinstance(key, str) or not key:
         return "must be a non-empty string"
     if key.startswith("/") or key.endswith("/"):
         return "starts or ends with '/': obstore would fetch another key (folder markers are not samples)"
     if any(part in ("", ".", "..") for part in key.split("/")):
         return "has an empty, '.' or '..' path segment, which obstore cannot address"
+    if any(c < " " or c == "\x7f" for c in key):
+        return "has an ASCII control character, which obstore cannot address"
     return None
+
+
+def check_key(key: object, who: str) -> None:
+    """``ValueError`` naming ``key`` (and ``who`` asked) when :func:`key_problem` finds one."""
+    problem = key_problem(key)
+    if problem is not None:
+        raise ValueError(f"{who}: key {key!r} {problem}")
 
 
 class _StaticCredentials:
@@ -246,7 +257,9 @@ class _Client:
         self.max_connections = max_connections
         store_config: dict[str, Any] = dict(config or {})
         if endpoint_url is not None:
-            store_config["endpoint"] = endpoint_url
+            # Both keys: obstore ranks the S3-specific one (AWS_ENDPOINT_URL_S3 from the
+            # environment too) above "endpoint", and the argument must win.
+            store_config["endpoint"] = store_config["aws_endpoint_url_s3"] = endpoint_url
         if region is not None:
             store_config["region"] = region
         if access_key_id is not None:
@@ -539,9 +552,7 @@ class S3Source(AsyncDataset[bytes]):
             raise TypeError("S3Source: keys must be a list of keys, not a single string")
         self.keys = list(keys)
         for key in self.keys:
-            problem = key_problem(key)
-            if problem is not None:
-                raise ValueError(f"S3Source: key {key!r} {problem}")
+            check_key(key, "S3Source")
         self._client = _Client(
             bucket,
             endpoint_url=endpoint_url,
@@ -665,9 +676,7 @@ class S3Source(AsyncDataset[bytes]):
         open at once must need no more than ``max_connections`` of them to make progress.
         ``ValueError`` for a key that cannot be asked for as written (see :func:`key_problem`).
         """
-        problem = key_problem(key)
-        if problem is not None:
-            raise ValueError(f"S3Source: key {key!r} {problem}")
+        check_key(key, "S3Source")
         return self._client.iter_chunks(key, chunk_size)
 
     async def aclose(self) -> None:

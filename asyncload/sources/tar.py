@@ -27,7 +27,7 @@ from .._tar import iter_members, iter_samples
 from .._threads import run_abandonable
 from ..datasets import AsyncIterableDataset
 from ..streaming import StreamEpoch, StreamError, aclosing, equal_length, shuffle_buffer
-from .s3 import key_problem
+from .s3 import check_key
 
 __all__ = ["TarShardSource"]
 
@@ -126,9 +126,7 @@ class TarShardSource(AsyncIterableDataset[Sample]):
         # run. Making them opens nothing: connections come per event loop, on first use.
         for shard in self.shards:
             if shard.startswith("s3://"):
-                problem = key_problem(shard[len("s3://") :].partition("/")[2])
-                if problem is not None:
-                    raise ValueError(f"TarShardSource: shard {shard!r}: its key {problem}")
+                check_key(shard[len("s3://") :].partition("/")[2], f"TarShardSource: {shard!r}")
             try:
                 if shard.startswith(("http://", "https://")):
                     option = "http_options"
