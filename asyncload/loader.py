@@ -702,8 +702,9 @@ class Loader:
         return LoaderIterableDataset(self)
 
     def to_torch_loader(self, **dataloader_kwargs: Any) -> Any:
-        """A ``torch.utils.data.DataLoader`` over :meth:`to_torch` (``batch_size=None``;
-        other keywords as DataLoader's) that also keeps :meth:`state_dict` exact under
+        """An iterable that runs a ``torch.utils.data.DataLoader`` over :meth:`to_torch`
+        each time it is iterated (``batch_size=None``; other keywords as DataLoader's; it
+        is not a DataLoader instance itself) and also keeps :meth:`state_dict` exact under
         DataLoader workers: each batch's positions come back with it from its worker, so
         this loader's state counts exactly the batches the training loop has taken."""
         from ._torch import TorchLoader
