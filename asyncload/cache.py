@@ -139,10 +139,12 @@ def _nbytes(obj: object, hook: Callable[[Any], int] | None, seen: set[int]) -> i
     if isinstance(obj, memoryview):
         return obj.nbytes
     if isinstance(obj, np.ndarray):
-        return int(obj.nbytes)
+        return _array_bytes(obj)
     if _is_torch_tensor(obj):
         tensor: Any = obj
-        return int(tensor.element_size() * tensor.nelement())
+        own = tensor.element_size() * tensor.nelement()
+        # A view (a crop, a strided slice) keeps its whole storage alive.
+        return int(max(own, tensor.untyped_storage().nbytes()))
     if isinstance(obj, (dict, list, tuple)):
         if id(obj) in seen:  # a cycle, or the same object twice: count it once
             return 0
@@ -155,6 +157,24 @@ def _nbytes(obj: object, hook: Callable[[Any], int] | None, seen: set[int]) -> i
     if size < 0:
         raise ValueError(f"sizeof returned a negative size ({size}) for {type(obj).__name__}")
     return size
+
+
+def _array_bytes(array: np.ndarray) -> int:
+    """The memory an array keeps alive: its own bytes, or for a view (a crop, a slice of a
+    decoded record) its base's whole buffer. A view of a mapped file counts as itself: its
+    pages are the file's, not memory the cache holds."""
+    base: object = array
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    if isinstance(base, memoryview):
+        base = base.obj
+    if isinstance(base, np.ndarray):
+        held = base.nbytes
+    elif isinstance(base, (bytes, bytearray)):
+        held = len(base)
+    else:  # (an mmap, or another exporter of memory)
+        held = 0
+    return int(max(array.nbytes, held))
 
 
 def _read_only(obj: Any, busy: set[int]) -> Any:
@@ -317,11 +337,11 @@ class LRUCache:
     same time (single flight). Either limit may be ``None`` (no limit on that measure); with
     both ``None`` the cache grows without bound.
 
-    Sizes: ``bytes``/``bytearray`` by length, ``memoryview`` and numpy arrays by ``nbytes``,
-    torch tensors by ``element_size() * nelement()``, dicts (keys and values), lists and
-    tuples by the sum of their contents, anything else by ``sizeof(obj)`` when given, else
-    ``sys.getsizeof``. A numpy view is counted by its own size, though it keeps its base
-    alive.
+    Sizes: ``bytes``/``bytearray`` by length, ``memoryview`` by ``nbytes``, numpy arrays
+    and torch tensors by the buffer they keep alive (a view, such as a crop of a decoded
+    image, by its base's whole buffer or its tensor's whole storage; a view of a mapped
+    file by its own ``nbytes``), dicts (keys and values), lists and tuples by the sum of
+    their contents, anything else by ``sizeof(obj)`` when given, else ``sys.getsizeof``.
 
     ``policy`` picks the victim when a limit is reached: ``"lru"`` (least recently used),
     ``"lfu"`` (least frequently used, ties to the least recent) or ``"fifo"`` (oldest).

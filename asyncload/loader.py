@@ -459,6 +459,8 @@ class Loader:
         return StreamEpoch(
             slot=slot,
             shares=shares,
+            ranks=self.world_size,
+            drop_last=self.drop_last,
             shuffle=self.shuffle,
             seed=self.seed,
             epoch=self._epoch,

@@ -44,11 +44,15 @@ class StreamEpoch:
     a DataLoader worker's part of its rank's share, items ``offset`` to ``offset + count``
     of the ``length`` the share yields (`worker_run`); ``None``: all of them. A stream that
     splits itself reads only that part; others read up to it and drop the rest
-    (`take_run`).
+    (`take_run`). ``ranks``: how many of the ``shares`` are ranks (each rank's DataLoader
+    workers are the rest: rank ``slot // (shares // ranks)``); ``drop_last``: the Loader's,
+    for a stream that deals whole pieces (shards) to ranks and evens their counts.
     """
 
     slot: int = 0
     shares: int = 1
+    ranks: int = 1
+    drop_last: bool = False
     shuffle: bool = False
     seed: int = 0
     epoch: int = 0

@@ -281,15 +281,38 @@ async def test_known_sizes_give_every_rank_the_same_count(
         assert len(everything) - len(set(everything)) == 1
 
 
-async def test_more_shares_than_shards_read_each_shard_once(shards: list[str]) -> None:
-    """Without known sizes, 2 shards over 3 ranks: the third reads nothing (it read the
-    first rank's shard again, giving its samples twice per epoch)."""
+async def test_more_ranks_than_shards_pad_by_wrapping_around(shards: list[str]) -> None:
+    """Without known sizes, 2 shards over 3 ranks: every rank reads one shard, the third
+    the first again (the shared contract: padded by wrapping around, as DistributedSampler
+    pads; a rank reading nothing left the others waiting in DDP). With drop_last, the
+    order is trimmed to a multiple of the ranks: here, nothing."""
     got = []
     for rank in range(3):
         loader = al.Loader(TarShardSource(shards[:2]), batch_size=None, rank=rank, world_size=3)
         got.append(keys(await collect(loader)))
-    assert [len(k) for k in got] == [5, 6, 0]
-    assert sorted(k for keys_ in got for k in keys_) == ALL_KEYS[:11]
+    assert [len(k) for k in got] == [5, 6, 5]
+    assert got[2] == got[0]
+    assert sorted(set(k for keys_ in got for k in keys_)) == ALL_KEYS[:11]
+    for rank in range(3):
+        loader = al.Loader(
+            TarShardSource(shards[:2]), batch_size=None, rank=rank, world_size=3, drop_last=True
+        )
+        assert keys(await collect(loader)) == []
+
+
+async def test_uneven_shards_over_ranks_and_workers_in_one_process(shards: list[str]) -> None:
+    """3 shards over 2 ranks of 2 workers (as their shares, in one process): each rank
+    reads 2 shards (the first again on rank 1), split between its workers."""
+    read: list[list[str]] = []
+    for rank in range(2):
+        rank_keys: list[str] = []
+        for worker in range(2):
+            loader = al.Loader(TarShardSource(shards[:3]), batch_size=None, rank=rank, world_size=2)
+            rank_keys += keys(await collect(loader.for_worker(worker, 2)))
+        read.append(rank_keys)
+    shard_sizes = [5, 6, 7]
+    assert [len(k) for k in read] == [5 + 7, 6 + 5]
+    assert sorted(set(read[0]) | set(read[1])) == ALL_KEYS[: sum(shard_sizes)]
 
 
 async def test_samples_per_shard_splits_a_shard_between_shares(shards: list[str]) -> None:

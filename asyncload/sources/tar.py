@@ -228,8 +228,11 @@ class TarShardSource(AsyncIterableDataset[Sample]):
     def _pieces(self, spec: StreamEpoch) -> list[Piece]:
         """What this share reads in this epoch.
 
-        Without known sizes, whole shards: shards ``slot, slot + shares, ...`` of the
-        epoch's shard order. With them (``samples_per_shard``), the epoch's samples are
+        Without known sizes, whole shards, dealt to ranks as DistributedSampler deals
+        samples: the epoch's shard order is padded by wrapping around (or trimmed, with
+        ``drop_last``) to a multiple of the ranks, rank ``r`` takes shards ``r, r + ranks,
+        ...`` of it, and its DataLoader worker ``w`` of ``W`` every ``W``-th of those from
+        its ``w``-th: every rank reads the same number of shards. With them (``samples_per_shard``), the epoch's samples are
         laid end to end in shard order and each share takes a run of them: its ``length``
         from ``slot * length`` (wrapping around to pad; a DataLoader worker, its ``run``
         of that), or without a ``length`` (a part
@@ -242,9 +245,18 @@ class TarShardSource(AsyncIterableDataset[Sample]):
         if spec.shuffle:
             order = spec.rng().permutation(len(order)).tolist()
         if self.counts is None:
-            # More shares than shards: the last ones read nothing (a shard read twice
-            # would give its samples twice in the epoch; samples_per_shard evens counts).
-            mine = order[spec.slot :: spec.shares]
+            ranks = spec.ranks
+            workers = spec.shares // ranks
+            rank, worker = divmod(spec.slot, workers)
+            if len(order) % ranks:
+                # Equal shard counts per rank, as the contract has it (a rank short of a
+                # shard would leave the others waiting in DDP): the padding shards are read
+                # twice in the epoch. Equal sample counts need samples_per_shard.
+                keep = len(order) // ranks * ranks
+                if not spec.drop_last:
+                    keep += ranks
+                order = [order[i % len(order)] for i in range(keep)]
+            mine = order[rank::ranks][worker::workers]
             return [(self.shards[i], 0, None) for i in mine]
         counts = [self.counts[i] for i in order]
         starts = [0, *itertools.accumulate(counts)][:-1]
