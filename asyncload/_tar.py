@@ -273,9 +273,13 @@ def split_key(name: str) -> tuple[str, str]:
 
 
 async def iter_samples(
-    members: AsyncIterator[tuple[str, bytes | HardLink | Exception]], url: str
+    members: AsyncIterator[tuple[str, bytes | HardLink | Exception]],
+    url: str,
+    *,
+    with_url: bool = False,
 ) -> AsyncIterator[dict[str, Any] | StreamError]:
-    """Group consecutive members with the same key into ``{"__key__", "__url__", ext...}``.
+    """Group consecutive members with the same key into ``{"__key__", ext...}`` (and
+    ``"__url__": url`` with ``with_url``).
 
     A sample with a member it cannot have (refused, a second one with the same extension,
     a hard link to another sample's member) is one `StreamError` in its place, keyed by
@@ -290,7 +294,9 @@ async def iter_samples(
         if member_key != key:
             if key is not None:
                 yield failed if failed is not None else sample
-            key, sample, failed = member_key, {"__key__": member_key, "__url__": url}, None
+            key, sample, failed = member_key, {"__key__": member_key}, None
+            if with_url:
+                sample["__url__"] = url
         if failed is not None:
             continue  # the rest of a failed sample
         if isinstance(payload, HardLink):

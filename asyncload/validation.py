@@ -954,8 +954,8 @@ class Dict(Rule):
     """A mapping with the given keys, each checked by its rule (or nested dict/tuple spec).
 
     Every key is required unless its rule is ``optional``. ``allow_extra=False`` refuses
-    keys the schema does not name (WebDataset samples carry ``__key__`` and ``__url__``:
-    leave it ``True`` there, or name them with :class:`Value`).
+    keys the schema does not name (WebDataset samples carry ``__key__``, and ``__url__``
+    with ``with_url=True``: leave it ``True`` there, or name them with :class:`Value`).
     """
 
     __slots__ = ("allow_extra", "fields")

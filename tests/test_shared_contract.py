@@ -91,3 +91,22 @@ def test_lru_cache_max_bytes_counts_the_buffer_a_view_holds() -> None:
 
     held = sum(buffer_bytes(cache.get(key)) for key in values if key in cache)
     assert held <= 100, f"the cache holds {held} bytes of buffers: {cache.statistics()}"
+
+
+# -- TarShardSource: the sample's entries --------------------------------------------------------
+
+
+def test_tar_sample_is_its_key_and_one_bytes_entry_per_extension(tmp_path: Path) -> None:
+    """api.md, TarShardSource: "each sample is a dict of "__key__" plus one entry per file
+    extension, bytes values". Every sample also carried "__url__" (the shard path, a
+    str), which is neither (now only with with_url=True); code that decodes every entry but "__key__" as bytes, or
+    counts entries as extensions, breaks on it, and each collated batch gets a
+    "__url__" list."""
+    shard = write_shard(tmp_path / "a.tar", 0, 2)
+
+    async def main() -> list[dict[str, Any]]:
+        return [s async for s in al.sources.TarShardSource([shard])]
+
+    samples = anyio.run(main)
+    assert [sorted(s) for s in samples] == [["__key__", "txt"], ["__key__", "txt"]]
+    assert all(isinstance(v, bytes) for s in samples for k, v in s.items() if k != "__key__")

@@ -79,13 +79,19 @@ async def collect(loader: al.Loader) -> list[dict[str, Any]]:
 
 
 async def test_samples_are_grouped_by_key(shards: list[str]) -> None:
+    """The shared contract: "__key__" plus one bytes entry per extension; "__url__" (the
+    shard, as WebDataset gives it) only with with_url=True."""
     got = [s async for s in TarShardSource(shards)]
     assert keys(got) == ALL_KEYS
     first = got[0]
-    assert set(first) == {"__key__", "__url__", "txt", "cls", "bin"}
+    assert set(first) == {"__key__", "txt", "cls", "bin"}
     assert first["txt"] == b"shard 0 sample 0"
     assert first["bin"] == bytes([0, 0]) * 100
-    assert first["__url__"] == shards[0]
+    with_url = [s async for s in TarShardSource(shards, with_url=True)]
+    assert [{k: v for k, v in s.items() if k != "__url__"} for s in with_url] == got
+    assert [s["__url__"] for s in with_url[:6]] == [shards[0]] * 5 + [shards[1]]
+    with pytest.raises(TypeError, match="with_url must be True or False"):
+        TarShardSource(shards, with_url="yes")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT], ids=["gnu", "pax"])
@@ -111,8 +117,8 @@ async def test_pax_names_that_are_not_utf8(tmp_path: Path) -> None:
         member(tar, "ok.jpg", b"ok")
     got = [s async for s in TarShardSource([str(path)])]
     assert [(s["__key__"], sorted(s)[:2]) for s in got] == [
-        ("caf\udce9", ["__key__", "__url__"]),
-        ("ok", ["__key__", "__url__"]),
+        ("caf\udce9", ["__key__", "cls"]),
+        ("ok", ["__key__", "jpg"]),
     ]
     assert got[0]["jpg"] == b"j" and got[0]["cls"] == b"c"
 
@@ -126,7 +132,7 @@ async def test_gzip_shards_are_decompressed(shards: list[str], chunk_size: int) 
     two = rewrite(shards[1], ".2.gz", lambda b: gzip.compress(b[:5000]) + gzip.compress(b[5000:]))
     for path in (one, two):
         got = [s async for s in TarShardSource([path], chunk_size=chunk_size)]
-        assert [{**s, "__url__": shards[1]} for s in got] == plain
+        assert got == plain
         assert keys(got) == [k for k in ALL_KEYS if k.startswith("s01")]
 
 
@@ -459,9 +465,9 @@ async def test_a_refused_member_fails_its_whole_sample(tmp_path: Path) -> None:
     )
     got = await collect(loader)
     assert [(s["__key__"], sorted(s)) for s in got] == [
-        ("k0", ["__key__", "__url__", "cls", "jpg", "txt"]),
-        ("k2", ["__key__", "__url__", "cls", "jpg", "txt"]),
-        ("k4", ["__key__", "__url__", "txt"]),
+        ("k0", ["__key__", "cls", "jpg", "txt"]),
+        ("k2", ["__key__", "cls", "jpg", "txt"]),
+        ("k4", ["__key__", "txt"]),
     ]
     stats = loader.statistics()
     assert stats["skipped"] == 2

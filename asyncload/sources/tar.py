@@ -2,7 +2,8 @@
 
 Each shard is parsed as its bytes arrive (nothing is downloaded whole first); consecutive
 members that share a key (``a/b.jpg``, ``a/b.cls``) form one sample
-``{"__key__": "a/b", "__url__": shard, "jpg": b"...", "cls": b"..."}``.
+``{"__key__": "a/b", "jpg": b"...", "cls": b"..."}`` (and ``"__url__": shard`` with
+``with_url=True``).
 """
 
 from __future__ import annotations
@@ -45,9 +46,11 @@ class TarShardSource(AsyncIterableDataset[Sample]):
 
     Under a `~asyncload.Loader`:
 
-    - shards are split across ranks and DataLoader workers (share ``k`` of ``n`` takes
-      shards ``k, k + n, ...`` of the epoch's shard order), so each sample is read once
-      per epoch across the world; ``shuffle=True`` permutes the shard order and passes the
+    - shards are split across ranks as DistributedSampler splits samples (the epoch's
+      shard order padded by wrapping around, or trimmed with ``drop_last``, to a multiple
+      of the ranks; rank ``r`` takes shards ``r, r + ranks, ...``), and a rank's shards
+      across its DataLoader workers, so every rank reads as many shards and each shard
+      is read once per epoch, but for the padding; ``shuffle=True`` permutes the shard order and passes the
       samples through the loader's ``shuffle_buffer``, both seeded by ``(seed, epoch)``;
     - ``samples_per_shard`` (one count, or one per shard) tells the loader how many
       samples there are: then the epoch's samples are dealt out as contiguous runs of
@@ -72,7 +75,9 @@ class TarShardSource(AsyncIterableDataset[Sample]):
     - a shard that starts with gzip's magic number (``.tar.gz``) is decompressed as it is
       read; errors name the shard and the offset in the tar stream.
 
-    Nothing is ever written to disk: member names are only used as sample keys.
+    Each sample is ``{"__key__": ..., "<ext>": bytes, ...}``; ``with_url=True`` adds
+    ``"__url__"``, the shard it came from (as WebDataset does). Nothing is ever written to
+    disk: member names are only used as sample keys.
     """
 
     def __init__(
@@ -85,10 +90,14 @@ class TarShardSource(AsyncIterableDataset[Sample]):
         max_member_bytes: int = 1 << 30,
         http_options: Mapping[str, Any] | None = None,
         s3_options: Mapping[str, Any] | None = None,
+        with_url: bool = False,
     ) -> None:
         if isinstance(shards, str):
             raise TypeError("TarShardSource: shards must be a list of paths or URLs, not a str")
         self.shards = [_shard_name(shard) for shard in shards]
+        if not isinstance(with_url, bool):
+            raise TypeError(f"TarShardSource: with_url must be True or False, got {with_url!r}")
+        self.with_url = with_url
         if not self.shards:
             raise ValueError("TarShardSource: shards is empty")
         counts: list[int] | None
@@ -197,7 +206,7 @@ class TarShardSource(AsyncIterableDataset[Sample]):
             try:
                 async with (
                     aclosing(iter_members(chunks, self.max_member_bytes, where=shown)) as members,
-                    aclosing(iter_samples(members, shard)) as samples,
+                    aclosing(iter_samples(members, shard, with_url=self.with_url)) as samples,
                 ):
                     async for item in samples:
                         seen += 1
