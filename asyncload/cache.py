@@ -133,18 +133,17 @@ def _is_torch_tensor(obj: object) -> bool:
     return torch is not None and isinstance(obj, torch.Tensor)
 
 
-def _nbytes(obj: object, hook: Callable[[Any], int] | None, seen: set[int]) -> int:
+def _nbytes(obj: object, hook: Callable[[Any], int] | None, seen: set[object]) -> int:
+    """``obj``'s size as the docstring of :class:`LRUCache` says; ``seen``: what this value
+    has counted already (containers, and the buffers that views keep alive)."""
     if isinstance(obj, (bytes, bytearray)):
         return len(obj)
     if isinstance(obj, memoryview):
         return obj.nbytes
     if isinstance(obj, np.ndarray):
-        return _array_bytes(obj)
+        return _array_bytes(obj, seen)
     if _is_torch_tensor(obj):
-        tensor: Any = obj
-        own = tensor.element_size() * tensor.nelement()
-        # A view (a crop, a strided slice) keeps its whole storage alive.
-        return int(max(own, tensor.untyped_storage().nbytes()))
+        return _tensor_bytes(obj, seen)
     if isinstance(obj, (dict, list, tuple)):
         if id(obj) in seen:  # a cycle, or the same object twice: count it once
             return 0
@@ -159,22 +158,46 @@ def _nbytes(obj: object, hook: Callable[[Any], int] | None, seen: set[int]) -> i
     return size
 
 
-def _array_bytes(array: np.ndarray) -> int:
+def _array_bytes(array: np.ndarray, seen: set[object]) -> int:
     """The memory an array keeps alive: its own bytes, or for a view (a crop, a slice of a
-    decoded record) its base's whole buffer. A view of a mapped file counts as itself: its
-    pages are the file's, not memory the cache holds."""
-    base: object = array
-    while isinstance(base, np.ndarray) and base.base is not None:
-        base = base.base
-    if isinstance(base, memoryview):
-        base = base.obj
-    if isinstance(base, np.ndarray):
-        held = base.nbytes
-    elif isinstance(base, (bytes, bytearray)):
-        held = len(base)
+    decoded record) its root buffer's, once per value (a sample holding an image and its
+    crops counts the image once). A view of a mapped file counts as itself: its pages are
+    the file's, not memory the cache holds."""
+    root: object = array
+    while True:
+        if isinstance(root, np.ndarray) and root.base is not None:
+            root = root.base
+        elif isinstance(root, memoryview):
+            root = root.obj
+        else:
+            break
+    if isinstance(root, np.ndarray):
+        held = root.nbytes
+    elif isinstance(root, (bytes, bytearray)):
+        held = len(root)
     else:  # (an mmap, or another exporter of memory)
-        held = 0
+        return int(array.nbytes)
+    if id(root) in seen:
+        return 0
+    seen.add(id(root))
     return int(max(array.nbytes, held))
+
+
+def _tensor_bytes(tensor: Any, seen: set[object]) -> int:
+    """A tensor's storage, which a view (a crop, a strided slice) keeps alive whole, once per
+    value. (torch cannot tell a storage over a mapped file from memory: a tensor made by
+    ``torch.from_numpy`` from a memory-mapped array counts its whole mapping; nor which
+    numpy array a ``from_numpy`` storage keeps alive beyond its own extent.)"""
+    own = tensor.element_size() * tensor.nelement()
+    try:
+        storage = tensor.untyped_storage()
+        key, held = ("storage", storage.data_ptr()), storage.nbytes()
+    except (NotImplementedError, RuntimeError):  # sparse and mkldnn tensors have none
+        return int(own)
+    if key in seen and key[1] != 0:  # (0: no memory, as meta tensors have)
+        return 0
+    seen.add(key)
+    return int(max(own, held))
 
 
 def _read_only(obj: Any, busy: set[int]) -> Any:
@@ -339,9 +362,13 @@ class LRUCache:
 
     Sizes: ``bytes``/``bytearray`` by length, ``memoryview`` by ``nbytes``, numpy arrays
     and torch tensors by the buffer they keep alive (a view, such as a crop of a decoded
-    image, by its base's whole buffer or its tensor's whole storage; a view of a mapped
-    file by its own ``nbytes``), dicts (keys and values), lists and tuples by the sum of
-    their contents, anything else by ``sizeof(obj)`` when given, else ``sys.getsizeof``.
+    image, by its base's whole buffer or its tensor's whole storage, counted once per
+    value however many views of it the value holds; a numpy view of a mapped file by its
+    own ``nbytes``), dicts (keys and values), lists and tuples by the sum of their
+    contents, anything else by ``sizeof(obj)`` when given, else ``sys.getsizeof``. torch
+    cannot say what a storage made by ``torch.from_numpy`` keeps alive: such a tensor
+    counts its own storage only (a crop of a numpy image keeps the image: copy it), and
+    one over a memory-mapped array counts the whole mapping (copy rows out of it).
 
     ``policy`` picks the victim when a limit is reached: ``"lru"`` (least recently used),
     ``"lfu"`` (least frequently used, ties to the least recent) or ``"fifo"`` (oldest).

@@ -128,7 +128,7 @@ class MixedDataset(AsyncIterableDataset[Any]):
             return open_stream()
 
         def open_whole() -> AsyncIterator[Any]:  # (for a share with nothing of its own)
-            return self._mixed(dataclasses.replace(spec, slot=0, shares=1))
+            return self._mixed(dataclasses.replace(spec, slot=0, shares=1, ranks=1))
 
         stream = equal_length(open_stream, spec.length, repr(self), open_whole)
         return stream if spec.run is None else take_run(stream, spec.run)

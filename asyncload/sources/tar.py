@@ -254,8 +254,8 @@ class TarShardSource(AsyncIterableDataset[Sample]):
         if spec.shuffle:
             order = spec.rng().permutation(len(order)).tolist()
         if self.counts is None:
-            ranks = spec.ranks
-            workers = spec.shares // ranks
+            ranks = max(1, min(spec.ranks, spec.shares))  # (a spec made by hand may not say)
+            workers = max(1, spec.shares // ranks)
             rank, worker = divmod(spec.slot, workers)
             if len(order) % ranks:
                 # Equal shard counts per rank, as the contract has it (a rank short of a
