@@ -62,11 +62,14 @@ def _origin(url: str) -> str:
 
 
 # Where obstore finds an endpoint besides the endpoint_url argument, in the order it ranks
-# them: the S3-specific key over the others, from config (any case) or the environment.
-_S3_ENDPOINT = ("aws_endpoint_url_s3", "AWS_ENDPOINT_URL_S3")
-_ENDPOINTS = (
-    ("endpoint", "aws_endpoint", "endpoint_url", "aws_endpoint_url"),
-    ("AWS_ENDPOINT", "AWS_ENDPOINT_URL"),
+# them: the S3-specific one over the general ones; each from config keys (any case), then
+# from environment variables.
+_ENDPOINT_SOURCES = (
+    (("aws_endpoint_url_s3",), ("AWS_ENDPOINT_URL_S3",)),
+    (
+        ("endpoint", "aws_endpoint", "endpoint_url", "aws_endpoint_url"),
+        ("AWS_ENDPOINT", "AWS_ENDPOINT_URL"),
+    ),
 )
 
 
@@ -77,10 +80,7 @@ def _endpoint_in_use(endpoint_url: str | None, config: Mapping[str, Any]) -> str
     if endpoint_url is not None:
         return endpoint_url
     given = {str(name).lower(): value for name, value in config.items()}
-    for config_names, environment_names in (
-        ((_S3_ENDPOINT[0],), (_S3_ENDPOINT[1],)),
-        _ENDPOINTS,
-    ):
+    for config_names, environment_names in _ENDPOINT_SOURCES:
         for name in config_names:
             if isinstance(given.get(name), str) and given[name]:
                 return str(given[name])
