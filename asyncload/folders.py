@@ -86,20 +86,31 @@ def _note(exc: BaseException, message: str) -> None:
         add_note(message)
 
 
-def _key_path(key: str) -> str:
-    """The path part of a key: a URL's path (unquoted, without query; ``/`` when empty, as
-    ``https://host`` is ``https://host/``), else the key."""
+def _key_segments(key: str) -> list[str]:
+    """The path of a key as its segments: a URL's path (without query; ``/`` when empty,
+    as ``https://host`` is ``https://host/``) split on ``/`` and then each segment
+    unquoted, so that an encoded slash (``%2F``) stays inside its segment; else the key
+    split on ``/``."""
     if "://" in key:
-        return unquote(urlsplit(key).path) or "/"
-    return key
+        return [unquote(segment) for segment in (urlsplit(key).path or "/").split("/")]
+    return key.split("/")
 
 
-def _origin(key: str) -> str | None:
-    """A URL key's scheme and host (lowercase, without credentials); None for a path."""
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origin(key: str) -> tuple[str, str | None, int | None] | None:
+    """A URL key's scheme, host and port (the scheme's default when absent: ``host`` and
+    ``host:443`` are one origin for https), without credentials; None for a path."""
     if "://" not in key:
         return None
     parts = urlsplit(key)
-    return f"{parts.scheme.lower()}://{parts.netloc.rpartition('@')[2].lower()}"
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:  # (not a port: compared as written, it matches nothing else)
+        return scheme, parts.netloc.rpartition("@")[2].lower(), None
+    return scheme, parts.hostname, _DEFAULT_PORTS.get(scheme) if port is None else port
 
 
 def _check_valid(
@@ -305,12 +316,12 @@ class ImageFolder(AsyncDataset[tuple[Any, Any]]):
                 f"got {type(source).__name__}"
             )
         valid = _check_valid(extensions, is_valid_file)
-        base: str | None = None
-        origin: str | None = None
+        base: list[str] | None = None
+        origin: tuple[str, str | None, int | None] | None = None
         if root is not None:
-            base, origin = _key_path(root), _origin(root)
-            if base and not base.endswith("/"):
-                base += "/"
+            base, origin = _key_segments(root), _origin(root)
+            if not base[-1] and (len(base) > 1 or origin is None):
+                base.pop()  # "data/" is "data"; "" (relative keys) is no folder at all
         found: list[tuple[str, str, str, int]] = []  # (class, folder, file name, index)
         for i in range(len(source)):
             key = source.key_of(i)
@@ -319,27 +330,29 @@ class ImageFolder(AsyncDataset[tuple[Any, Any]]):
                     f"ImageFolder.from_source: the source's keys must be strings, key {i} "
                     f"is {type(key).__name__}"
                 )
-            path = _key_path(key)
-            if not valid(path):
+            segments = _key_segments(key)
+            if not valid("/".join(segments)):
                 continue
-            folder, _, file = path.rpartition("/")
+            folder, file = segments[:-1], segments[-1]
             if base is None:
-                name = folder.rpartition("/")[2]
+                name = folder[-1] if folder else ""
                 if not name:
                     raise ValueError(
                         f"ImageFolder.from_source: {redact_key(key)!r} has no parent folder "
                         "to take its class from"
                     )
             else:
-                if not path.startswith(base) or _origin(key) != origin:
+                if segments[: len(base)] != base or _origin(key) != origin:
                     raise ValueError(
                         f"ImageFolder.from_source: {redact_key(key)!r} is not under root "
                         f"{redact_key(root)!r}"
                     )
-                name, slash, _ = path[len(base) :].partition("/")
-                if not slash or not name:
+                below = folder[len(base) :]
+                if not below or not below[0]:
                     continue  # directly under root: no class, as in a local folder
-            found.append((name, folder, file, i))
+                name = below[0]
+            # Sorted as torchvision sorts os.walk's folders: by their path, as a string.
+            found.append((name, "/".join(folder), file, i))
         where = repr(redact_key(root)) if root is not None else repr(source)
         if not found:
             raise ValueError(f"ImageFolder.from_source: no images in class folders in {where}")
