@@ -27,6 +27,7 @@ from ._redact import redact_key
 from ._threads import run_abandonable
 from .datasets import AsyncDataset, _dataset_token, normalize_index
 from .sources.files import FileSource, StrPath
+from .sources.http import _origin as url_origin
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -96,21 +97,19 @@ def _key_segments(key: str) -> list[str]:
     return key.split("/")
 
 
-_DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
 def _origin(key: str) -> tuple[str, str | None, int | None] | None:
-    """A URL key's scheme, host and port (the scheme's default when absent: ``host`` and
-    ``host:443`` are one origin for https), without credentials; None for a path."""
+    """A URL key's origin as HTTPSource compares them (``host`` and ``host:443`` are one
+    for https), without credentials; None for a path."""
     if "://" not in key:
         return None
-    parts = urlsplit(key)
-    scheme = parts.scheme.lower()
     try:
-        port = parts.port
+        return url_origin(key)
     except ValueError:  # (not a port: compared as written, it matches nothing else)
-        return scheme, parts.netloc.rpartition("@")[2].lower(), None
-    return scheme, parts.hostname, _DEFAULT_PORTS.get(scheme) if port is None else port
+        return (
+            key.partition("://")[0].lower(),
+            urlsplit(key).netloc.rpartition("@")[2].lower(),
+            None,
+        )
 
 
 def _check_valid(

@@ -26,7 +26,7 @@ import numpy as np
 
 from ._callables import is_async_callable
 from ._fetch import ErrorPolicy, Fetcher
-from ._pipeline import Epoch, EpochIterator, InlineEpoch, MapUnits, StreamUnits
+from ._pipeline import Epoch, EpochIterator, InlineEpoch, MapUnits, StreamUnits, _nothing
 from .batching import BudgetBatcher, CountBatcher, SlotBatcher, plan_slots, sample_cost
 from .bridge import InlineIterator, SyncIterator, fetches_inline, runs_inline
 from .collate import default_collate
@@ -344,7 +344,7 @@ class Loader:
         self._stats = LoaderStats()
         self._current: Epoch | InlineEpoch | None = None
         # The epoch close() cancelled, until it has ended (aclose() waits for it).
-        self._cancelled: weakref.ref[Epoch | InlineEpoch] | Callable[[], None] = _no_epoch
+        self._cancelled: weakref.ref[Epoch | InlineEpoch] | Callable[[], None] = _nothing
         # Sync iterators, so close() can stop their threads; weak, so that leaving a for
         # loop drops (and stops) its iterator.
         self._iterators: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -749,7 +749,7 @@ class Loader:
         """A copy with the same settings, epoch and resume point, and its own runtime state."""
         clone = copy.copy(self)
         clone._stats, clone._current, clone._iterators = LoaderStats(), None, weakref.WeakSet()
-        clone._cancelled = _no_epoch
+        clone._cancelled = _nothing
         return clone
 
     def _tag(self, positions: list[int]) -> tuple[int, list[int]]:
@@ -1066,7 +1066,7 @@ class Loader:
     def __getstate__(self) -> dict[str, Any]:
         # Picklable for DataLoader workers: runtime state stays behind.
         state = self.__dict__.copy()
-        state.update(_stats=LoaderStats(), _current=None, _cancelled=_no_epoch)
+        state.update(_stats=LoaderStats(), _current=None, _cancelled=_nothing)
         del state["_iterators"]
         return state
 
@@ -1189,10 +1189,6 @@ def _holds_positions(state: dict[str, Any]) -> bool:
         WorkerProgress.from_state(saved) if "workers" in saved else Progress.from_state(saved)
     )
     return not progress.empty
-
-
-def _no_epoch() -> None:
-    return None
 
 
 def _check_version(state: dict[str, Any], what: str) -> None:

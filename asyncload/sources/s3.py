@@ -90,26 +90,22 @@ def _endpoint_in_use(endpoint_url: str | None, config: Mapping[str, Any]) -> str
     return None
 
 
-def key_problem(key: object) -> str | None:
-    """Why ``key`` cannot be asked for as written (None: it can). obstore drops a leading
-    or trailing ``/`` (``"dir/"`` would fetch ``"dir"``, and ``"/"`` the bucket's listing),
-    and refuses empty, ``.`` and ``..`` segments and ASCII control characters."""
-    if not isinstance(key, str) or not key:
-        return "must be a non-empty string"
-    if key.startswith("/") or key.endswith("/"):
-        return "starts or ends with '/': obstore would fetch another key (folder markers are not samples)"
-    if any(part in ("", ".", "..") for part in key.split("/")):
-        return "has an empty, '.' or '..' path segment, which obstore cannot address"
-    if any(c < " " or c == "\x7f" for c in key):
-        return "has an ASCII control character, which obstore cannot address"
-    return None
-
-
 def check_key(key: object, who: str) -> None:
-    """``ValueError`` naming ``key`` (and ``who`` asked) when :func:`key_problem` finds one."""
-    problem = key_problem(key)
-    if problem is not None:
-        raise ValueError(f"{who}: key {key!r} {problem}")
+    """``ValueError`` naming ``key`` (and ``who`` asked) unless it can be asked for as
+    written. obstore drops a leading or trailing ``/`` (``"dir/"`` would fetch ``"dir"``,
+    and ``"/"`` the bucket's listing), and refuses empty, ``.`` and ``..`` segments and
+    ASCII control characters."""
+    if not isinstance(key, str) or not key:
+        problem = "must be a non-empty string"
+    elif key.startswith("/") or key.endswith("/"):
+        problem = "starts or ends with '/': obstore would fetch another key (folder markers are not samples)"
+    elif any(part in ("", ".", "..") for part in key.split("/")):
+        problem = "has an empty, '.' or '..' path segment, which obstore cannot address"
+    elif any(c < " " or c == "\x7f" for c in key):
+        problem = "has an ASCII control character, which obstore cannot address"
+    else:
+        return
+    raise ValueError(f"{who}: key {key!r} {problem}")
 
 
 class _StaticCredentials:
@@ -674,7 +670,7 @@ class S3Source(AsyncDataset[bytes]):
         The stream holds one of ``max_connections`` from its request until it ends or is
         closed (``aclose()``), also while nobody reads it: whoever keeps several streams
         open at once must need no more than ``max_connections`` of them to make progress.
-        ``ValueError`` for a key that cannot be asked for as written (see :func:`key_problem`).
+        ``ValueError`` for a key that cannot be asked for as written (see :func:`check_key`).
         """
         check_key(key, "S3Source")
         return self._client.iter_chunks(key, chunk_size)
