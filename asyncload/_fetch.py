@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Hashable, Sequence
-from typing import Any, Final, final
+from typing import Any, Final, TypeVar, cast, final
 
 import anyio
 
 from ._callables import call_maybe_async
 from ._redact import redact_key
-from .cache import cache_key
+from .cache import LRUCache, cache_key
 from .datasets import DROPPED, AsyncDataset, AsyncIterableDataset, _stream_key
 from .errors import (
     CircuitOpenError,
@@ -31,6 +31,8 @@ from .resilience.throttle import ConcurrencyGate
 from .stats import LoaderStats
 
 __all__ = ["SKIPPED", "ErrorPolicy", "Failure", "Fetcher", "Values"]
+
+T = TypeVar("T")
 
 
 @final
@@ -205,36 +207,37 @@ class Fetcher:
         # A cache hands out the object it holds: a transform gets its own containers, so
         # that one which sets a dict's key in place cannot change what later epochs get.
         self._own_containers = cache is not None and transform is not None
-        self._get = self._build_get(retry, breaker, cache, gate)
-        # A chunk is one attempt; a failing chunk falls back to per-sample fetches, which
-        # isolate the bad sample and retry. The breaker and the cache work per sample.
-        self.batched = (
-            isinstance(dataset, AsyncDataset)
-            and dataset.batched
-            and breaker is None
-            and cache is None
-        )
+        self._breaker = None if breaker is None else _BreakerGuard(breaker)
+        self._cache = cache
+        # Each attempt for one sample, without the cache: what a cached miss runs.
+        self._direct = self._build_get(retry, gate)
+        self._get = self._direct
+        if cache is not None and isinstance(dataset, AsyncDataset):
+            self._get = _with_cache(self._direct, cache, dataset, stats)
+        # A chunk is one attempt (through the breaker); a failing chunk falls back to
+        # per-sample fetches, which isolate the bad sample and retry. With a cache, each
+        # sample is looked up alone and the misses gather into getitems calls.
+        self.batched = isinstance(dataset, AsyncDataset) and dataset.batched
 
     def _build_get(
-        self, retry: Any, breaker: Any, cache: Any, gate: ConcurrencyGate | None
+        self, retry: Any, gate: ConcurrencyGate | None
     ) -> Callable[[int], Awaitable[Any]]:
         if not isinstance(self.dataset, AsyncDataset):
             return _no_index  # a stream: samples arrive from its iterator, not by index
         get: Callable[[int], Awaitable[Any]] = self.dataset.__getitem__
         if self.timeout is not None:
             get = with_timeout(get, self.timeout)
-        if breaker is not None:
-            get = _through_breaker(get, breaker)
+        if self._breaker is not None:
+            get = self._breaker.wrap(get)
         if gate is not None:
             get = _through_gate(get, gate)
         if retry is not None:
             get = _with_retry(get, retry, self.stats)
-        if cache is not None:
-            get = _with_cache(get, cache, self.dataset, self.stats)
         return get
 
-    async def one(self, index: int) -> Any:
-        """The outcome of sample ``index``; never raises but for cancellation."""
+    async def one(self, index: int, get: Callable[[int], Awaitable[Any]] | None = None) -> Any:
+        """The outcome of sample ``index`` (fetched by ``get``, else by this fetcher's
+        whole chain); never raises but for cancellation."""
         stats = self.stats
         over = self.policy.count(1)
         if over is not None:
@@ -242,7 +245,7 @@ class Fetcher:
         stats.in_flight += 1
         started = time.perf_counter()
         try:
-            sample = await self._get(index)
+            sample = await (self._get if get is None else get)(index)
         except SampleFiltered:
             stats.filtered += 1
             return DROPPED
@@ -256,29 +259,20 @@ class Fetcher:
         return await self.finish(index, sample)
 
     async def chunk(self, indices: Sequence[int]) -> list[Any]:
-        """The outcomes of ``indices``, fetched with one ``getitems`` call when it succeeds."""
-        stats, dataset = self.stats, self.dataset
-        assert isinstance(dataset, AsyncDataset)
+        """The outcomes of ``indices``, fetched with one ``getitems`` call when it succeeds
+        (with a cache: the misses' outcomes, with as few calls as the cache allows)."""
+        if self._cache is not None:
+            return await self._chunk_cached(indices)
+        stats = self.stats
         stats.in_flight += len(indices)
         started = time.perf_counter()
         try:
-            if self.timeout is None:
-                samples = await dataset._getitems_partial(indices)
-            else:
-                with anyio.fail_after(self.timeout):
-                    samples = await dataset._getitems_partial(indices)
-        except Exception:
-            samples = None
+            samples = await self._attempt_many(indices)
         finally:
             stats.in_flight -= len(indices)
             stats.latency.add(time.perf_counter() - started)
         if samples is None:
             return [await self.one(i) for i in indices]
-        if len(samples) != len(indices):  # (a bug in the dataset: fails the epoch)
-            raise TypeError(
-                f"{type(dataset).__name__}.getitems returned {len(samples)} samples for "
-                f"{len(indices)} indices"
-            )
         over = self.policy.count(len(indices))
         if over is not None:
             return [over] * len(indices)
@@ -301,6 +295,76 @@ class Fetcher:
                 clean = False
             out.append(outcome)
         return Values(out) if clean else out
+
+    async def _attempt_many(self, indices: Sequence[int]) -> list[Any] | None:
+        """One ``getitems`` attempt for ``indices`` (through the breaker, within the
+        timeout); None when it failed, for the caller to fetch them one by one."""
+        dataset = self.dataset
+        assert isinstance(dataset, AsyncDataset)
+
+        async def attempt() -> list[Any]:
+            if self.timeout is None:
+                return await dataset._getitems_partial(indices)
+            with anyio.fail_after(self.timeout):
+                return await dataset._getitems_partial(indices)
+
+        try:
+            if self._breaker is None:
+                samples = await attempt()
+            else:
+                samples = await self._breaker.run(attempt)
+        except Exception:
+            return None
+        if len(samples) != len(indices):  # (a bug in the dataset: fails the epoch)
+            raise TypeError(
+                f"{type(dataset).__name__}.getitems returned {len(samples)} samples for "
+                f"{len(indices)} indices"
+            )
+        return samples
+
+    async def _chunk_cached(self, indices: Sequence[int]) -> list[Any]:
+        """Each index asks the cache on its own (hits, and loads already in flight, are
+        shared as for single samples); the loads of the misses wait for a `_Gather` to
+        fetch them together."""
+        dataset, cache = self.dataset, self._cache
+        assert isinstance(dataset, AsyncDataset)
+        outcomes: list[Any] = [None] * len(indices)
+        misses: Sequence[int] = range(len(indices))
+        if isinstance(cache, LRUCache):
+            # An in-memory cache tells what it holds at no cost: its hits are taken in
+            # line (none suspends), and only the misses pay for a task each.
+            misses = []
+            for slot, index in enumerate(indices):
+                if cache_key(dataset, index) in cache:
+                    outcomes[slot] = await self.one(index)
+                else:
+                    misses.append(slot)
+        if misses:
+            await self._gather_misses(indices, misses, outcomes)
+        for outcome in outcomes:
+            if outcome is DROPPED or outcome is SKIPPED or type(outcome) is Failure:
+                return outcomes
+        return Values(outcomes)
+
+    async def _gather_misses(
+        self, indices: Sequence[int], slots: Sequence[int], outcomes: list[Any]
+    ) -> None:
+        assert isinstance(self.dataset, AsyncDataset)
+        gather = _Gather(self._attempt_many, self._direct, len(slots))
+        get = _with_cache(gather.load, self._cache, self.dataset, self.stats)
+
+        async def settle(slot: int) -> None:
+            try:
+                outcomes[slot] = await self.one(indices[slot], get)
+            finally:
+                gather.settled()
+
+        async with anyio.create_task_group() as tg:
+            for slot in slots:
+                tg.start_soon(settle, slot)
+            await gather.serve()
+        if gather.error is not None:
+            raise gather.error
 
     async def finish(self, index: int, sample: Any) -> Any:
         fetched = sample
@@ -352,38 +416,117 @@ def with_timeout(
     return get_within
 
 
-def _through_breaker(
-    get: Callable[[int], Awaitable[Any]], breaker: Any
-) -> Callable[[int], Awaitable[Any]]:
-    """Each attempt through ``breaker``. An open breaker fails the attempt at once (into the
-    error policy: no spinning against a store that is down); but while a half-open probe
-    of this epoch is in flight, the other fetches wait for its outcome instead of being
-    refused, so a store that has recovered loses no samples to its recovery."""
-    in_flight = 0
-    settled = anyio.Event()
+class _BreakerGuard:
+    """Attempts (one sample's, or a chunk's) through ``breaker``. An open breaker fails
+    the attempt at once (into the error policy: no spinning against a store that is
+    down); but while a half-open probe of this epoch is in flight, the other attempts wait
+    for its outcome instead of being refused, so a store that has recovered loses no
+    samples to its recovery."""
 
-    async def guarded(index: int) -> Any:
-        nonlocal in_flight, settled
-        in_flight += 1
+    def __init__(self, breaker: Any) -> None:
+        self.breaker = breaker
+        self._in_flight = 0
+        self._settled = anyio.Event()
+
+    async def _tracked(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        self._in_flight += 1
         try:
-            return await get(index)
+            return await attempt()
         finally:
-            in_flight -= 1
-            settled.set()
-            settled = anyio.Event()
+            self._in_flight -= 1
+            self._settled.set()
+            self._settled = anyio.Event()
 
-    async def get_guarded(index: int) -> Any:
+    async def run(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        breaker = self.breaker
         while True:
             try:
-                return await breaker.run(lambda: guarded(index))
+                return cast(T, await breaker.run(lambda: self._tracked(attempt)))
             except CircuitOpenError:
                 # A probe from elsewhere (another loop sharing the breaker) is not ours to
                 # wait for; an open breaker is not worth waiting for.
-                if in_flight == 0 or breaker.state != "half_open":
+                if self._in_flight == 0 or breaker.state != "half_open":
                     raise
-                await settled.wait()
+                await self._settled.wait()
 
-    return get_guarded
+    def wrap(self, get: Callable[[int], Awaitable[Any]]) -> Callable[[int], Awaitable[Any]]:
+        async def get_guarded(index: int) -> Any:
+            return await self.run(lambda: get(index))
+
+        return get_guarded
+
+
+@final
+class _Load:
+    """A cache miss waiting for its sample from a `_Gather`."""
+
+    __slots__ = ("done", "index", "sample")
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.sample: Any = None
+        self.done = anyio.Event()
+
+
+_ALONE: Final = object()  # a load whose chunk attempt failed: it fetches its sample alone
+
+
+class _Gather:
+    """The cache misses of one chunk, fetched with one ``getitems`` call per round.
+
+    A round is what has asked by the time :meth:`serve` runs again: with an in-memory
+    cache every miss asks before its first suspension, so a chunk's misses are one call;
+    a cache that looks up in a thread sends its misses over several rounds. A round never
+    waits for lookups still running, nor for loads another chunk has in flight (which may
+    be waiting on this one's)."""
+
+    def __init__(
+        self,
+        attempt_many: Callable[[Sequence[int]], Awaitable[list[Any] | None]],
+        alone: Callable[[int], Awaitable[Any]],
+        lookups: int,
+    ) -> None:
+        self._attempt_many = attempt_many
+        self._alone = alone
+        self._open = lookups
+        self._asked: list[_Load] = []
+        self._wake = anyio.Event()
+        self.error: BaseException | None = None
+
+    async def load(self, index: int) -> Any:
+        """The sample at ``index``, fetched in this chunk's next round (the cache's load)."""
+        asked = _Load(index)
+        self._asked.append(asked)
+        self._wake.set()
+        await asked.done.wait()
+        sample = asked.sample
+        if sample is _ALONE:
+            return await self._alone(index)
+        if sample is DROPPED:
+            raise SampleFiltered(index)
+        return sample
+
+    def settled(self) -> None:
+        """One lookup has its outcome."""
+        self._open -= 1
+        self._wake.set()
+
+    async def serve(self) -> None:
+        """Fetch each round's misses until every lookup has its outcome."""
+        while self._open:
+            await self._wake.wait()
+            self._wake = anyio.Event()
+            asked, self._asked = self._asked, []
+            if not asked:
+                continue
+            try:
+                samples = await self._attempt_many([load.index for load in asked])
+            except Exception as exc:  # a broken getitems: fails the epoch after this chunk
+                self.error = exc
+                samples = None
+            for i, load in enumerate(asked):
+                load.sample = _ALONE if samples is None else samples[i]
+                load.done.set()
 
 
 def _through_gate(
