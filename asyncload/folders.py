@@ -39,6 +39,9 @@ IMG_EXTENSIONS: Final = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif"
 
 Decoder = Callable[[bytes], Any]
 
+# S3Source.from_prefix's options that S3Source does not take: they shape the listing.
+_LISTING_ONLY: Final = frozenset({"in_flight", "page_size", "retry", "timeout"})
+
 
 def _pil() -> Any:
     try:
@@ -396,8 +399,11 @@ class ImageFolder(AsyncDataset[tuple[Any, Any]]):
         Lists the prefix first (the whole listing: a map-style dataset needs every key to
         know its length and classes), then reads through an
         :class:`~asyncload.sources.S3Source`. ``s3_options`` (``endpoint_url``, ``region``,
-        credentials, ...) are passed to both. ``prefix`` is a folder: ``"train"`` means
-        ``"train/"``. asyncio (and uvloop) only, as S3Source.
+        credentials, ...) are passed to both, but for the listing's own (``in_flight``,
+        ``page_size``, ``retry``, ``timeout``: see :meth:`S3Source.from_prefix`), which
+        apply to the listing only; the reads' retries and timeout are the Loader's.
+        ``prefix`` is a folder: ``"train"`` means ``"train/"``. asyncio (and uvloop)
+        only, as S3Source.
         """
         from .sources.s3 import S3Source
 
@@ -410,8 +416,9 @@ class ImageFolder(AsyncDataset[tuple[Any, Any]]):
             await stream.aclose()
         if not keys:
             raise ValueError(f"ImageFolder.from_s3: no objects under s3://{bucket}/{folder}")
+        read_options = {k: v for k, v in s3_options.items() if k not in _LISTING_ONLY}
         return cls.from_source(
-            S3Source(bucket, keys, **s3_options),
+            S3Source(bucket, keys, **read_options),
             root=folder,
             transform=transform,
             target_transform=target_transform,
