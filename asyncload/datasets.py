@@ -602,6 +602,12 @@ class AsyncIterableDataset(ABC, Generic[T]):
         A Loader uses it to give every rank the same number of samples."""
         return None
 
+    def _plan(self) -> Any:
+        """What else decides which sample a position of the stream means (a mix's
+        weights and parts), as plain json-able values, or None: a Loader's state records
+        it, and a mid-epoch state of another plan is refused."""
+        return None
+
     def epoch_stream(self, spec: StreamEpoch) -> AsyncIterator[T | _Dropped | StreamError]:
         """This share's part of one epoch, as the Loader iterates it.
 
@@ -657,6 +663,9 @@ class MappedIterableDataset(AsyncIterableDataset[U], Generic[T, U]):
     def num_samples(self) -> int | None:
         return self.dataset.num_samples()
 
+    def _plan(self) -> Any:
+        return self.dataset._plan()
+
     async def epoch_stream(self, spec: StreamEpoch) -> AsyncIterator[Any]:
         async with aclosing(self.dataset.epoch_stream(spec)) as stream:
             async for sample in stream:
@@ -697,6 +706,9 @@ class FilteredIterableDataset(AsyncIterableDataset[T]):
 
     def num_samples(self) -> int | None:
         return self.dataset.num_samples()  # dropped samples keep their positions
+
+    def _plan(self) -> Any:
+        return self.dataset._plan()
 
     async def epoch_stream(self, spec: StreamEpoch) -> AsyncIterator[Any]:
         async with aclosing(self.dataset.epoch_stream(spec)) as stream:

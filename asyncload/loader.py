@@ -737,9 +737,12 @@ class Loader:
             # The DataLoader takes a batch from worker 0 first, then 1, ...: worker 0 gets
             # the share whose turn came next when the state was saved, so that the rest of
             # the epoch comes in the loader's order (each share as the workers that saved
-            # the state had it, renumbered). States that do not count their batches: one
-            # per batch_size positions, as fixed counts cut them.
-            taken = resume.batches or resume.watermark // bs
+            # the state had it, renumbered). Fixed counts: the batch holding the next
+            # position, in this loader's batch_size (the state's may differ). Buckets
+            # and budgets cut their own batches: those the state counts (states that
+            # count none, from before it did: one per batch_size positions).
+            fixed = self.batch_budget is None and self.bucket is None
+            taken = resume.watermark // bs if fixed else resume.batches or resume.watermark // bs
             worker = (worker + taken) % num_workers
             clone._resume = worker_progress(resume, bs, worker, num_workers)
         clone.worker, clone.num_workers = worker, num_workers
@@ -820,6 +823,11 @@ class Loader:
             "sampler": None if sampler is None else type(sampler).__qualname__,
             "sampler_length": sampler_length,
             "batch_plan": batch_plan,
+            # A stream's own (a mix's weights and parts). Not in states saved before it
+            # was kept: those are not checked for it.
+            "dataset_plan": None
+            if isinstance(self.dataset, AsyncDataset)
+            else self.dataset._plan(),
         }
 
     def _check_plan(self, saved: object, what: str) -> None:
@@ -829,6 +837,8 @@ class Loader:
         if not isinstance(saved, dict):
             raise ValueError(f"{what}['plan'] is not from Loader.state_dict(): {saved!r}")
         for key, value in self._plan_state().items():
+            if key == "dataset_plan" and key not in saved:
+                continue  # (a state from before it was kept)
             if key not in saved:
                 raise ValueError(f"{what}['plan'] lacks {key!r}: not from Loader.state_dict()")
             if saved[key] != value:

@@ -94,6 +94,14 @@ class MixedDataset(AsyncIterableDataset[Any]):
         sizes = [_size(d) for d, w in zip(self.datasets, self.weights, strict=True) if w > 0]
         return None if None in sizes else sum(s for s in sizes if s is not None)
 
+    def _plan(self) -> Any:
+        # The draws depend on the weights and where each part runs out.
+        parts = [
+            len(d) if isinstance(d, AsyncDataset) else [d.num_samples(), d._plan()]
+            for d in self.datasets
+        ]
+        return {"weights": [float(w) for w in self.weights], "stop": self.stop, "parts": parts}
+
     def _parts(self, spec: StreamEpoch) -> list[AsyncIterator[Any]]:
         # Each part streams its own share, whole: the mix's length (if any) is the mix's.
         part_spec = dataclasses.replace(spec, length=None, run=None)
