@@ -829,11 +829,18 @@ def _parse_head(head: str) -> tuple[int, dict[str, str], bool]:
         not version.startswith("HTTP/1.")
         or len(code) != 3
         or not code.isdigit()
+        or not 100 <= int(code) <= 599  # (below 100 is no interim answer to skip)
         or rest[3:4] not in ("", " ")
     ):
         raise ConnectionError(f"malformed HTTP response: status line {status_line[:80]!r}")
     headers: dict[str, str] = {}
+    name = ""
     for line in lines[1:]:
+        if line[:1] in (" ", "\t") and name and line.strip():
+            # An obsolete folded line continues the previous header's value (RFC 9112
+            # 5.2: replaced by a space).
+            headers[name] = f"{headers[name]} {line.strip()}"
+            continue
         name, colon, value = line.partition(":")
         if not colon or not name or name[-1] in " \t":
             raise ConnectionError(f"malformed HTTP response: header line {line[:80]!r}")

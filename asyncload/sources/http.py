@@ -3,6 +3,8 @@ client (:mod:`asyncload.sources._http1`)."""
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import email.utils
 import logging
 import math
@@ -116,6 +118,8 @@ def _retry_after(value: str | None) -> float | None:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
+    if when.tzinfo is None:  # (the asctime form: HTTP dates are always GMT)
+        when = when.replace(tzinfo=datetime.timezone.utc)
     return max(0.0, when.timestamp() - time.time())
 
 
@@ -303,6 +307,11 @@ class HTTPSource(AsyncDataset[bytes]):
             raise _at(url, exc) from exc.__cause__
 
     def _redirect_target(self, url: str, status: int, location: str) -> str:
+        if not location.isascii():
+            # The head is read as Latin-1; servers send a raw non-ASCII Location as UTF-8
+            # (as requests and browsers read it), to be percent-encoded once.
+            with contextlib.suppress(UnicodeError):
+                location = location.encode("latin-1").decode("utf-8")
         try:
             target = urljoin(url, location)
             _origin(target)  # (a port out of range or a broken IPv6 host raises here)
