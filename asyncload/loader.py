@@ -785,8 +785,9 @@ class Loader:
 
     def _plan_state(self) -> dict[str, Any]:
         """What decides which sample a saved position means, besides the seed, epoch,
-        rank and world size: the dataset's length (a stream's ``num_samples()``), shuffle
-        (and a stream's ``shuffle_buffer``), ``drop_last`` (padding or trimming), the
+        rank and world size: the dataset's length (a stream's ``num_samples()``, and its
+        own plan: a mix's weights, stop and parts' sizes), shuffle (and a stream's
+        ``shuffle_buffer``), ``drop_last`` (padding or trimming), the
         sampler's type and length (its contents are not compared), and planned batches'
         settings and costs. Plain ints, bools, strings and None (json-able).
 
