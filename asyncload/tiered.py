@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable, Hashable, Mapping
 from typing import Any, Protocol, TypedDict
+
+from .disk_cache import DiskCache
 
 __all__ = ["CacheTier", "TieredCache", "TieredCacheStatistics"]
 
@@ -38,7 +41,8 @@ class TieredCache:
 
     As ``Loader(cache=...)``, the loader counts a lookup as a cache hit when the source was
     not called, whichever tier answered. Raises ``ValueError`` with no tiers or a tier given
-    twice, ``TypeError`` for a tier without ``get_or_load`` (or a class).
+    twice (or two DiskCaches on one directory and namespace), ``TypeError`` for a tier
+    without ``get_or_load`` (or a class).
     """
 
     def __init__(self, *tiers: CacheTier) -> None:
@@ -54,6 +58,12 @@ class TieredCache:
             if any(tier is other for other in tiers[:i]):
                 # Its lookup would wait for its own single flight of the same key: a hang.
                 raise ValueError(f"tier {i} is the same cache object as an earlier tier")
+            if any(_store(tier) == _store(other) for other in tiers[:i]):
+                # The same wait, on the key's lock in the directory.
+                raise ValueError(
+                    f"tier {i} is a DiskCache on the same directory and namespace as an "
+                    "earlier tier"
+                )
         self.tiers = tiers
         self._hits = self._misses = 0
 
@@ -108,3 +118,10 @@ class TieredCache:
             "hit_rate": self._hits / lookups if lookups else 0.0,
             "tiers": tiers,
         }
+
+
+def _store(tier: object) -> object:
+    """Where a tier keeps its entries: a DiskCache's directory and namespace."""
+    if isinstance(tier, DiskCache):
+        return (os.path.realpath(tier.path), tier._prefix)
+    return id(tier)

@@ -19,6 +19,7 @@ from pathlib import Path
 import anyio
 import pytest
 
+import asyncload as al
 import asyncload.disk_cache as disk_cache
 from asyncload.disk_cache import DiskCache
 
@@ -96,6 +97,7 @@ _GIVES_UP = """
 import sys
 import threading
 import anyio
+import asyncload as al
 import asyncload.disk_cache as disk_cache
 from asyncload import DiskCache
 
@@ -191,3 +193,20 @@ async def test_a_directory_deleted_while_in_use_does_not_fail_lookups(tmp_path: 
     stats = cache.statistics()
     assert stats["misses"] == 2
     assert stats["write_errors"] == 1  # and the run goes on, uncached
+
+
+def test_two_disk_caches_on_one_directory_are_refused_as_tiers(tmp_path: Path) -> None:
+    """Stacked in one TieredCache, the second tier's lookup waited on the key lock the
+    first tier held while loading through it: a hang (helper-68). Now refused; another
+    namespace in the same directory is a store of its own and stacks."""
+    first = al.DiskCache(tmp_path, max_bytes=1 << 20)
+    with pytest.raises(ValueError, match="tier 1 is a DiskCache on the same directory"):
+        al.TieredCache(al.LRUCache(), first, al.DiskCache(f"{tmp_path}/", max_bytes=1 << 20))
+    other = al.DiskCache(tmp_path, max_bytes=1 << 20, namespace="other")
+    tiers = al.TieredCache(first, other)
+
+    async def load() -> bytes:
+        return b"value"
+
+    assert anyio.run(tiers.get_or_load, "key", load) == b"value"
+    assert anyio.run(tiers.get_or_load, "key", load) == b"value"
