@@ -200,7 +200,7 @@ def test_two_disk_caches_on_one_directory_are_refused_as_tiers(tmp_path: Path) -
     first tier held while loading through it: a hang (helper-68). Now refused; another
     namespace in the same directory is a store of its own and stacks."""
     first = al.DiskCache(tmp_path, max_bytes=1 << 20)
-    with pytest.raises(ValueError, match="tier 1 is a DiskCache on the same directory"):
+    with pytest.raises(ValueError, match="tier 2 is a DiskCache on the same directory"):
         al.TieredCache(al.LRUCache(), first, al.DiskCache(f"{tmp_path}/", max_bytes=1 << 20))
     other = al.DiskCache(tmp_path, max_bytes=1 << 20, namespace="other")
     tiers = al.TieredCache(first, other)
