@@ -301,27 +301,6 @@ async def test_undecodable_file_is_skipped(corrupt: Path) -> None:
     assert sorted(seen) == sorted(COLOURS)
 
 
-@asyncio_only
-async def test_s3_prefix_with_listing_options(seaweed: Any) -> None:
-    """from_prefix's own options shape the listing only (was: passed on to S3Source too,
-    a TypeError for every one of them)."""
-    ds = await ImageFolder.from_s3(
-        "images",
-        "train",
-        endpoint_url=seaweed.endpoint_url,
-        access_key_id="k",
-        secret_access_key="s",
-        page_size=2,
-        in_flight=4,
-        retry=al.Retry(attempts=2),
-        timeout=30.0,
-    )
-    assert ds.keys == [f"train/{rel}" for rel, _, _ in IMAGES]
-    async with al.Loader(ds, batch_size=4) as loader:
-        seen = [expected_colour(image) async for images, _ in loader for image in images]
-    assert seen == [rel for rel, _, _ in IMAGES]
-
-
 # -- other sources --------------------------------------------------------------------------
 
 
@@ -467,3 +446,24 @@ async def test_s3_prefix(seaweed: Any) -> None:
         async for images, _ in loader:
             seen += [expected_colour(image) for image in images]
     assert sorted(seen) == sorted(COLOURS)
+
+
+@asyncio_only
+async def test_s3_prefix_with_listing_options(seaweed: Any) -> None:
+    """from_prefix's own options shape the listing only (was: passed on to S3Source too,
+    a TypeError for every one of them)."""
+    ds = await ImageFolder.from_s3(
+        "images",
+        "train",
+        endpoint_url=seaweed.endpoint_url,
+        access_key_id="k",
+        secret_access_key="s",
+        page_size=2,
+        in_flight=4,
+        retry=al.Retry(attempts=2),
+        timeout=30.0,
+    )
+    assert ds.keys == [f"train/{rel}" for rel, _, _ in IMAGES]
+    async with al.Loader(ds, batch_size=4) as loader:
+        seen = [expected_colour(image) async for images, _ in loader for image in images]
+    assert seen == [rel for rel, _, _ in IMAGES]

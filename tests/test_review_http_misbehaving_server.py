@@ -8,16 +8,15 @@ force an ordering, and ``anyio.fail_after`` only guards against a hang.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator
 
 import anyio
 import pytest
 from conftest import ASYNCIO_BACKENDS
+from test_http1 import Handler, RawConnection, RawServer
 
 import asyncload as al
 from asyncload.sources import HTTPSource
@@ -29,65 +28,14 @@ ANYIO_BACKENDS = ASYNCIO_BACKENDS  # HTTPSource runs on asyncio (and uvloop) onl
 GUARD = 30  # seconds: a guard against a hang, never a timing claim
 
 
-class Conn:
-    def __init__(self, server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        self.server, self.reader, self.writer = server, reader, writer
-
-    async def request(self) -> bytes | None:
-        """The next request head, or None once the client closed the connection."""
-        try:
-            head = await self.reader.readuntil(b"\r\n\r\n")
-        except (asyncio.IncompleteReadError, ConnectionError):
-            return None
-        self.server.requests.append(head)
-        return head
-
-    async def send(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
-
-
-Handler = Callable[[Conn], Awaitable[None]]
-
-
-class Server:
-    """A raw HTTP server: each connection is handed to ``handler``."""
-
-    def __init__(self, handler: Handler) -> None:
-        self.handler = handler
-        self.requests: list[bytes] = []
-        self.tasks: set[asyncio.Task[Any]] = set()
-        self.writers: list[asyncio.StreamWriter] = []
-        self.base = ""
-
-    def targets(self) -> list[str]:
-        return [head.split(b" ", 2)[1].decode("ascii") for head in self.requests]
-
-    async def _on(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self.tasks.add(task)
-        self.writers.append(writer)
-        try:
-            await self.handler(Conn(self, reader, writer))
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-
-    async def __aenter__(self) -> Server:
-        self.srv = await asyncio.start_server(self._on, "127.0.0.1", 0)
-        self.base = f"http://127.0.0.1:{self.srv.sockets[0].getsockname()[1]}"
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.srv.close()
-        for writer in self.writers:
-            writer.close()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-        await self.srv.wait_closed()
+@contextlib.asynccontextmanager
+async def serving(handler: Handler) -> AsyncIterator[RawServer]:
+    server = RawServer(handler)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
 
 
 def path_of(head: bytes) -> str:
@@ -97,7 +45,7 @@ def path_of(head: bytes) -> str:
 def answers(table: dict[str, bytes]) -> Handler:
     """Answer each request of a keep-alive connection with ``table[path]`` (404 if none)."""
 
-    async def handler(conn: Conn) -> None:
+    async def handler(conn: RawConnection) -> None:
         while (head := await conn.request()) is not None:
             not_found = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
             await conn.send(table.get(path_of(head), not_found))
@@ -129,7 +77,7 @@ async def test_a_raw_utf8_location_is_followed_to_its_utf8_percent_encoded_targe
         "/old": b"HTTP/1.1 302 Found\r\nLocation: /caf\xc3\xa9\r\nContent-Length: 0\r\n\r\n",
         "/caf%C3%A9": ok(b"coffee"),
     }
-    async with Server(answers(table)) as server:
+    async with serving(answers(table)) as server:
         try:
             got = await fetch(HTTPSource([server.base + "/old"]))
         finally:
@@ -147,7 +95,7 @@ async def test_a_folded_header_line_is_unfolded_not_refused() -> None:
     every request (and, the error being transient, Retry asks again ``attempts`` times).
     Expected: the body ``hello``."""
     answer = b"HTTP/1.1 200 OK\r\nX-Note: part one\r\n  part two\r\nContent-Length: 5\r\n\r\nhello"
-    async with Server(answers({"/x": answer})) as server:
+    async with serving(answers({"/x": answer})) as server:
         assert await fetch(HTTPSource([server.base + "/x"])) == b"hello"
 
 
@@ -160,7 +108,7 @@ async def test_a_status_code_below_100_is_a_malformed_answer_not_an_interim_one(
     the request hangs for ever (here until the test's guard fires). Expected: a prompt
     ``ConnectionError`` saying the answer is malformed, as for other bad status lines."""
     answer = b"HTTP/1.1 099 Weird\r\nContent-Length: 5\r\n\r\nhello"
-    async with Server(answers({"/x": answer})) as server:
+    async with serving(answers({"/x": answer})) as server:
         with pytest.raises(ConnectionError, match="malformed"):
             await fetch(HTTPSource([server.base + "/x"]), guard=5)
 
@@ -180,7 +128,7 @@ async def test_an_asctime_retry_after_date_is_read_as_gmt() -> None:
     try:
         when = time.strftime("%a %b %d %H:%M:%S %Y", time.gmtime(time.time() + 3)).encode()
         answer = b"HTTP/1.1 503 Busy\r\nRetry-After: " + when + b"\r\nContent-Length: 0\r\n\r\n"
-        async with Server(answers({"/x": answer})) as server:
+        async with serving(answers({"/x": answer})) as server:
             with pytest.raises(al.HTTPStatusError) as info:
                 await fetch(HTTPSource([server.base + "/x"]))
         assert info.value.retry_after is not None
