@@ -16,7 +16,7 @@ from typing import Any, Final, TypeVar, cast, final
 
 import anyio
 
-from ._callables import call_maybe_async
+from ._callables import call_maybe_async, is_cancellation
 from ._redact import redact_key
 from .cache import LRUCache, cache_key
 from .datasets import DROPPED, AsyncDataset, AsyncIterableDataset, _stream_key
@@ -32,6 +32,7 @@ from .stats import LoaderStats
 
 __all__ = ["SKIPPED", "ErrorPolicy", "Failure", "Fetcher", "Values"]
 
+A = TypeVar("A")
 T = TypeVar("T")
 
 
@@ -211,6 +212,8 @@ class Fetcher:
         self._cache = cache
         # Each attempt for one sample, without the cache: what a cached miss runs.
         self._direct = self._build_get(retry, gate)
+        # One attempt for a chunk: within the timeout, through the breaker and the gate.
+        self._get_many = self._build_get_many(gate)
         self._get = self._direct
         if cache is not None and isinstance(dataset, AsyncDataset):
             self._get = _with_cache(self._direct, cache, dataset, stats)
@@ -230,10 +233,28 @@ class Fetcher:
         if self._breaker is not None:
             get = self._breaker.wrap(get)
         if gate is not None:
-            get = _through_gate(get, gate)
+            get = gate.wrap(get)
         if retry is not None:
             get = _with_retry(get, retry, self.stats)
         return get
+
+    def _build_get_many(
+        self, gate: ConcurrencyGate | None
+    ) -> Callable[[Sequence[int]], Awaitable[list[Any]]]:
+        get: Callable[[Sequence[int]], Awaitable[list[Any]]] = self._getitems_within
+        if self._breaker is not None:
+            get = self._breaker.wrap(get)
+        if gate is not None:
+            get = gate.wrap(get)
+        return get
+
+    async def _getitems_within(self, indices: Sequence[int]) -> list[Any]:
+        dataset = self.dataset
+        assert isinstance(dataset, AsyncDataset)
+        if self.timeout is None:
+            return await dataset._getitems_partial(indices)
+        with anyio.fail_after(self.timeout):
+            return await dataset._getitems_partial(indices)
 
     async def one(self, index: int, get: Callable[[int], Awaitable[Any]] | None = None) -> Any:
         """The outcome of sample ``index`` (fetched by ``get``, else by this fetcher's
@@ -297,28 +318,17 @@ class Fetcher:
         return Values(out) if clean else out
 
     async def _attempt_many(self, indices: Sequence[int]) -> list[Any] | None:
-        """One ``getitems`` attempt for ``indices`` (through the breaker, within the
-        timeout); None when it failed, for the caller to fetch them one by one."""
-        dataset = self.dataset
-        assert isinstance(dataset, AsyncDataset)
-
-        async def attempt() -> list[Any]:
-            if self.timeout is None:
-                return await dataset._getitems_partial(indices)
-            with anyio.fail_after(self.timeout):
-                return await dataset._getitems_partial(indices)
-
+        """One ``getitems`` attempt for ``indices`` (within the timeout, through the
+        breaker and the throttle's gate); None when it failed, for the caller to fetch
+        them one by one."""
         try:
-            if self._breaker is None:
-                samples = await attempt()
-            else:
-                samples = await self._breaker.run(attempt)
+            samples = await self._get_many(indices)
         except Exception:
             return None
         if len(samples) != len(indices):  # (a bug in the dataset: fails the epoch)
             raise TypeError(
-                f"{type(dataset).__name__}.getitems returned {len(samples)} samples for "
-                f"{len(indices)} indices"
+                f"{type(self.dataset).__name__}.getitems returned {len(samples)} samples "
+                f"for {len(indices)} indices"
             )
         return samples
 
@@ -335,7 +345,11 @@ class Fetcher:
             # line (none suspends), and only the misses pay for a task each.
             misses = []
             for slot, index in enumerate(indices):
-                if cache_key(dataset, index) in cache:
+                try:
+                    cached = cache_key(dataset, index) in cache
+                except Exception:  # (a key_of that raises: again in one(), into the policy)
+                    cached = False
+                if cached:
                     outcomes[slot] = await self.one(index)
                 else:
                     misses.append(slot)
@@ -352,17 +366,31 @@ class Fetcher:
         assert isinstance(self.dataset, AsyncDataset)
         gather = _Gather(self._attempt_many, self._direct, len(slots))
         get = _with_cache(gather.load, self._cache, self.dataset, self.stats)
+        escaped: list[BaseException] = []
 
         async def settle(slot: int) -> None:
             try:
                 outcomes[slot] = await self.one(indices[slot], get)
+            except BaseException as exc:
+                if is_cancellation(exc):
+                    raise
+                # SystemExit, KeyboardInterrupt, a stray CancelledError from user code: to
+                # the epoch's guard as itself (a task group would wrap it in a group, or
+                # take the CancelledError for its own and leave the slot empty).
+                escaped.append(exc)
+                tg.cancel_scope.cancel()
             finally:
                 gather.settled()
 
-        async with anyio.create_task_group() as tg:
-            for slot in slots:
-                tg.start_soon(settle, slot)
-            await gather.serve()
+        try:
+            async with anyio.create_task_group() as tg:
+                for slot in slots:
+                    tg.start_soon(settle, slot)
+                await gather.serve()
+        finally:
+            gather.close()
+        if escaped:
+            raise escaped[0]
         if gather.error is not None:
             raise gather.error
 
@@ -449,9 +477,9 @@ class _BreakerGuard:
                     raise
                 await self._settled.wait()
 
-    def wrap(self, get: Callable[[int], Awaitable[Any]]) -> Callable[[int], Awaitable[Any]]:
-        async def get_guarded(index: int) -> Any:
-            return await self.run(lambda: get(index))
+    def wrap(self, get: Callable[[A], Awaitable[T]]) -> Callable[[A], Awaitable[T]]:
+        async def get_guarded(arg: A) -> T:
+            return await self.run(lambda: get(arg))
 
         return get_guarded
 
@@ -490,11 +518,17 @@ class _Gather:
         self._alone = alone
         self._open = lookups
         self._asked: list[_Load] = []
+        self._round: list[_Load] = []
+        self._closed = False
         self._wake = anyio.Event()
         self.error: BaseException | None = None
 
     async def load(self, index: int) -> Any:
-        """The sample at ``index``, fetched in this chunk's next round (the cache's load)."""
+        """The sample at ``index``, fetched in this chunk's next round (the cache's load);
+        fetched alone once the chunk is over (a cache may run a load on its own task, which
+        outlives the chunk that asked)."""
+        if self._closed:
+            return await self._alone(index)
         asked = _Load(index)
         self._asked.append(asked)
         self._wake.set()
@@ -516,7 +550,8 @@ class _Gather:
         while self._open:
             await self._wake.wait()
             self._wake = anyio.Event()
-            asked, self._asked = self._asked, []
+            asked = self._round = self._asked
+            self._asked = []
             if not asked:
                 continue
             try:
@@ -527,12 +562,17 @@ class _Gather:
             for i, load in enumerate(asked):
                 load.sample = _ALONE if samples is None else samples[i]
                 load.done.set()
+            self._round = []
 
-
-def _through_gate(
-    get: Callable[[int], Awaitable[Any]], gate: ConcurrencyGate
-) -> Callable[[int], Awaitable[Any]]:
-    return gate.wrap(get)
+    def close(self) -> None:
+        """The chunk is over (done, failed or cancelled): loads still waiting, or asked
+        later, fetch their samples alone."""
+        self._closed = True
+        for load in (*self._round, *self._asked):
+            if not load.done.is_set():
+                load.sample = _ALONE
+                load.done.set()
+        self._round, self._asked = [], []
 
 
 def _with_retry(

@@ -8,15 +8,13 @@ force an ordering, and ``anyio.fail_after`` only guards against a hang.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
-from collections.abc import AsyncIterator
 
 import anyio
 import pytest
 from conftest import ASYNCIO_BACKENDS
-from test_http1 import Handler, RawConnection, RawServer
+from test_http1 import Handler, RawConnection, raw_server
 
 import asyncload as al
 from asyncload.sources import HTTPSource
@@ -26,16 +24,6 @@ pytestmark = pytest.mark.anyio
 ANYIO_BACKENDS = ASYNCIO_BACKENDS  # HTTPSource runs on asyncio (and uvloop) only
 
 GUARD = 30  # seconds: a guard against a hang, never a timing claim
-
-
-@contextlib.asynccontextmanager
-async def serving(handler: Handler) -> AsyncIterator[RawServer]:
-    server = RawServer(handler)
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
 
 
 def path_of(head: bytes) -> str:
@@ -77,7 +65,7 @@ async def test_a_raw_utf8_location_is_followed_to_its_utf8_percent_encoded_targe
         "/old": b"HTTP/1.1 302 Found\r\nLocation: /caf\xc3\xa9\r\nContent-Length: 0\r\n\r\n",
         "/caf%C3%A9": ok(b"coffee"),
     }
-    async with serving(answers(table)) as server:
+    async with raw_server(answers(table)) as server:
         try:
             got = await fetch(HTTPSource([server.base + "/old"]))
         finally:
@@ -95,7 +83,7 @@ async def test_a_folded_header_line_is_unfolded_not_refused() -> None:
     every request (and, the error being transient, Retry asks again ``attempts`` times).
     Expected: the body ``hello``."""
     answer = b"HTTP/1.1 200 OK\r\nX-Note: part one\r\n  part two\r\nContent-Length: 5\r\n\r\nhello"
-    async with serving(answers({"/x": answer})) as server:
+    async with raw_server(answers({"/x": answer})) as server:
         assert await fetch(HTTPSource([server.base + "/x"])) == b"hello"
 
 
@@ -108,7 +96,7 @@ async def test_a_status_code_below_100_is_a_malformed_answer_not_an_interim_one(
     the request hangs for ever (here until the test's guard fires). Expected: a prompt
     ``ConnectionError`` saying the answer is malformed, as for other bad status lines."""
     answer = b"HTTP/1.1 099 Weird\r\nContent-Length: 5\r\n\r\nhello"
-    async with serving(answers({"/x": answer})) as server:
+    async with raw_server(answers({"/x": answer})) as server:
         with pytest.raises(ConnectionError, match="malformed"):
             await fetch(HTTPSource([server.base + "/x"]), guard=5)
 
@@ -128,7 +116,7 @@ async def test_an_asctime_retry_after_date_is_read_as_gmt() -> None:
     try:
         when = time.strftime("%a %b %d %H:%M:%S %Y", time.gmtime(time.time() + 3)).encode()
         answer = b"HTTP/1.1 503 Busy\r\nRetry-After: " + when + b"\r\nContent-Length: 0\r\n\r\n"
-        async with serving(answers({"/x": answer})) as server:
+        async with raw_server(answers({"/x": answer})) as server:
             with pytest.raises(al.HTTPStatusError) as info:
                 await fetch(HTTPSource([server.base + "/x"]))
         assert info.value.retry_after is not None
