@@ -166,6 +166,13 @@ class TorchLoader:
         return sum(len(self.loader.for_worker(w, workers)) for w in range(workers))
 
     def __iter__(self) -> Iterator[Any]:
+        # Kept with the loader's iterators, so that loader.close() also stops this epoch's
+        # DataLoader (its worker processes), not only a loader iterated in this process.
+        epoch = self._epoch()
+        self.loader._iterators.add(epoch)
+        return epoch
+
+    def _epoch(self) -> Iterator[Any]:
         from .sampling import Progress, WorkerProgress
 
         loader = self.loader

@@ -121,3 +121,25 @@ def test_an_iterator_kept_after_close_holds_no_batch() -> None:
     del loader
     assert alive(dataset) == 0  # was 32
     del batches
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
+def test_close_stops_a_torch_loaders_worker_processes() -> None:
+    """``loader.close()`` with a ``to_torch_loader()`` epoch left open (its iterator kept,
+    not exhausted): was, the DataLoader's worker processes ran on until that iterator was
+    dropped; now close() ends the epoch and its workers, and the state keeps what the
+    training loop took."""
+    pytest.importorskip("torch")
+    import multiprocessing
+
+    import numpy as np
+
+    before = set(multiprocessing.active_children())
+    loader = al.Loader(al.from_sequence(np.arange(1000)), batch_size=4)
+    batches = iter(loader.to_torch_loader(num_workers=2))
+    assert next(batches).tolist() == [0, 1, 2, 3]
+    assert len(set(multiprocessing.active_children()) - before) == 2
+    loader.close()
+    assert set(multiprocessing.active_children()) - before == set()
+    assert list(batches) == []
+    assert loader.state_dict()["progress"]["watermark"] == 4
