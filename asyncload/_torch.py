@@ -12,6 +12,7 @@ from torch.multiprocessing.reductions import reduce_tensor
 
 from ._fetch import map_leaves
 from .datasets import AsyncIterableDataset
+from .progress import Reporter
 
 if TYPE_CHECKING:
     from .loader import Loader
@@ -198,6 +199,19 @@ class TorchLoader:
         # Iterated in this process (no workers), the copy's iterators are the loader's own,
         # for close() (pickled into workers, a copy gets its own again).
         detached._iterators = loader._iterators
+        bar = None
+        if loader.progress and self.num_workers > 0:
+            # One bar, here, for the batches the training loop takes: not one per worker
+            # (each drew its own share's on the shared terminal line).
+            detached.progress = False
+            bar = Reporter(
+                loader.statistics,
+                bar=True,
+                total=len(self),
+                on_statistics=None,
+                every=1,
+                details=False,
+            )
         dataset = LoaderIterableDataset(detached, tagged=True)
         data_loader = torch.utils.data.DataLoader(dataset, batch_size=None, **self.kwargs)
         progress: Progress | WorkerProgress
@@ -213,12 +227,18 @@ class TorchLoader:
             progress = Progress() if resume is None else resume.copy()
         iterator = iter(data_loader)
         loader._resume, loader._progress, loader._finished = None, progress, False
-        for batch, (worker, positions) in iterator:
-            if isinstance(progress, WorkerProgress):
-                progress.mark(worker, positions)
-            else:
-                progress.mark(positions)
-            yield batch
+        try:
+            for batch, (worker, positions) in iterator:
+                if isinstance(progress, WorkerProgress):
+                    progress.mark(worker, positions)
+                else:
+                    progress.mark(positions)
+                if bar is not None:
+                    bar.batch()
+                yield batch
+        finally:
+            if bar is not None:
+                bar.end()
         ran = dataset.iterated
         if self.num_workers == 0 and not (ran is not None and ran._finished):
             return  # closed mid-epoch (loader.close()): the state keeps what was taken

@@ -26,8 +26,12 @@ class Reporter:
         on_statistics: Callable[[dict[str, Any]], object] | None,
         every: int,
         initial: int = 0,
+        details: bool = True,
     ) -> None:
         self.statistics = statistics
+        # False: the bar shows batches and their rate only (statistics kept elsewhere:
+        # DataLoader workers count their own).
+        self.details = details
         self.on_statistics = on_statistics
         self.every = every
         self.batches = 0
@@ -48,7 +52,7 @@ class Reporter:
         if self._bar is not None:
             self._bar.update(1)
             now = time.monotonic()
-            if now >= self._next_refresh:
+            if self.details and now >= self._next_refresh:
                 self._next_refresh = now + 0.5
                 self._bar.set_postfix_str(describe(self.statistics()), refresh=False)
         if self.on_statistics is not None and self.batches % self.every == 0:
@@ -64,7 +68,8 @@ class Reporter:
                     self._send(snapshot)
         finally:  # a callback that raises still leaves no bar open
             if self._bar is not None:
-                self._bar.set_postfix_str(describe(self.statistics()), refresh=False)
+                if self.details:
+                    self._bar.set_postfix_str(describe(self.statistics()), refresh=False)
                 self._bar.close()
                 self._bar = None
 

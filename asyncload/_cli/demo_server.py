@@ -120,6 +120,12 @@ class DemoServer:
     async def _cleanup(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+        # Handlers still answering (a client stopped mid-request, by Ctrl-C) outlive the
+        # runner's shutdown: cancelled here, or the closed loop reports each as destroyed.
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _sample(self, request: web.Request) -> web.Response:
         try:

@@ -386,3 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Terminated:
         print(f"{PROG} {args.command}: terminated", file=sys.stderr)
         return 128 + signal.SIGTERM
+    except BrokenPipeError:
+        # The reader went away (`... | head`): quiet, and stdout pointed at nothing so
+        # that flushing it at exit raises no second error.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1

@@ -98,9 +98,10 @@ def resolve(source: str | None, *, urls_file: str | None, limit: int, s3: S3Opti
         raise ArgumentError(
             "SOURCE", "required: a URL list file, a directory or s3://bucket/prefix"
         )
-    if source.startswith("s3://"):
+    scheme = source.partition("://")[0].lower()  # (schemes are case-insensitive)
+    if scheme == "s3" and "://" in source:
         return _s3_prefix(source, limit, s3)
-    if source.startswith(("http://", "https://")):
+    if scheme in ("http", "https") and "://" in source:
         raise ArgumentError(
             "SOURCE",
             f"{redact_url(source)!r} is one URL: write the URLs one per line into a file "
@@ -127,7 +128,7 @@ def _url_list(path: str, argument: str, limit: int) -> SourceSpec:
                 url = line.strip()
                 if not url or url.startswith("#"):
                     continue
-                if not url.startswith(("http://", "https://")):
+                if not url[:8].lower().startswith(("http://", "https://")):
                     raise ArgumentError(
                         argument,
                         f"{path}, line {number}: not an http(s) URL: {redact_url(url)[:80]!r} "
@@ -138,6 +139,8 @@ def _url_list(path: str, argument: str, limit: int) -> SourceSpec:
                     break
     except UnicodeDecodeError:
         raise ArgumentError(argument, f"{path} is not a text file of URLs") from None
+    except OSError as exc:  # (no permission to read it, a socket, ...)
+        raise ArgumentError(argument, f"cannot read {path}: {exc.strerror or exc}") from None
     if not urls:
         raise NoSamplesError(f"{path} lists no URLs")
     return SourceSpec(kind="http", location=path, keys=urls)
