@@ -578,7 +578,7 @@ class Loader:
             retry=self.retry,
             breaker=self.breaker,
             cache=self.cache,
-            gate=ConcurrencyGate(self.throttle) if self.throttle is not None else None,
+            gate=self._gate(),
             drift=self.drift,
         )
         if self.drift is not None:
@@ -764,6 +764,15 @@ class Loader:
         return worker, [rank_position(p, bs, worker, k) for p in positions]
 
     # -- state ----------------------------------------------------------------------------
+
+    def _gate(self) -> ConcurrencyGate | None:
+        """The epoch's throttle gate; none where fetches await no I/O (an in-memory
+        dataset has no store to overload, and its chunks would pay for the count)."""
+        if self.throttle is None:
+            return None
+        if isinstance(self.dataset, AsyncDataset) and self.dataset.in_memory:
+            return None
+        return ConcurrencyGate(self.throttle)
 
     def state_dict(self) -> dict[str, Any]:
         """A plain, picklable (and json-able) dict: the epoch, the positions already
