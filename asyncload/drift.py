@@ -155,8 +155,12 @@ class RunningStats:
         # Welford: one value into the running mean and sum of squared deviations.
         n = self.count + 1
         delta = x - self.mean
-        self.mean += delta / n
-        self.m2 += delta * (x - self.mean)
+        if math.isfinite(delta):
+            self.mean += delta / n
+            self.m2 += delta * (x - self.mean)
+        else:  # values near the float range's ends: their difference overflows
+            self.mean += x / n - self.mean / n
+            self.m2 = math.inf
         self.count = n
         if x < self.min:
             self.min = x
@@ -409,7 +413,12 @@ def _to_numbers(name: str, value: Any) -> Any:
             value = value.float()  # numpy has no bfloat16
         value = value.numpy()
     elif isinstance(value, (list, tuple)):
-        value = np.asarray(value)
+        try:
+            value = np.asarray(value)
+        except ValueError as exc:  # ragged: lists of different lengths
+            raise TypeError(
+                f"field {name!r}: expected numbers, got a ragged {type(value).__name__}"
+            ) from exc
     if isinstance(value, np.ndarray):
         if value.dtype.kind in "biuf":
             return value

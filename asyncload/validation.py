@@ -130,7 +130,14 @@ def _render_path(keys: Any) -> str:
 
 def _short(value: Any, limit: int = 50) -> str:
     # Messages end up in logs and error_log: never dump a whole caption or array there.
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's digit limit for str()
+        text = f"<{type(value).__name__} of {value.bit_length()} bits>"
+    return _clip(text, limit)
+
+
+def _clip(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -200,7 +207,7 @@ class Rule:
             try:
                 verdict = predicate(value)
             except Exception as exc:
-                detail = f"custom check {name!r} raised {type(exc).__name__}: {exc}"
+                detail = f"custom check {name!r} raised {type(exc).__name__}: {_clip(str(exc))}"
                 return _Failure(CONTENT, f"custom:{name}", detail)
             if verdict is not None and not verdict:
                 return _Failure(CONTENT, f"custom:{name}", f"custom check {name!r} failed")
@@ -296,16 +303,41 @@ def _size_failure(size: int, min_bytes: int | None, max_bytes: int | None) -> _F
 
 
 def _range_failure(
-    lo: Any, hi: Any, minimum: float | None, maximum: float | None, *, scalar: bool
+    lo: Any,
+    hi: Any,
+    minimum: float | None,
+    maximum: float | None,
+    *,
+    scalar: bool,
+    dtype: Any = None,
 ) -> _Failure | None:
-    """``lo``/``hi``: the smallest and largest value (the same number for a scalar)."""
-    if minimum is not None and lo < minimum:
+    """``lo``/``hi``: the smallest and largest value (the same number for a scalar), of a
+    value of ``dtype`` (None: a Python number)."""
+    if minimum is not None and lo < _in_precision(minimum, dtype):
         what = "value" if scalar else "smallest value"
-        return _Failure(CONTENT, "min", f"{what} {lo!r} is below min={minimum!r}")
-    if maximum is not None and hi > maximum:
+        return _Failure(CONTENT, "min", f"{what} {_short(lo)} is below min={minimum!r}")
+    if maximum is not None and hi > _in_precision(maximum, dtype):
         what = "value" if scalar else "largest value"
-        return _Failure(CONTENT, "max", f"{what} {hi!r} is above max={maximum!r}")
+        return _Failure(CONTENT, "max", f"{what} {_short(hi)} is above max={maximum!r}")
     return None
+
+
+@lru_cache(maxsize=256)
+def _in_precision(bound: float, dtype: Any) -> float:
+    """``bound`` rounded to a floating ``dtype`` narrower than a Python float, as numpy and
+    torch compare (``x <= 0.1`` is true for float32(0.1), which is 0.10000000149 as a
+    Python float): data clipped to a bound in float32 must not fail it."""
+    if dtype is None or not issubclass(_dtype_of(dtype).type, np.floating):
+        return bound
+    if isinstance(dtype, np.dtype):
+        if dtype.itemsize >= 8:
+            return bound
+        with np.errstate(over="ignore"):  # (past float16's range: inf, as numpy has it)
+            return float(np.asarray(bound, dtype=dtype))
+    torch = sys.modules["torch"]  # (a torch dtype: torch is imported)
+    if dtype.itemsize >= 8:
+        return bound
+    return float(torch.tensor(float(bound), dtype=dtype).item())
 
 
 # -- arrays and tensors -------------------------------------------------------------------
@@ -323,7 +355,13 @@ _KINDS: Final[dict[str, type[Any]]] = {
     "complexfloating": np.complexfloating,
 }
 # Tensor dtypes numpy lacks, by name, and the kind they belong to.
-_TORCH_ONLY: Final[dict[str, type[Any]]] = {"bfloat16": np.floating}
+_TORCH_ONLY: Final[dict[str, type[Any]]] = {
+    "bfloat16": np.floating,
+    **{
+        f"float8_{kind}": np.floating
+        for kind in ("e4m3fn", "e4m3fnuz", "e5m2", "e5m2fnuz", "e8m0fnu")
+    },
+}
 
 
 class _DType(NamedTuple):
@@ -404,15 +442,27 @@ class _DTypeSpec:
                 )
             else:
                 try:
-                    names.append(np.dtype(item).name)
+                    dtype = np.dtype(item)
                 except Exception as exc:  # TypeError mostly; SyntaxError for "i4,,"
                     raise TypeError(f"dtype: {_short(item)} is neither a dtype nor a kind") from exc
+                if _generic(dtype):
+                    kinds.append(dtype.type)  # str: any length of str, as str96
+                else:
+                    names.append(dtype.name)
         self.names = frozenset(names)
         self.kinds = tuple(kinds)
         self.text = " or ".join([*sorted(self.names), *(k.__name__ for k in self.kinds)])
 
     def matches(self, dtype: _DType) -> bool:
         return dtype.name in self.names or issubclass(dtype.type, self.kinds)
+
+
+def _generic(dtype: np.dtype[Any]) -> bool:
+    """A dtype without a size or unit (``str``, ``bytes``, ``"V"``, ``"datetime64"``): it
+    stands for all of them, whose names differ (``str96``, ``datetime64[ms]``)."""
+    if dtype.kind in "USV":
+        return dtype.itemsize == 0
+    return dtype.kind in "mM" and np.datetime_data(dtype)[0] == "generic"
 
 
 def _is_torch_dtype(item: object) -> bool:
@@ -592,7 +642,7 @@ class Array(Rule):
             lo, hi = _min_max(kept)
         if not self.allow_inf and (lo == -math.inf or hi == math.inf):
             return _Failure(CONTENT, "inf", "contains inf (allow_inf=False)")
-        return _range_failure(lo, hi, minimum, maximum, scalar=False)
+        return _range_failure(lo, hi, minimum, maximum, scalar=False, dtype=value.dtype)
 
     def _complex_content(self, value: Any, bounded: bool) -> _Failure | None:
         if bounded:
@@ -624,6 +674,8 @@ def _min_max(value: Any) -> tuple[Any, Any]:
     """The smallest and largest element as Python numbers (numpy or torch)."""
     if isinstance(value, (np.ndarray, np.generic)):
         return value.min().item(), value.max().item()
+    if value.dtype.is_floating_point and value.dtype.itemsize == 1:
+        value = value.float()  # (float8: torch has no min/max for it)
     if value.dtype.is_floating_point or value.dtype.is_signed:
         lo, hi = value.aminmax()  # one pass over the tensor
         return lo.item(), hi.item()
@@ -634,7 +686,11 @@ def _min_max(value: Any) -> tuple[Any, Any]:
 
 
 def _isnan(value: Any) -> Any:
-    return np.isnan(value) if isinstance(value, np.ndarray) else value.isnan()
+    if isinstance(value, np.ndarray):
+        return np.isnan(value)
+    if value.dtype.is_floating_point and value.dtype.itemsize == 1:
+        value = value.float()  # (float8)
+    return value.isnan()
 
 
 def _size(value: Any) -> int:
@@ -747,7 +803,8 @@ class Float(Rule):
             return _Failure(CONTENT, "nan", "value is NaN (allow_nan=False)")
         if not self.allow_inf and (number == math.inf or number == -math.inf):
             return _Failure(CONTENT, "inf", f"value is {number} (allow_inf=False)")
-        return _range_failure(number, number, self.min, self.max, scalar=True)
+        dtype = getattr(value, "dtype", None)  # (a numpy scalar, a 0-d array or tensor)
+        return _range_failure(number, number, self.min, self.max, scalar=True, dtype=dtype)
 
     def _options(self) -> dict[str, Any]:
         options: dict[str, Any] = {
@@ -976,12 +1033,12 @@ class Dict(Rule):
 
     def _children(self, value: Any, level: int) -> _Failure | None:
         for key, rule in self.fields.items():
-            try:
-                item = value[key]
-            except KeyError:
+            # `in` first: a defaultdict would make the missing key up (and keep it).
+            if key not in value:
                 if level == EXISTENCE and not rule.optional:
                     return _Failure(EXISTENCE, "required", "required key is missing").at(key)
                 continue
+            item = value[key]
             failure = rule._check(item, level)
             if failure is not None:
                 return failure.at(key)
