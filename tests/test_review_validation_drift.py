@@ -1,7 +1,7 @@
-"""Review (helper-81) of validation.py and drift.py, each test failing before its fix: false positives on float32/float16 values at
-their bound and on string/bytes/datetime dtypes, float8 tensors, a defaultdict sample
-mutated by the check, unshortened messages, a ragged list in drift, and a Welford
-overflow that makes ``report()`` crash."""
+"""Review (helper-81) of validation.py and drift.py; each test failed before its fix:
+false positives on float32/float16 values at their bound and on string/bytes/datetime
+dtypes, float8 tensors, a defaultdict sample mutated by the check, unshortened messages,
+a ragged list in drift, and a Welford overflow that made ``report()`` crash."""
 
 from __future__ import annotations
 
