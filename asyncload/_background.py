@@ -10,6 +10,7 @@ awaits its end in ``aclose()``. It is a system task on trio and an asyncio task 
 
 from __future__ import annotations
 
+import contextvars
 import threading
 from collections.abc import Awaitable, Callable
 
@@ -35,7 +36,9 @@ class BackgroundTask:
             import trio
 
             self._token = trio.lowlevel.current_trio_token()
-            trio.lowlevel.spawn_system_task(self._run, fn)
+            # With the caller's context variables, as asyncio's create_task copies them
+            # (a system task would otherwise start from an empty context).
+            trio.lowlevel.spawn_system_task(self._run, fn, context=contextvars.copy_context())
         else:
             import asyncio
 

@@ -11,12 +11,12 @@ validate.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
 from typing import Any, Final, TypeVar, cast, final
 
 import anyio
 
-from ._callables import call_maybe_async, is_cancellation
+from ._callables import call_maybe_async, is_async_callable, is_cancellation
 from ._redact import redact_key
 from .cache import LRUCache, cache_key
 from .datasets import DROPPED, AsyncDataset, AsyncIterableDataset, _stream_key
@@ -205,6 +205,9 @@ class Fetcher:
         self.drift = drift
         # Nothing to do after the fetch: the sample is the outcome.
         self._plain = transform is None and validate is None and drift is None
+        self._async_finish = any(
+            fn is not None and is_async_callable(fn) for fn in (transform, validate)
+        )
         # A cache hands out the object it holds: a transform gets its own containers, so
         # that one which sets a dict's key in place cannot change what later epochs get.
         self._own_containers = cache is not None and transform is not None
@@ -304,18 +307,24 @@ class Fetcher:
                 return Values(samples)
             stats.filtered += dropped
             return samples
-        out = []
-        clean = True
-        for index, sample in zip(indices, samples, strict=True):
-            outcome: Any = sample
-            if sample is DROPPED:
-                stats.filtered += 1
-            else:
-                outcome = await self.finish(index, sample)
+        out: list[Any] = list(samples)
+        fetched = [slot for slot, sample in enumerate(samples) if sample is not DROPPED]
+        stats.filtered += len(samples) - len(fetched)
+
+        async def finish(slot: int) -> None:
+            out[slot] = await self.finish(indices[slot], samples[slot])
+
+        if self._async_finish:
+            # A chunk is up to a whole batch: one at a time, an async transform would
+            # have one call in flight where a dataset without getitems has `concurrency`.
+            await _each_at_once(finish, fetched)
+        else:
+            for slot in fetched:
+                await finish(slot)
+        for outcome in out:
             if outcome is DROPPED or outcome is SKIPPED or type(outcome) is Failure:
-                clean = False
-            out.append(outcome)
-        return Values(out) if clean else out
+                return out
+        return Values(out)
 
     async def _attempt_many(self, indices: Sequence[int]) -> list[Any] | None:
         """One ``getitems`` attempt for ``indices`` (within the timeout, through the
@@ -366,31 +375,17 @@ class Fetcher:
         assert isinstance(self.dataset, AsyncDataset)
         gather = _Gather(self._attempt_many, self._direct, len(slots))
         get = _with_cache(gather.load, self._cache, self.dataset, self.stats)
-        escaped: list[BaseException] = []
 
         async def settle(slot: int) -> None:
             try:
                 outcomes[slot] = await self.one(indices[slot], get)
-            except BaseException as exc:
-                if is_cancellation(exc):
-                    raise
-                # SystemExit, KeyboardInterrupt, a stray CancelledError from user code: to
-                # the epoch's guard as itself (a task group would wrap it in a group, or
-                # take the CancelledError for its own and leave the slot empty).
-                escaped.append(exc)
-                tg.cancel_scope.cancel()
             finally:
                 gather.settled()
 
         try:
-            async with anyio.create_task_group() as tg:
-                for slot in slots:
-                    tg.start_soon(settle, slot)
-                await gather.serve()
+            await _each_at_once(settle, slots, alongside=gather.serve)
         finally:
             gather.close()
-        if escaped:
-            raise escaped[0]
         if gather.error is not None:
             raise gather.error
 
@@ -442,6 +437,37 @@ def with_timeout(
         raise TimeoutError(f"no answer within timeout={seconds} s")
 
     return get_within
+
+
+async def _each_at_once(
+    work: Callable[[int], Awaitable[None]],
+    slots: Iterable[int],
+    alongside: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """``await work(slot)`` for every slot, each in a task of its own, while
+    ``alongside()`` runs in this one; all have ended when this returns. ``work`` turns
+    failures into outcomes; what escapes it all the same (SystemExit, KeyboardInterrupt, a
+    stray CancelledError from user code) cancels the rest and is raised as itself, for
+    the epoch's guard: a task group would wrap it in a group, or take the CancelledError
+    for its own cancellation and leave the slot empty."""
+    escaped: list[BaseException] = []
+
+    async def run(slot: int) -> None:
+        try:
+            await work(slot)
+        except BaseException as exc:
+            if is_cancellation(exc):
+                raise
+            escaped.append(exc)
+            tg.cancel_scope.cancel()
+
+    async with anyio.create_task_group() as tg:
+        for slot in slots:
+            tg.start_soon(run, slot)
+        if alongside is not None:
+            await alongside()
+    if escaped:
+        raise escaped[0]
 
 
 class _BreakerGuard:

@@ -689,6 +689,9 @@ class InlineEpoch(_Assembly):
     async def next_item(self) -> Item | None:
         """The next batch, or None at the end of the epoch (then see :meth:`finish`)."""
         try:
+            # Batches fetched ahead are handed out without suspending: a consumer whose
+            # scope was cancelled must still be stopped here.
+            await anyio.lowlevel.checkpoint_if_cancelled()
             await self._fetch_ahead()
         except BaseException:
             self.cancel()  # interrupted mid-unit: the epoch cannot go on

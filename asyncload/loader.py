@@ -219,6 +219,9 @@ class Loader:
         costs = _planned_costs(batch_cost, dataset)
         if batch_cost is not None and batch_budget is None and bucket is None:
             raise ValueError("batch_cost needs a batch_budget or a bucket to cut batches by")
+        if collate_fn is not None and is_async_callable(collate_fn):
+            # (Called as batches are handed out, outside any await; a DataLoader's too.)
+            raise TypeError("collate_fn must be a plain function: an async one cannot be used")
         if callable(batch_cost) and is_async_callable(batch_cost):
             # (Called for each sample as it is batched, outside any event loop's await.)
             raise TypeError("batch_cost must be a plain function: an async one cannot be used")

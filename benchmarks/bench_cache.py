@@ -25,8 +25,8 @@ Part 2, hit rate vs budget. A trace of keys drawn from a Zipf law (``p(rank r) ~
 s = 1.1) over N keys of 1 KiB each, replayed through the real ``LRUCache.get_or_load``
 (in-memory loads) for each policy (lru, lfu, fifo) and byte budget (1 % to 100 % of the
 data): exact and repeatable (seeded). A shorter prefix of the trace also goes through a
-``Loader`` (``sampler=`` the trace, ``concurrency=1``), whose ``cache_hits`` must equal the
-direct replay's.
+``Loader`` (``sampler=`` the trace, ``concurrency=1``, a dataset without ``getitems``), whose
+``cache_hits`` must equal the direct replay's.
 
 Writes ``benchmarks/results/cache.json`` and ``docs/img/cache_hit_rate.png``; ``--render``
 replaces the section between the ``cache-benchmark`` markers of each page given (appends it
@@ -438,10 +438,21 @@ async def replay(trace: list[int], policy: str, max_bytes: int) -> dict[str, Any
 
 
 async def through_loader(trace: list[int], keys: int, policy: str, max_bytes: int) -> int:
-    """Cache hits of a Loader whose sampler is ``trace`` (one fetch at a time: exact)."""
+    """Cache hits of a Loader whose sampler is ``trace`` (one fetch at a time: exact).
+
+    The dataset fetches one sample per call: one with ``getitems`` (``from_sequence``) is
+    fetched by chunks, whose hits are taken before their misses are stored, so that an
+    eviction policy sees the chunk's accesses in another order than the trace's."""
     import asyncload as al
 
-    dataset = al.from_sequence([bytes(ITEM_BYTES)] * keys)  # cache key: the index
+    class OneByOne(al.AsyncDataset[bytes]):
+        def __len__(self) -> int:
+            return keys
+
+        async def __getitem__(self, index: int) -> bytes:
+            return bytes(ITEM_BYTES)
+
+    dataset = OneByOne()  # cache key: the index
     cache = al.LRUCache(max_bytes=max_bytes, policy=policy)  # type: ignore[arg-type]
     loader = al.Loader(dataset, batch_size=64, sampler=trace, concurrency=1, cache=cache)
     async with loader:
@@ -658,6 +669,7 @@ def render_section(report: dict[str, Any]) -> str:
         "in a fresh shuffled order per epoch (right panel), or in the same order every epoch. "
         "Through a `Loader` "
         f"(`sampler=` the first {hit['loader_check']['accesses']:,} lookups, `concurrency=1`, "
+        "a dataset that fetches one sample per call, "
         f"{hit['loader_check']['budget_pct']} % budget) the loader's `cache_hits` equal the "
         "direct replay's: "
         + ", ".join(
