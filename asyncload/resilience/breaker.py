@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import enum
-import math
+import logging
 import operator
 import threading
 import time
@@ -19,10 +19,13 @@ import anyio
 
 from asyncload.errors import CircuitOpenError
 from asyncload.resilience.classify import ExceptionFilter, as_predicate, is_transient
+from asyncload.resilience.retry import _check_number
 
 __all__ = ["BreakerState", "BreakerStatistics", "CircuitBreaker", "Permit", "State"]
 
 T = TypeVar("T")
+
+_log = logging.getLogger("asyncload")
 State = Literal["closed", "open", "half_open"]
 
 
@@ -169,7 +172,7 @@ class CircuitBreaker:
 
     ``on_state_change(old, new)`` is called after each transition, outside the breaker's
     lock; an exception from it reaches the call that made the transition, the transition
-    made all the same. Nothing is bound to an event loop, and state changes are guarded by a thread lock,
+    made all the same (reading ``state`` or ``statistics()`` logs it instead). Nothing is bound to an event loop, and state changes are guarded by a thread lock,
     so one breaker can serve calls from several event loops.
     """
 
@@ -183,12 +186,9 @@ class CircuitBreaker:
         clock: Callable[[], float] | None = None,
         on_state_change: Callable[[State, State], object] | None = None,
     ) -> None:
-        if isinstance(recovery_timeout, bool) or not isinstance(recovery_timeout, (int, float)):
-            raise TypeError(
-                f"recovery_timeout must be a number, not {type(recovery_timeout).__name__}"
-            )
-        if not (math.isfinite(recovery_timeout) and recovery_timeout >= 0):
-            raise ValueError(f"recovery_timeout must be >= 0 and finite, got {recovery_timeout}")
+        recovery_timeout = _check_number("recovery_timeout", recovery_timeout, minimum=0.0)
+        if clock is not None and not callable(clock):
+            raise TypeError(f"clock must be a function returning seconds, got {clock!r}")
         if on_state_change is not None and not callable(on_state_change):
             raise TypeError("on_state_change must be callable")
         self._counts = as_predicate(is_transient if counts is None else counts, name="counts")
@@ -218,8 +218,12 @@ class CircuitBreaker:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
+        # A copy made while probes were in flight never sees them end: it would refuse
+        # every call for ever. The calls of the original are not the copy's to settle.
+        self._machine.probes = 0
+        self._machine._generation += 1
 
-    def _locked(self, action: Callable[[BreakerState], T]) -> T:
+    def _locked(self, action: Callable[[BreakerState], T], *, reading: bool = False) -> T:
         transitions: list[tuple[State, State]] = []
         try:
             with self._lock:
@@ -231,13 +235,21 @@ class CircuitBreaker:
             # Hooks run after the lock is released, so they may read the breaker.
             if self._on_state_change is not None:
                 for old, new in transitions:
-                    self._on_state_change(old, new)
+                    if not reading:
+                        self._on_state_change(old, new)
+                        continue
+                    # A read (state, statistics(), from loader.statistics() say) that finds
+                    # the pause over makes the move to half-open; it must not fail.
+                    try:
+                        self._on_state_change(old, new)
+                    except Exception:
+                        _log.exception("CircuitBreaker on_state_change(%r, %r) raised", old, new)
 
     @property
     def state(self) -> State:
         """``"closed"``, ``"open"`` or ``"half_open"``; an open breaker whose recovery
         timeout has passed reads ``"half_open"``, as the next call will find it."""
-        return self._locked(lambda m: m.state)
+        return self._locked(lambda m: m.state, reading=True)
 
     def statistics(self) -> BreakerStatistics:
         """A snapshot of the state and counters."""
@@ -251,7 +263,7 @@ class CircuitBreaker:
                 "probes_in_flight": m.probes,
             }
 
-        return self._locked(snapshot)
+        return self._locked(snapshot, reading=True)
 
     async def run(self, fn0: Callable[[], Awaitable[T]]) -> T:
         """Await ``fn0()`` through the breaker and return its result.

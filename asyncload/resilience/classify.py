@@ -156,6 +156,20 @@ def _s3_code(exc: BaseException) -> str:
     return ""
 
 
+# An S3 error body quoted in a message, and what in a message is a path or a URL: a file
+# named "Throttling.png" that fails to decode is no store's answer.
+_XML_CODE = re.compile(r"<Code>([A-Za-z0-9.]+)</Code>")
+_PATH_LIKE = re.compile(r"[^\s'\"]*[/\\][^\s'\"]*")
+
+
+def _code_text(exc: BaseException) -> str:
+    """Where an error's S3-style code may be: its class name, its code, and its message
+    with paths and URLs left out (an S3 error body's ``<Code>`` kept)."""
+    message = str(exc)
+    quoted = " ".join(_XML_CODE.findall(message))
+    return f"{type(exc).__name__} {_s3_code(exc)} {quoted} {_PATH_LIKE.sub(' ', message)}"
+
+
 def _is_exception_group(exc: BaseException) -> bool:
     group_type = getattr(builtins, "BaseExceptionGroup", None)
     if group_type is None:  # Python 3.10: the backport, if anything imported it
@@ -217,8 +231,7 @@ def is_transient(exc: BaseException) -> bool:
         # Before 3.11, asyncio.TimeoutError is not the builtin TimeoutError.
         if asyncio is not None and isinstance(exc, asyncio.TimeoutError):
             return True
-    text = f"{type(exc).__name__} {_s3_code(exc)} {exc}"
-    return _S3_TRANSIENT.search(text) is not None
+    return _S3_TRANSIENT.search(_code_text(exc)) is not None
 
 
 def retry_after(exc: BaseException) -> float | None:

@@ -7,6 +7,7 @@ Sleep, clock and randomness are injectable so tests record delays instead of wai
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 import random
 import time
@@ -68,12 +69,19 @@ def backoff_delay(
 
 
 def _check_number(name: str, value: object, *, minimum: float, finite: bool = True) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """``value`` as a float: any real number (a numpy float32, a Fraction) but a bool."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, not {type(value).__name__}")
-    if math.isnan(value) or value < minimum or (finite and math.isinf(value)):
+    number = float(value)
+    if math.isnan(number) or number < minimum or (finite and math.isinf(number)):
         bound = f">= {minimum}" + (" and finite" if finite else "")
         raise ValueError(f"{name} must be {bound}, got {value!r}")
-    return float(value)
+    return number
+
+
+def _check_callable(name: str, value: object, what: str) -> None:
+    if value is not None and not callable(value):
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__}")
 
 
 def _describe(spec: ExceptionFilter) -> str:
@@ -135,6 +143,10 @@ class Retry:
             if deadline is None
             else _check_number("deadline", deadline, minimum=0.0, finite=False)
         )
+        _check_callable("sleep", sleep, "an async function of the delay in seconds")
+        _check_callable("clock", clock, "a function returning seconds")
+        if rng is not None and not callable(getattr(rng, "random", None)):
+            raise TypeError(f"rng must have a random() method, got {type(rng).__name__}")
         self._sleep = sleep
         self._clock = clock
         # Resolved per call, not stored: the `random` module reseeds itself in forked

@@ -10,7 +10,6 @@ slot under the current limit.
 
 from __future__ import annotations
 
-import math
 import re
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -19,7 +18,9 @@ from typing import Any, TypeVar
 import anyio
 
 from asyncload.errors import HTTPStatusError
-from asyncload.resilience.classify import _PERMANENT, _s3_code
+from asyncload.resilience.breaker import _check_int
+from asyncload.resilience.classify import _PERMANENT, _code_text
+from asyncload.resilience.retry import _check_number
 
 __all__ = ["ConcurrencyGate", "Throttle", "is_throttling"]
 
@@ -37,12 +38,17 @@ def is_throttling(exc: BaseException) -> bool:
     """True when ``exc`` says the server wants fewer requests: HTTP 429 or 503 (as
     `HTTPStatusError` or an aiohttp ``ClientResponseError``), or an S3-style ``SlowDown``,
     ``Throttling``, ``TooManyRequests`` or ``RequestLimitExceeded`` error."""
-    status = exc.status if isinstance(exc, HTTPStatusError) else getattr(exc, "status", None)
-    if status in (429, 503):
+    if isinstance(exc, HTTPStatusError):
+        # By its status and code: its message holds the URL, whose path may say anything.
+        code = exc.code
+        return exc.status in (429, 503) or (
+            code is not None and _S3_THROTTLING.fullmatch(code) is not None
+        )
+    if getattr(exc, "status", None) in (429, 503):
         return True
     if not isinstance(exc, Exception) or isinstance(exc, _PERMANENT):
         return False  # (a missing file is never "slow down", whatever its name says)
-    return _S3_THROTTLING.search(f"{type(exc).__name__} {_s3_code(exc)} {exc}") is not None
+    return _S3_THROTTLING.search(_code_text(exc)) is not None
 
 
 class Throttle:
@@ -66,14 +72,13 @@ class Throttle:
         increase: float = 1.0,
         signals: Callable[[BaseException], bool] = is_throttling,
     ) -> None:
-        if isinstance(min_concurrency, bool) or not isinstance(min_concurrency, int):
-            raise TypeError(f"min_concurrency must be an int, got {min_concurrency!r}")
-        if min_concurrency < 1:
-            raise ValueError(f"min_concurrency must be >= 1, got {min_concurrency}")
-        if not (isinstance(decrease, (int, float)) and 0.0 < decrease < 1.0):
+        min_concurrency = _check_int("min_concurrency", min_concurrency)
+        decrease = _check_number("decrease", decrease, minimum=0.0)
+        if not 0.0 < decrease < 1.0:
             raise ValueError(f"decrease must be a factor in (0, 1), got {decrease!r}")
-        if not (isinstance(increase, (int, float)) and math.isfinite(increase) and increase > 0):
-            raise ValueError(f"increase must be a number > 0, got {increase!r}")
+        increase = _check_number("increase", increase, minimum=0.0)
+        if increase == 0:
+            raise ValueError("increase must be a number > 0, got 0")
         if not callable(signals):
             raise TypeError("signals must be a predicate on exceptions")
         self.min_concurrency = min_concurrency
@@ -100,6 +105,12 @@ class Throttle:
             raise ValueError(
                 f"Throttle: min_concurrency={self.min_concurrency} is above the loader's "
                 f"concurrency={ceiling}"
+            )
+        if self.ceiling and self.ceiling != ceiling:
+            # The limit is a number of requests out of one loader's concurrency.
+            raise ValueError(
+                f"this al.Throttle serves a loader of concurrency={self.ceiling}, not "
+                f"{ceiling}: give each loader its own Throttle"
             )
         if self.ceiling != ceiling:
             self.ceiling = ceiling

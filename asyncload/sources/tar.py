@@ -201,6 +201,7 @@ class TarShardSource(AsyncIterableDataset[Sample]):
         started = retry.now() if retry is not None else 0.0
         while True:
             attempt += 1
+            given_before = given
             chunks = _with_timeout(self._open(shard), spec.timeout, shown)
             seen = 0
             try:
@@ -217,6 +218,11 @@ class TarShardSource(AsyncIterableDataset[Sample]):
                                 return
                 return
             except Exception as exc:
+                if retry is not None and given > given_before:
+                    # This open delivered samples: the failure is a new one, whose attempts
+                    # and deadline count from here (a long shard read for minutes, cut
+                    # once, is reopened; resets spread over it do not add up).
+                    attempt, started = 1, retry.now()
                 delay = (
                     None if retry is None else retry.next_delay(attempt, exc, retry.now() - started)
                 )
