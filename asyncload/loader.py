@@ -716,6 +716,15 @@ class Loader:
 
         return TorchLoader(self, **dataloader_kwargs)
 
+    def _gate(self) -> ConcurrencyGate | None:
+        """The epoch's throttle gate; none where fetches await no I/O (an in-memory
+        dataset has no store to overload, and its chunks would pay for the count)."""
+        if self.throttle is None:
+            return None
+        if isinstance(self.dataset, AsyncDataset) and self.dataset.in_memory:
+            return None
+        return ConcurrencyGate(self.throttle)
+
     def for_worker(self, worker: int, num_workers: int) -> Loader:
         """A copy of this loader that yields worker ``worker`` of ``num_workers``' share,
         resuming from its part of a saved state."""
@@ -767,15 +776,6 @@ class Loader:
         return worker, [rank_position(p, bs, worker, k) for p in positions]
 
     # -- state ----------------------------------------------------------------------------
-
-    def _gate(self) -> ConcurrencyGate | None:
-        """The epoch's throttle gate; none where fetches await no I/O (an in-memory
-        dataset has no store to overload, and its chunks would pay for the count)."""
-        if self.throttle is None:
-            return None
-        if isinstance(self.dataset, AsyncDataset) and self.dataset.in_memory:
-            return None
-        return ConcurrencyGate(self.throttle)
 
     def state_dict(self) -> dict[str, Any]:
         """A plain, picklable (and json-able) dict: the epoch, the positions already
