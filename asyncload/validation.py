@@ -327,16 +327,12 @@ def _in_precision(bound: float, dtype: Any) -> float:
     """``bound`` rounded to a floating ``dtype`` narrower than a Python float, as numpy and
     torch compare (``x <= 0.1`` is true for float32(0.1), which is 0.10000000149 as a
     Python float): data clipped to a bound in float32 must not fail it."""
-    if dtype is None or not issubclass(_dtype_of(dtype).type, np.floating):
+    if dtype is None or not issubclass(_dtype_of(dtype).type, np.floating) or dtype.itemsize >= 8:
         return bound
     if isinstance(dtype, np.dtype):
-        if dtype.itemsize >= 8:
-            return bound
         with np.errstate(over="ignore"):  # (past float16's range: inf, as numpy has it)
             return float(np.asarray(bound, dtype=dtype))
     torch = sys.modules["torch"]  # (a torch dtype: torch is imported)
-    if dtype.itemsize >= 8:
-        return bound
     return float(torch.tensor(float(bound), dtype=dtype).item())
 
 

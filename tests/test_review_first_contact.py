@@ -27,6 +27,12 @@ def run_cli(*args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
     )
 
 
+def run_script(script: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
+
+
 # -- command line ------------------------------------------------------------------------
 
 
@@ -79,9 +85,7 @@ def test_demo_server_stop_leaves_no_pending_handler_task(tmp_path: Path) -> None
         "pending = [t for t in asyncio.all_tasks(server._loop) if not t.done()]\n"
         "print('PENDING', len(pending))\n"
     )
-    proc = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=REPO
-    )
+    proc = run_script(script)
     assert proc.returncode == 0, proc.stderr
     assert "PENDING 0" in proc.stdout, proc.stdout
     assert "Task was destroyed but it is pending" not in proc.stderr, proc.stderr
@@ -168,9 +172,7 @@ def test_progress_under_to_torch_loader_workers_is_one_bar_for_the_epoch(
         "got = list(loader.to_torch_loader(num_workers=2))\n"
         "assert len(got) == 10, len(got)\n"
     )
-    proc = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=REPO
-    )
+    proc = run_script(script)
     assert proc.returncode == 0, proc.stderr
     frames = [f for f in proc.stderr.replace("\r", "\n").splitlines() if "batch" in f]
     assert any("10/10" in f for f in frames), frames[-4:]

@@ -9,33 +9,20 @@ the whole buffer, and an array over a memoryview of a memmap was counted as the 
 
 from __future__ import annotations
 
-import io
-import tarfile
 from pathlib import Path
-from typing import Any
 
-import anyio
 import numpy as np
 import pytest
+from test_shared_contract import put, write_shard
 
 import asyncload as al
 from asyncload.sources import TarShardSource
 
 
-def write_shard(path: Path, shard: int, samples: int = 1) -> str:
-    with tarfile.open(path, "w") as tar:
-        for i in range(samples):
-            data = f"{shard}-{i}".encode()
-            info = tarfile.TarInfo(f"s{shard}_{i}.txt")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def seven(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     d = tmp_path_factory.mktemp("shards")
-    return [write_shard(d / f"{s}.tar", s) for s in range(7)]
+    return [write_shard(d / f"{s}.tar", s, 1) for s in range(7)]
 
 
 def test_mix_with_a_zero_weight_tar_part_on_a_rank_with_nothing_of_its_own(
@@ -54,18 +41,6 @@ def test_mix_with_a_zero_weight_tar_part_on_a_rank_with_nothing_of_its_own(
 
 
 # -- LRUCache sizes -------------------------------------------------------------------------------
-
-
-def put(cache: al.LRUCache, items: dict[Any, Any]) -> None:
-    async def main() -> None:
-        for key, value in items.items():
-
-            async def load(value: Any = value) -> Any:
-                return value
-
-            await cache.get_or_load(key, load)
-
-    anyio.run(main)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")

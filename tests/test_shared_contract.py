@@ -27,6 +27,20 @@ def write_shard(path: Path, shard: int, samples: int) -> str:
     return str(path)
 
 
+def put(cache: al.LRUCache, items: dict[Any, Any]) -> None:
+    """``cache.get_or_load`` each of ``items`` (its value as the load's)."""
+
+    async def main() -> None:
+        for key, value in items.items():
+
+            async def load(value: Any = value) -> Any:
+                return value
+
+            await cache.get_or_load(key, load)
+
+    anyio.run(main)
+
+
 def rank_samples(shards: list[str], rank: int, world_size: int, drop_last: bool) -> list[bytes]:
     loader = al.Loader(
         al.sources.TarShardSource(shards),
@@ -72,15 +86,7 @@ def test_lru_cache_max_bytes_counts_the_buffer_a_view_holds() -> None:
         "strided": tensor_base[::100],
     }
 
-    async def main() -> None:
-        for key, value in values.items():
-
-            async def load(value: Any = value) -> Any:
-                return value
-
-            await cache.get_or_load(key, load)
-
-    anyio.run(main)
+    put(cache, values)
 
     def buffer_bytes(value: Any) -> int:
         if isinstance(value, np.ndarray):
