@@ -239,6 +239,15 @@ class TorchLoader:
         finally:
             if bar is not None:
                 bar.end()
+            # Stop the workers on every way out (a worker's error, close(), a break), not
+            # when the DataLoader's iterator is collected: an error's traceback keeps it in
+            # a reference cycle, and when the collector finally takes the cycle, the index
+            # queues' finalizers have stopped their feeder threads before the iterator's
+            # own finalizer asks the workers to exit, so it waits out a 5 s join per worker
+            # (in whatever code is running at the time) and then kills them.
+            shutdown = getattr(iterator, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
         ran = dataset.iterated
         if self.num_workers == 0 and not (ran is not None and ran._finished):
             return  # closed mid-epoch (loader.close()): the state keeps what was taken

@@ -143,3 +143,37 @@ def test_close_stops_a_torch_loaders_worker_processes() -> None:
     assert set(multiprocessing.active_children()) - before == set()
     assert list(batches) == []
     assert loader.state_dict()["progress"]["watermark"] == 4
+
+
+class _FailsAt(al.AsyncDataset[int]):
+    """Sample ``i`` is ``i``, but sample ``bad`` raises."""
+
+    def __init__(self, n: int, bad: int) -> None:
+        self.n, self.bad = n, bad
+
+    def __len__(self) -> int:
+        return self.n
+
+    async def __getitem__(self, index: int) -> int:
+        if index == self.bad:
+            raise KeyError(f"boom-{index}")
+        return index
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
+def test_a_workers_error_stops_the_torch_loaders_worker_processes() -> None:
+    """A ``to_torch_loader()`` epoch that ends in a worker's error: was, its worker
+    processes ran on until the collector took the error's reference cycle, whose
+    finalizers then stalled whatever code was running for 5 s per worker (the index
+    queues' feeder threads were stopped before the DataLoader iterator asked its workers
+    to exit; this hung an unrelated test later in the suite). Now the epoch stops them on
+    its way out."""
+    pytest.importorskip("torch")
+    import multiprocessing
+
+    before = set(multiprocessing.active_children())
+    loader = al.Loader(_FailsAt(16, bad=5), batch_size=2)
+    with pytest.raises(al.SampleError) as caught:
+        list(loader.to_torch_loader(num_workers=2))
+    assert set(multiprocessing.active_children()) - before == set()
+    del caught
