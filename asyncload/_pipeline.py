@@ -193,12 +193,13 @@ class _Assembly:
         self._fetch_done = False
         self._holes = isinstance(units, MapUnits) and units.holes
         # drop_last drops the last incomplete batch of fixed counts, but not one left by a
-        # resume: the plan was trimmed to whole batches, and the positions delivered before
-        # the save leave DataLoader workers uneven shares; dropping would lose samples.
+        # resume that stopped mid-batch or past holes: the plan was trimmed to whole
+        # batches, and the positions delivered before the save (or in another batch_size)
+        # leave this share uneven; dropping would lose samples.
         self._drops_tail = (
             drop_last
             and isinstance(batcher, CountBatcher)
-            and not (isinstance(units, MapUnits) and units.done)
+            and not (isinstance(units, MapUnits) and (units.done or units.next % batcher.size))
         )
         self.window = window(concurrency, batcher, ordered=ordered)
         self._begin(concurrency, prefetch)

@@ -194,8 +194,10 @@ class Plan(Sequence[int]):
             if step == 1:
                 return self.indices(start, stop)
             return [self[i] for i in range(start, stop, step)]
+        asked = operator.index(p)
+        p = asked + self._length if asked < 0 else asked  # (from the end, as a list's)
         if not 0 <= p < self._length:
-            raise IndexError(p)
+            raise IndexError(f"plan position {asked} out of range for {self._length}")
         n = len(self.order)
         q = order_position(self._rank_position(p), self.rank, self.world_size, n, self.runs)
         return int(self.order[q % n])
