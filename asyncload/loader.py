@@ -396,7 +396,7 @@ class Loader:
             rank=self.rank,
             world_size=self.world_size,
             drop_last=drop_last,
-            batch_size=self.batch_size or 1,
+            batch_size=self._worker_unit(),
             worker=self.worker,
             num_workers=self.num_workers,
             # Buckets and budgets cut their own batches: drop_last drops none of them.
@@ -456,7 +456,7 @@ class Loader:
                 # The rank's share (padded for the rank, not per worker) split into runs
                 # of whole batches: the workers yield the rank's batches, each sample once.
                 batch = self._run_unit()
-                if self.drop_last:
+                if self.drop_last and self.bucket is None:
                     length -= length % batch  # (a partial last batch would be dropped)
                 run = worker_run(length, workers, self.worker, batch)
         return StreamEpoch(
@@ -475,11 +475,21 @@ class Loader:
             run=run,
         )
 
+    def _worker_unit(self) -> int:
+        """How many consecutive positions of the rank's share go to one DataLoader worker
+        at a time (map-style): whole buckets when bucketing, so that each worker cuts the
+        rank's own windows and together they yield the rank's batches; else whole batches
+        of ``batch_size`` (planned batches: whole slots)."""
+        if self.bucket is not None and self._costs is None:
+            return self.bucket
+        return self.batch_size or 1
+
     def _run_unit(self) -> int:
-        """The batch unit of a sized stream's worker runs: ``batch_size`` for batches of
-        fixed counts, else 1 (batches cut by cost, within each worker's run)."""
-        fixed = self.batch_budget is None and self.bucket is None
-        return (self.batch_size or 1) if fixed else 1
+        """The unit of a sized stream's worker runs: as `_worker_unit`, but 1 for batches
+        cut by a budget alone (cut within each worker's run)."""
+        if self.batch_budget is not None and self.bucket is None:
+            return 1
+        return self._worker_unit()
 
     def _check_run_unit(self, resume: WorkerProgress) -> None:
         """``ValueError`` when a sized stream's per-worker state was saved with runs of
@@ -745,18 +755,20 @@ class Loader:
                     "this stream's state was saved without DataLoader workers; it resumes "
                     "only without them"
                 )
-            bs = self.batch_size or 1
+            unit = self._worker_unit()
             # The DataLoader takes a batch from worker 0 first, then 1, ...: worker 0 gets
             # the share whose turn came next when the state was saved, so that the rest of
             # the epoch comes in the loader's order (each share as the workers that saved
             # the state had it, renumbered). Fixed counts: the batch holding the next
             # position, in this loader's batch_size (the state's may differ). Buckets
             # and budgets cut their own batches: those the state counts (states that
-            # count none, from before it did: one per batch_size positions).
+            # count none, from before it did: one per unit of positions).
             fixed = self.batch_budget is None and self.bucket is None
-            taken = resume.watermark // bs if fixed else resume.batches or resume.watermark // bs
+            taken = (
+                resume.watermark // unit if fixed else resume.batches or resume.watermark // unit
+            )
             worker = (worker + taken) % num_workers
-            clone._resume = worker_progress(resume, bs, worker, num_workers)
+            clone._resume = worker_progress(resume, unit, worker, num_workers)
         clone.worker, clone.num_workers = worker, num_workers
         return clone
 
@@ -772,8 +784,8 @@ class Loader:
         positions, in rank-plan terms for a map-style dataset."""
         if self.is_streaming:
             return self.worker, positions
-        bs, worker, k = self.batch_size or 1, self.worker, self.num_workers
-        return worker, [rank_position(p, bs, worker, k) for p in positions]
+        unit, worker, k = self._worker_unit(), self.worker, self.num_workers
+        return worker, [rank_position(p, unit, worker, k) for p in positions]
 
     # -- state ----------------------------------------------------------------------------
 
