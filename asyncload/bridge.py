@@ -459,6 +459,7 @@ class InlineIterator(Iterator[Any]):
             if self._closed or self._loop.is_running():
                 return  # (running: called back from inside next(), which will see the end)
             self._closed = True
+            self._ready.clear()  # (not delivered: nothing buffered in the last report)
             try:
                 self._iterator.report_end()  # (may raise: a last on_statistics call)
             finally:

@@ -41,7 +41,7 @@ class CacheStatistics(TypedDict):
     hit_rate: float  # hits / (hits + misses), 0.0 before any lookup
     coalesced: int  # hits that waited on another caller's load
     in_flight: int  # keys being loaded now
-    load_errors: int  # loads that raised (their errors are not cached)
+    load_errors: int  # loads that raised (their errors are not cached; a filter's drop is none)
     uncached: int  # values larger than max_bytes alone: returned, never stored
 
 
@@ -463,8 +463,8 @@ class LRUCache:
             self._insert(key, value)
             flight.ok, flight.value = True, value
         except Exception as exc:
-            if not isinstance(exc, anyio.get_cancelled_exc_class()):
-                self._load_errors += 1
+            if not isinstance(exc, (anyio.get_cancelled_exc_class(), SampleFiltered)):
+                self._load_errors += 1  # (a filter's drop is counted as filtered, not here)
                 flight.error, flight.traceback = exc, exc.__traceback__
             raise
         finally:

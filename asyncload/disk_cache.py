@@ -52,6 +52,7 @@ from ._callables import PerLoop
 from ._redact import redact_key
 from ._threads import run_in_daemon_thread
 from .cache import _check_limit, _Flight, forget_loads_when_forked
+from .errors import SampleFiltered
 
 if sys.platform != "win32":
     import fcntl
@@ -605,6 +606,8 @@ class DiskCache:
             self._misses += 1
             try:
                 data = _as_bytes(key, await load())
+            except SampleFiltered:
+                raise  # (counted as filtered by the loader, not as a load error)
             except Exception:
                 self._load_errors += 1
                 raise

@@ -35,7 +35,7 @@ class Reporter:
         self.on_statistics = on_statistics
         self.every = every
         self.batches = 0
-        self._sent: tuple[int, ...] | None = None  # _counts(...) of the last snapshot sent
+        self._sent: dict[str, Any] | None = None  # _counts(...) of the last snapshot sent
         self._bar: Any = None
         self._next_refresh = 0.0
         if bar:
@@ -49,14 +49,20 @@ class Reporter:
 
     def batch(self) -> None:
         self.batches += 1
+        if self.on_statistics is not None and self.batches % self.every == 0:
+            try:
+                self._send(self.statistics())
+            except BaseException:
+                # The batch is not delivered (the loader takes it back out of its
+                # statistics too): the bar must not count it.
+                self.batches -= 1
+                raise
         if self._bar is not None:
             self._bar.update(1)
             now = time.monotonic()
             if self.details and now >= self._next_refresh:
                 self._next_refresh = now + 0.5
                 self._bar.set_postfix_str(describe(self.statistics()), refresh=False)
-        if self.on_statistics is not None and self.batches % self.every == 0:
-            self._send(self.statistics())
 
     def end(self) -> None:
         """The last snapshot, unless the one sent at the last batch already says it all:
@@ -79,17 +85,18 @@ class Reporter:
         self.on_statistics(snapshot)
 
 
-def _counts(s: dict[str, Any]) -> tuple[int, ...]:
-    # Whatever may change after the last batch (samples filtered or skipped at the end).
-    return (
-        s["batches"],
-        s["samples"],
-        s["errors"],
-        s["retries"],
-        s["filtered"],
-        s["skipped"],
-        s["substituted"],
-    )
+# Timings, not counts: what moves with the clock, or with a fetch the epoch no longer
+# wanted (one cancelled as the loop left).
+_TIMED = frozenset(
+    {"elapsed_seconds", "samples_per_second"}
+    | {f"fetch_latency_{p}" for p in ("p50", "p90", "p99")}
+)
+
+
+def _counts(s: dict[str, Any]) -> dict[str, Any]:
+    # Whatever may change after the last batch: samples filtered, skipped or fetched (a
+    # dropped tail, with its cache lookups) at the end, fetches and batches let go.
+    return {k: v for k, v in s.items() if k not in _TIMED}
 
 
 def describe(s: dict[str, Any]) -> str:

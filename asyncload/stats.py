@@ -99,6 +99,6 @@ class LoaderStats:
             "samples_per_second": self.samples / elapsed if elapsed > 0 else 0.0,
             "elapsed_seconds": elapsed,
             "first_batch_seconds": self.first_batch_seconds,
-            "error_log": list(self.error_log),
+            "error_log": [dict(entry) for entry in self.error_log],  # (the caller's own)
             **self.latency.percentiles(),
         }

@@ -139,9 +139,11 @@ class Throttle:
         self.throttled += 1
         if ticket < self._mark:
             return
-        self.limit = max(float(self.min_concurrency), self.limit * self.decrease)
-        self.decreases += 1
-        self._mark = self.started
+        lowered = max(float(self.min_concurrency), self.limit * self.decrease)
+        if lowered < self.limit:  # (at the floor already: nothing lowered to count)
+            self.limit = lowered
+            self.decreases += 1
+            self._mark = self.started
 
     def statistics(self) -> dict[str, Any]:
         return {
