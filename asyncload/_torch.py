@@ -95,6 +95,7 @@ class LoaderIterableDataset(torch.utils.data.IterableDataset[Any]):
             # process is the DataLoader's traffic to the training loop.
             ForkingPickler.register(torch.Tensor, reduce_small_tensor)
             loader = self.loader.for_worker(info.id, info.num_workers)
+            loader._paced = True
         else:
             # In this process: untagged, the loader itself (its own state counts); tagged,
             # a copy resuming from its part of the state (TorchLoader counts).

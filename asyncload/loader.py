@@ -351,6 +351,9 @@ class Loader:
         # Sync iterators, so close() can stop their threads; weak, so that leaving a for
         # loop drops (and stops) its iterator.
         self._iterators: weakref.WeakSet[Any] = weakref.WeakSet()
+        # A DataLoader worker's copy (to_torch()): an in-memory epoch makes one batch per
+        # request, as the DataLoader asks (see InlineEpoch).
+        self._paced = False
 
     # -- configuration --------------------------------------------------------------------
 
@@ -647,6 +650,7 @@ class Loader:
             collate=collate,
             concurrency=self.concurrency,
             prefetch=prefetch,
+            paced=self._paced,
         )
         return EpochStart(self, build, progress, stats, reporter)
 
@@ -1107,6 +1111,7 @@ class Loader:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("_paced", False)  # (pickled before it existed)
         self._iterators = weakref.WeakSet()
 
     def __repr__(self) -> str:
