@@ -19,6 +19,7 @@ import asyncio
 import atexit
 import contextlib
 import importlib
+import os
 import queue
 import sys
 import threading
@@ -221,6 +222,8 @@ class SyncIterator(Iterator[Any]):
     def __init__(self, loader: Loader) -> None:
         self._closed = False
         self.last_positions: list[int] = []  # of the batch last returned (for to_torch)
+        # A forked child inherits this object, but not the loop thread behind it.
+        self._pid = os.getpid()
         epoch = loader._prepare_epoch(prefetch=0)
         self._cm: AbstractContextManager[BlockingPortal] = start_blocking_portal(
             "asyncio", _BACKEND_OPTIONS
@@ -228,6 +231,7 @@ class SyncIterator(Iterator[Any]):
         entered = False
         try:
             portal = self._cm.__enter__()  # (may fail: no thread can start)
+            self._portal = portal
             entered = True
             _PORTALS.add(self._cm)
             # Both waits on the loop thread end before the epoch gives it work (release()).
@@ -260,9 +264,21 @@ class SyncIterator(Iterator[Any]):
     def __next__(self) -> Any:
         if self._closed:
             raise StopIteration
+        if self._pid != os.getpid():
+            raise RuntimeError(
+                f"this epoch runs in process {self._pid}, which forked this one: its loop "
+                f"thread is not here; iterate the loader again in this process"
+            )
         if self._pump.on_demand:
             self._pump.grant()
-        item = self._pump.queue.get()
+        try:
+            item = self._pump.queue.get()
+        except BaseException:
+            # Ctrl-C while waiting: the batch may never come (a transform stuck in the
+            # loop thread), and the program must end with it, so the epoch is stopped
+            # without waiting for that thread (a daemon: it cannot hold the exit).
+            self.close(wait=False)
+            raise
         if self._closed:  # by close() from another thread while this one waited
             raise StopIteration
         # An item in the queue was put after run() had started the epoch.
@@ -294,31 +310,51 @@ class SyncIterator(Iterator[Any]):
         self.last_positions = item[1]
         return item[0]
 
-    def close(self) -> None:
-        """Cancel the epoch, release the dataset's resources, and join the thread."""
+    def close(self, *, wait: bool = True) -> None:
+        """Cancel the epoch, release the dataset's resources, and join the thread
+        (``wait=False``: another thread waits for it)."""
         if self._closed:
             return
         self._closed = True
+        if self._pid != os.getpid():
+            # A forked copy: the epoch and its thread are the parent's, left to it. The
+            # portal's exit would ask that thread to stop and wait for it; told that the
+            # portal is not running (anyio's own flag), it only joins the thread, which in
+            # a forked child counts as stopped.
+            with contextlib.suppress(AttributeError):
+                self._portal._event_loop_thread_id = None
+            _PORTALS.discard(self._cm)
+            return
         self._pump.queue.put(_CLOSED)
         try:
             self._pump.report_end()  # (may raise: a last on_statistics call)
         finally:
-            if threading.get_ident() == self._pump.thread:
-                # Dropped inside its own loop (a GC cycle there): that thread cannot wait
-                # for itself, so another one stops it.
-                threading.Thread(target=self._stop, name="asyncload-close", daemon=True).start()
+            if not wait or threading.get_ident() == self._pump.thread:
+                # (Dropped inside its own loop, a GC cycle there: that thread cannot wait
+                # for itself.)
+                self._stop_elsewhere()
             elif not sys.is_finalizing():  # (else the loop thread is frozen: see _OPEN)
                 self._stop()
 
+    def _stop_elsewhere(self) -> None:
+        threading.Thread(target=self._stop, name="asyncload-close", daemon=True).start()
+
     def _stop(self) -> None:
         """Cancel the epoch's task and join the loop thread (not from that thread)."""
+        self._task.cancel()
         try:
-            self._task.cancel()
-            with contextlib.suppress(BaseException):
-                self._task.result()  # cancelled, or already reported through the queue
-        finally:
+            self._task.result()
+        except Exception:
+            pass  # cancelled, or already reported through the queue
+        except BaseException:
+            # Ctrl-C while this thread waited (a fetch stuck in the loop thread): the
+            # rest is left to a daemon thread, so that the program can end.
+            self._stop_elsewhere()
+            raise
+        try:
             _PORTALS.discard(self._cm)
             self._cm.__exit__(None, None, None)
+        finally:
             self._pump.forget()
 
     def __del__(self) -> None:
@@ -450,7 +486,14 @@ class InlineIterator(Iterator[Any]):
     def _run(self) -> list[Any]:
         """Wake the maker and run the loop until it has made batches."""
         self._maker.want()
-        self._loop.run_forever()
+        if _loop_running_here():
+            # Iterated from async code (an iterator made outside it): a thread can run
+            # one loop at a time, so ours runs in a thread of its own meanwhile.
+            runner = threading.Thread(target=self._loop.run_forever, name="asyncload-inline")
+            runner.start()
+            runner.join()
+        else:
+            self._loop.run_forever()
         return self._maker.take()
 
     def close(self) -> None:
