@@ -25,6 +25,7 @@ import asyncio
 import base64
 import contextlib
 import ipaddress
+import os
 import re
 import socket
 import ssl
@@ -86,6 +87,7 @@ class _Connection(asyncio.Protocol):
         self.high_water = _HIGH_WATER
         self._paused = False
         self._waiter: asyncio.Future[None] | None = None
+        self.gone = loop.create_future()  # set once the transport has closed its socket
 
     # -- protocol callbacks (the event loop calls these) ----------------------------------
 
@@ -106,6 +108,8 @@ class _Connection(asyncio.Protocol):
         return False  # close the transport
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if not self.gone.done():
+            self.gone.set_result(None)
         self.eof = True
         if self.error is None:
             self.error = exc
@@ -499,6 +503,30 @@ def _tls_context(verify: bool) -> ssl.SSLContext:
     return context
 
 
+# Every live pool, for a forked child to let go of the parent's connections.
+_POOLS: weakref.WeakSet[Pool] = weakref.WeakSet()
+
+
+def _leave_inherited_connections() -> None:
+    """In a forked child (a DataLoader worker): the pools' connections are the parent's.
+    Each inherited socket is pointed at /dev/null, so that the connection ends when the
+    parent closes it; not closed, since the copied socket objects still own their numbers
+    and would later close whatever reused them."""
+    pools = list(_POOLS)
+    if not pools:
+        return
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        for pool in pools:
+            pool._leave(null)
+    finally:
+        os.close(null)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_leave_inherited_connections)
+
+
 class Pool:
     """Keep-alive connections of one event loop, at most ``limit`` in use at once.
 
@@ -521,6 +549,20 @@ class Pool:
         # headers): built once, not per request.
         self._heads: dict[tuple[str, bool], bytes] = {}
         self._headers = dict(headers)
+        _POOLS.add(self)
+
+    def _leave(self, null: int) -> None:
+        """Forked: let go of the parent's connections (see _leave_inherited_connections);
+        this pool belongs to the parent's loop, which the child does not run."""
+        for conn in self._open:
+            transport = conn.transport
+            sock = transport.get_extra_info("socket") if transport is not None else None
+            if sock is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    os.dup2(null, sock.fileno())
+        self._open.clear()
+        self._idle.clear()
+        self._closed = True
 
     def _head(self, netloc_url: str, target: _Target, with_headers: bool) -> bytes:
         key = (netloc_url, with_headers)
@@ -608,9 +650,17 @@ class Pool:
     async def _connect(self, target: _Target, timeout: float | None) -> _Connection:
         self._connecting += 1
         try:
-            # At most `limit` open, those being opened too: idle ones of other origins go.
-            while len(self._open) + self._connecting > self._limit and self._evict_idle():
-                pass
+            # At most `limit` open, those being opened too: idle ones of other origins go,
+            # their sockets closed before another is opened (a transport closes its socket
+            # at the loop's next step, not at close()).
+            evicted = []
+            while len(self._open) + self._connecting > self._limit:
+                old = self._evict_idle()
+                if old is None:
+                    break
+                evicted.append(old)
+            for old in evicted:
+                await asyncio.shield(old.gone)
             conn = await self._open_connection(target, timeout)
         finally:
             self._connecting -= 1
@@ -736,15 +786,16 @@ class Pool:
         _resolved[(host, port)] = (time.monotonic() + _DNS_TTL, addresses)
         return addresses
 
-    def _evict_idle(self) -> bool:
-        """Close an idle connection, the longest idle of its origin; False if none is."""
+    def _evict_idle(self) -> _Connection | None:
+        """Close an idle connection, the longest idle of its origin (None if none is)."""
         for origin, idle in self._idle.items():
             if idle:
-                self._discard(idle.pop(0), release_slot=False)
+                conn = idle.pop(0)
+                self._discard(conn, release_slot=False)
                 if not idle:
                     del self._idle[origin]
-                return True
-        return False
+                return conn
+        return None
 
     def _forget(self, conn: _Connection) -> None:
         """A connection ended (the server closed it, or we did)."""
@@ -756,17 +807,19 @@ class Pool:
                 del self._idle[conn.origin]
 
     def _put_back(self, conn: _Connection) -> None:
-        self._slots.release()
         if self._closed or not conn.usable:
-            self._discard(conn, release_slot=False)
+            self._discard(conn)
             return
         self._idle.setdefault(conn.origin, []).append(conn)
+        self._slots.release()
 
     def _discard(self, conn: _Connection, *, release_slot: bool = True) -> None:
-        if release_slot:
-            self._slots.release()
+        # Closed before the slot goes to a waiting request: its socket then closes (at the
+        # loop's next step) before that request's opens, within max_connections.
         conn.close()
         self._open.discard(conn)
+        if release_slot:
+            self._slots.release()
 
     async def aclose(self) -> None:
         """Close every connection: requests in flight on them fail, and requests waiting
