@@ -242,12 +242,13 @@ class BudgetBatcher:
         self.discarded = 0  # samples of batches left out for that, not yet accounted for
 
     def resume(self, start: int, delivered: set[int]) -> None:
-        """The first bucket starts at position ``start`` (a multiple of ``bucket``),
-        re-fetched whole; its samples at ``delivered`` positions were sent before the save
-        and are not sent again. Saved by the same batching, whole batches were: those
-        are left out, and the others are the uninterrupted epoch's. (A state saved
-        otherwise, unordered or under DataLoader workers, cut other batches: what was
-        delivered leaves the batches that hold it, nothing is sent twice.)"""
+        """The first bucket starts at position ``start`` (a multiple of ``bucket``), and
+        every bucket from there is re-fetched whole; their samples at ``delivered``
+        positions were sent before the save and are not sent again. Saved by the same
+        batching, whole batches were: those are left out, and the others are the
+        uninterrupted epoch's (under DataLoader workers, several buckets may be in
+        progress at once). A state saved otherwise (unordered) cut other batches: what was
+        delivered leaves the batches that hold it, nothing is sent twice."""
         assert self.bucket is not None
         self.number = start // self.bucket
         self.delivered = delivered
@@ -308,11 +309,14 @@ class BudgetBatcher:
             # (A bucket of dropped samples only keeps them for the next one's first batch.)
             batches[0][1].extend(self.loose)
             self.loose = []
+        if self.delivered:  # a bucket a resume re-fetched: what it sent before, not again
+            assert self.bucket is not None
+            batches = self._without(batches, self.delivered)
+            # (Those of later buckets stay for them.)
+            first = self.number * self.bucket
+            self.delivered.difference_update(range(first, first + self.bucket))
         self.values, self.costs, self.positions = [], [], []
         self.number, self.filled = self.number + 1, 0
-        if self.delivered:  # the bucket a resume re-fetched: what it sent before, not again
-            delivered, self.delivered = self.delivered, set()
-            batches = self._without(batches, delivered)
         return batches
 
     def _without(self, batches: list[Batch], delivered: set[int]) -> list[Batch]:

@@ -43,6 +43,10 @@ if TYPE_CHECKING:
 
 __all__ = ["InlineIterator", "SyncIterator"]
 
+_FORKED = (
+    "this epoch belongs to process {pid}, which forked this one: iterate the loader again "
+    "in this process"
+)
 _END = object()
 _CLOSED = object()  # put by close(), to wake a consumer waiting in next() in another thread
 
@@ -265,10 +269,7 @@ class SyncIterator(Iterator[Any]):
         if self._closed:
             raise StopIteration
         if self._pid != os.getpid():
-            raise RuntimeError(
-                f"this epoch runs in process {self._pid}, which forked this one: its loop "
-                f"thread is not here; iterate the loader again in this process"
-            )
+            raise RuntimeError(_FORKED.format(pid=self._pid))
         if self._pump.on_demand:
             self._pump.grant()
         try:
@@ -430,6 +431,7 @@ class InlineIterator(Iterator[Any]):
         self._closed = False
         self.last_positions: list[int] = []
         self._loader = loader
+        self._pid = os.getpid()  # (a forked child's copy is the parent's epoch)
         # Held while the loop runs: close() from another thread waits for the next() in
         # progress, since a loop runs in one thread at a time.
         self._lock = threading.RLock()
@@ -463,6 +465,8 @@ class InlineIterator(Iterator[Any]):
         with self._lock:
             if self._closed:
                 raise StopIteration
+            if self._pid != os.getpid():
+                raise RuntimeError(_FORKED.format(pid=self._pid))
             try:
                 if not self._ready:
                     # Batches already fetched are collated here, without running the loop.
@@ -502,6 +506,8 @@ class InlineIterator(Iterator[Any]):
             if self._closed or self._loop.is_running():
                 return  # (running: called back from inside next(), which will see the end)
             self._closed = True
+            if self._pid != os.getpid():
+                return  # a forked copy: the epoch, and its report, are the parent's
             self._ready.clear()  # (not delivered: nothing buffered in the last report)
             try:
                 self._iterator.report_end()  # (may raise: a last on_statistics call)

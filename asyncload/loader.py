@@ -609,17 +609,13 @@ class Loader:
             and batcher.bucket is not None
             and self.ordered
         ):
-            # Buckets are cut from whole runs of positions: the bucket in progress at the
-            # save is fetched again from its start and cut the same way, and its batches
-            # sent before are left out, so the batches are the uninterrupted epoch's.
-            # (Saved in order by the same batching, its delivered positions are all in it;
-            # any beyond it, from a state saved otherwise, are not fetched again.)
+            # Buckets are cut from whole runs of positions: every bucket in progress at the
+            # save (one, or under DataLoader workers one a worker) is fetched again from
+            # its start and cut the same way, and its batches sent before are left out, so
+            # the batches are the uninterrupted epoch's.
             start = resume.watermark - resume.watermark % batcher.bucket
-            end = start + batcher.bucket
-            fetch_from = Progress(start, (p for p in resume.done if p >= end))
-            batcher.resume(
-                start, set(range(start, resume.watermark)) | {p for p in resume.done if p < end}
-            )
+            fetch_from = Progress(start)
+            batcher.resume(start, set(range(start, resume.watermark)) | set(resume.done))
         units: MapUnits | StreamUnits
         if isinstance(self.dataset, AsyncDataset):
             # A chunk is one getitems call. In memory nothing is in flight, so a whole batch

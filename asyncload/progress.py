@@ -3,6 +3,7 @@ batches (for TensorBoard, Prometheus, a log line)."""
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from typing import Any
@@ -81,7 +82,8 @@ class Reporter:
 
     def _send(self, snapshot: dict[str, Any]) -> None:
         assert self.on_statistics is not None
-        self._sent = _counts(snapshot)
+        # A copy of its own: the callback may change the snapshot (drain its error_log).
+        self._sent = copy.deepcopy(_counts(snapshot))
         self.on_statistics(snapshot)
 
 
