@@ -688,7 +688,7 @@ class InlineEpoch(_Assembly):
             # In a DataLoader worker, batches made a few at a go reached the DataLoader in
             # bursts, and it takes them from its workers in turn: the other worker idled
             # while this one made its burst (2 workers over CPU-bound samples: 15-17k
-            # samples/s against 18-19k one batch a go, as a plain DataLoader). Its
+            # samples/s, and 17-19k one batch a go, as a plain DataLoader's 18-19k). Its
             # prefetch_factor keeps the worker ahead instead.
             self._ahead = 1
         self._cancelled = False
