@@ -73,4 +73,27 @@ class BackgroundTask:
             pass  # the loop is gone, and the task with it
 
     async def wait(self) -> None:
+        """Wait for the task's end. One of another event loop (a plain ``for``'s, or an
+        earlier ``asyncio.run``/``trio.run`` over the same loader) is not waited for here:
+        its events belong to that loop, and ``cancel()`` has already reached it."""
+        if self._done.is_set() or not self._in_this_loop():
+            await anyio.lowlevel.checkpoint()
+            return
         await self._done.wait()
+
+    def _in_this_loop(self) -> bool:
+        if threading.get_ident() != self._thread:
+            return False
+        try:
+            library = sniffio.current_async_library()
+        except sniffio.AsyncLibraryNotFoundError:
+            return False
+        if library != self._library:
+            return False
+        if library == "trio":
+            import trio
+
+            return bool(trio.lowlevel.current_trio_token() is self._token)
+        import asyncio
+
+        return asyncio.get_running_loop() is self._loop
