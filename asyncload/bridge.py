@@ -490,9 +490,11 @@ class InlineIterator(Iterator[Any]):
     def _run(self) -> list[Any]:
         """Wake the maker and run the loop until it has made batches."""
         self._maker.want()
-        if _loop_running_here():
-            # Iterated from async code (an iterator made outside it): a thread can run
-            # one loop at a time, so ours runs in a thread of its own meanwhile.
+        # (asyncio's own C lookup, not _loop_running_here(): this runs every few batches,
+        # and only a running asyncio loop refuses to let ours run in its thread.)
+        if asyncio._get_running_loop() is not None:
+            # Iterated from asyncio code (an iterator made outside it): a thread runs one
+            # asyncio loop at a time, so ours runs in a thread of its own meanwhile.
             runner = threading.Thread(target=self._loop.run_forever, name="asyncload-inline")
             runner.start()
             runner.join()
