@@ -16,6 +16,7 @@ Nothing here sleeps or polls: every wait is on an event.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
@@ -206,6 +207,14 @@ class _Assembly:
         )
         self.window = window(concurrency, batcher, ordered=ordered)
         self._begin(concurrency, prefetch)
+
+    def _drop_held(self) -> None:
+        """A cancelled epoch lets go of its samples at once: the loader keeps its last
+        epoch (for its state) until the next begins, and a loop left by ``break`` would
+        keep what was fetched ahead alive till then."""
+        self._ready.clear()
+        self._parked.clear()
+        self.batcher.drop()
 
     def _begin(self, concurrency: int, prefetch: int) -> None:
         """Set up this way of running the epoch (the last step of ``__init__``)."""
@@ -415,6 +424,8 @@ class Epoch(_Assembly):
         except Exception as exc:  # a bug of ours: report it rather than hang the consumer
             self._fail(exc)
         finally:
+            if not self.completed and self.failure is None:  # cancelled
+                self._drop_held()
             self._send.close()
 
     def _fail(self, exc: BaseException) -> None:
@@ -486,6 +497,9 @@ class Epoch(_Assembly):
             else:  # one sample: one coroutine less on every resumption of the fetch
                 outcomes = [await one(indices[0])]
             self._complete(seq, positions, outcomes)
+            # Delivered samples must not live on in this frame while it waits for the
+            # next unit (a stalled fetch could keep them for ever).
+            del outcomes
             if self._starting:
                 self._starting -= 1
                 if not self._starting:
@@ -540,6 +554,8 @@ class Epoch(_Assembly):
                         outcome = await fetcher.finish(position, sample)
                     self._complete(self._taken_seq, [position], [outcome])
                     self._taken_seq += 1
+                    outcome = None  # (not kept alive here: see _map_worker)
+                sample = None
         finally:
             with anyio.CancelScope(shield=True):
                 await close_stream(stream)
@@ -573,7 +589,7 @@ class Epoch(_Assembly):
     async def _sender(self) -> None:
         ready = self._ready
         while True:
-            if not ready or (self._on_demand and not self._demand):
+            if not ready or (not self._demand if self._on_demand else self._stream_full()):
                 if not ready and self._fetch_done:
                     return
                 event = self._wake_sender = self._signal()
@@ -586,6 +602,18 @@ class Epoch(_Assembly):
                 return
             await self._send.send(item)
             self._sent(item)
+            item = None  # (taken by the consumer, it must not live on here)
+
+    def _stream_full(self) -> bool:
+        """``prefetch`` collated batches wait already: the next is collated only when the
+        consumer takes one (not held collated, ready to go, as one more). (On demand,
+        ``prefetch=0``, the consumer's demand says when instead.)"""
+        room = self._send.statistics()
+        return bool(
+            room.open_receive_streams
+            and not room.tasks_waiting_receive
+            and room.current_buffer_used >= room.max_buffer_size
+        )
 
     def _sent(self, item: Item) -> None:
         """``item`` is in the stream: its samples leave the window."""
@@ -626,12 +654,14 @@ class Epoch(_Assembly):
             self._demand += 1
             self._notify_sender()
         try:
-            return await self.receive.receive()
+            item = await self.receive.receive()
         except (anyio.EndOfStream, anyio.ClosedResourceError):
             return None
         except BaseException:
             self.cancel()  # the consumer was cancelled: stop fetching for it
             raise
+        self._notify_sender()  # (room for the next collated batch)
+        return item
 
     def take_ready(self, limit: int) -> list[Item]:
         """Up to ``limit`` more batches that are ready now, without waiting."""
@@ -642,6 +672,8 @@ class Epoch(_Assembly):
                 items.append(receive.receive_nowait())
             except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
                 break
+        if items:
+            self._notify_sender()
         return items
 
     async def finish(self) -> None:
@@ -658,12 +690,20 @@ class Epoch(_Assembly):
     def discard(self) -> None:
         """Cancel, from a finalizer: nothing more may be received."""
         self.task.cancel()
-        self.receive.close()
+        self._drop_buffered()
 
     async def aclose(self) -> None:
         self.task.cancel()
         await self.task.wait()
-        self.receive.close()
+        self._drop_buffered()
+
+    def _drop_buffered(self) -> None:
+        """Close the consumer's end, and let go of the batches waiting in it."""
+        receive = self.receive
+        with contextlib.suppress(anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+            while True:
+                receive.receive_nowait()
+        receive.close()
 
 
 class InlineEpoch(_Assembly):
@@ -752,10 +792,14 @@ class InlineEpoch(_Assembly):
         # takes batches; the batches fetched go at its next take.
         self._fetch_done = self._cancelled = True
 
-    discard = cancel
+    def discard(self) -> None:
+        """Cancel, from a finalizer (in the consumer's thread: a break dropped the
+        iterator), and let go of the batches fetched ahead."""
+        self.cancel()
+        self._drop_held()
 
     async def aclose(self) -> None:
-        self.cancel()
+        self.discard()
 
 
 def _nothing() -> None:

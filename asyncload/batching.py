@@ -135,6 +135,10 @@ class CountBatcher:
         self.values: list[Any] = []
         self.positions: list[int] = []
 
+    def drop(self) -> None:
+        """Let go of the samples held (the epoch was cancelled)."""
+        self.values, self.positions = [], []
+
     def add(self, value: Any, position: int) -> Batch | None:
         self.values.append(value)
         self.positions.append(position)
@@ -181,6 +185,10 @@ class SlotBatcher:
         self.size = size
         self.open: dict[int, tuple[list[Any], list[int]]] = {}
         self.loose: list[int] = []  # positions of batches that ended empty: sent with the next
+
+    def drop(self) -> None:
+        """Let go of the samples held (the epoch was cancelled)."""
+        self.open, self.loose = {}, []
 
     @property
     def pending(self) -> bool:
@@ -240,6 +248,10 @@ class BudgetBatcher:
         self.filled = 0  # positions released into it, dropped ones included
         self.delivered: set[int] = set()  # positions not to send again (see resume())
         self.discarded = 0  # samples of batches left out for that, not yet accounted for
+
+    def drop(self) -> None:
+        """Let go of the samples held (the epoch was cancelled)."""
+        self.values, self.costs, self.positions, self.loose, self.total = [], [], [], [], 0
 
     def resume(self, start: int, delivered: set[int]) -> None:
         """The first bucket starts at position ``start`` (a multiple of ``bucket``), and

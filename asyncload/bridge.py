@@ -170,6 +170,7 @@ class _Pump:
                     return
                 self.put_count += 1
                 put(item)
+                del item  # (the consumer's now: not kept alive while the pump waits)
         except BaseException as exc:
             if is_cancellation(exc):
                 raise  # close() cancelled the pump: it tells the consumer itself
@@ -385,11 +386,13 @@ class _Maker:
             try:
                 first = await iterator.next_item()
                 made = [first, *iterator.take_ready(self._prefetch)]
+                del first
             except BaseException as exc:  # StopAsyncIteration too: next() sorts them out
                 if is_cancellation(exc):
                     raise  # from close(), whose own run of the loop must not be stopped
                 made = as_failure(exc)
             self._made = made
+            del made  # (next() takes the batches: not kept alive while this waits)
             loop.stop()
 
     def want(self) -> None:

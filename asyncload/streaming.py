@@ -128,6 +128,7 @@ async def stride(stream: AsyncIterator[Any], slot: int, shares: int) -> AsyncIte
             if count % shares == slot:
                 yield item
             count += 1
+            item = None  # (not kept alive while the next is awaited)
 
 
 async def shuffle_buffer(
