@@ -16,7 +16,7 @@ Nothing here sleeps or polls: every wait is on an event.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import sys
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
@@ -24,7 +24,11 @@ from typing import Any, Protocol
 
 import anyio
 import sniffio
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from anyio.streams.memory import (
+    MemoryObjectReceiveStream,
+    MemoryObjectSendStream,
+    MemoryObjectStreamStatistics,
+)
 
 from ._background import BackgroundTask
 from ._callables import as_failure, is_cancellation
@@ -574,9 +578,7 @@ class Epoch(_Assembly):
             and self.failure is None
         ):
             room = self._send.statistics()
-            if room.open_receive_streams and (
-                room.tasks_waiting_receive or room.current_buffer_used < room.max_buffer_size
-            ):
+            if room.open_receive_streams and not _full(room):
                 if self._on_demand:
                     self._demand -= 1  # (a consumer waits in receive(): it asked)
                 item = self._collated(*batch)
@@ -607,13 +609,10 @@ class Epoch(_Assembly):
     def _stream_full(self) -> bool:
         """``prefetch`` collated batches wait already: the next is collated only when the
         consumer takes one (not held collated, ready to go, as one more). (On demand,
-        ``prefetch=0``, the consumer's demand says when instead.)"""
+        ``prefetch=0``, the consumer's demand says when instead.) A consumer gone: not
+        full, so that the send finds it gone."""
         room = self._send.statistics()
-        return bool(
-            room.open_receive_streams
-            and not room.tasks_waiting_receive
-            and room.current_buffer_used >= room.max_buffer_size
-        )
+        return bool(room.open_receive_streams) and _full(room)
 
     def _sent(self, item: Item) -> None:
         """``item`` is in the stream: its samples leave the window."""
@@ -665,6 +664,12 @@ class Epoch(_Assembly):
 
     def take_ready(self, limit: int) -> list[Item]:
         """Up to ``limit`` more batches that are ready now, without waiting."""
+        items = self._received(limit)
+        if items:
+            self._notify_sender()
+        return items
+
+    def _received(self, limit: int) -> list[Item]:
         items: list[Item] = []
         receive = self.receive
         while len(items) < limit:
@@ -672,8 +677,6 @@ class Epoch(_Assembly):
                 items.append(receive.receive_nowait())
             except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
                 break
-        if items:
-            self._notify_sender()
         return items
 
     async def finish(self) -> None:
@@ -698,12 +701,10 @@ class Epoch(_Assembly):
         self._drop_buffered()
 
     def _drop_buffered(self) -> None:
-        """Close the consumer's end, and let go of the batches waiting in it."""
-        receive = self.receive
-        with contextlib.suppress(anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
-            while True:
-                receive.receive_nowait()
-        receive.close()
+        """Close the consumer's end, and let go of the batches waiting in it (not waking
+        the sender: this may run in a finalizer, in any thread)."""
+        self._received(sys.maxsize)
+        self.receive.close()
 
 
 class InlineEpoch(_Assembly):
@@ -800,6 +801,11 @@ class InlineEpoch(_Assembly):
 
     async def aclose(self) -> None:
         self.discard()
+
+
+def _full(room: MemoryObjectStreamStatistics) -> bool:
+    """No room in the consumer's stream: its buffer is full and nobody waits to receive."""
+    return not room.tasks_waiting_receive and room.current_buffer_used >= room.max_buffer_size
 
 
 def _nothing() -> None:

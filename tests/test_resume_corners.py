@@ -18,22 +18,41 @@ def keep(samples: list[Any]) -> list[Any]:
     return [int(s) for s in samples]
 
 
-class GatedZero(al.AsyncDataset[int]):
-    """Sample ``i`` is ``i``; with a ``gate``, index 0 waits for it, so that an unordered
-    epoch delivers later samples first (a state with positions past its watermark)."""
+class Gated(al.AsyncDataset[int]):
+    """Sample ``i`` is ``i``; with a ``gate``, index ``held`` waits for it, so that an
+    unordered epoch delivers later samples first (a state with positions past its
+    watermark)."""
 
-    def __init__(self, n: int) -> None:
-        self.n = n
+    def __init__(self, n: int, held: int = 0) -> None:
+        self.n, self.held = n, held
         self.gate: anyio.Event | None = None
 
     def __len__(self) -> int:
         return self.n
 
     async def __getitem__(self, index: int) -> int:
-        if index == 0 and self.gate is not None:
+        if index == self.held and self.gate is not None:
             await self.gate.wait()
         await anyio.lowlevel.checkpoint()
         return index
+
+
+def first_batch_held_back(
+    build: Callable[[Gated], al.Loader], dataset: Gated
+) -> tuple[list[Any], dict[str, Any]]:
+    """The first batch of an (unordered) epoch of ``build(dataset)`` taken while
+    ``dataset``'s held sample never comes, and the state saved then."""
+
+    async def first_batch() -> tuple[list[Any], dict[str, Any]]:
+        dataset.gate = anyio.Event()
+        loader = build(dataset)
+        async with loader:
+            iterator = aiter(loader)
+            taken = await anext(iterator)
+            state = loader.state_dict()
+        return taken, state
+
+    return asyncio.run(first_batch())
 
 
 def test_unordered_drop_last_state_resumed_under_workers_loses_nothing() -> None:
@@ -44,24 +63,14 @@ def test_unordered_drop_last_state_resumed_under_workers_loses_nothing() -> None
     trimmed, yet 2 of them never come."""
     pytest.importorskip("torch")
 
-    def build(dataset: GatedZero) -> al.Loader:
+    def build(dataset: Gated) -> al.Loader:
         return al.Loader(
             dataset, batch_size=2, drop_last=True, ordered=False, concurrency=4, collate_fn=keep
         )
 
-    async def first_batch() -> tuple[list[int], dict[str, Any]]:
-        dataset = GatedZero(12)
-        dataset.gate = anyio.Event()
-        loader = build(dataset)
-        async with loader:
-            iterator = aiter(loader)
-            taken = await anext(iterator)
-            state = loader.state_dict()
-        return taken, state
-
-    taken, state = asyncio.run(first_batch())
+    taken, state = first_batch_held_back(build, Gated(12))
     assert state["progress"]["done"], state  # positions past the watermark (the premise)
-    resumed = build(GatedZero(12))
+    resumed = build(Gated(12))
     resumed.load_state_dict(state)
     rest = [int(x) for batch in resumed.to_torch_loader(num_workers=2) for x in batch]
     assert sorted(taken + rest) == list(range(12))

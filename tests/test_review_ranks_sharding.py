@@ -6,39 +6,12 @@ docstring says what it checks and what is expected.
 
 from __future__ import annotations
 
-import asyncio
-from typing import Any
-
-import anyio
-import anyio.lowlevel
 import pytest
+from test_resume_corners import Gated, first_batch_held_back, keep
 
 import asyncload as al
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-def ints(samples: list[Any]) -> list[int]:
-    return [int(s) for s in samples]
-
-
-class Gated(al.AsyncDataset[int]):
-    """Sample ``i`` is ``i``; with a ``gate``, index ``held`` waits for it, so that an
-    unordered epoch delivers later samples first (a state with positions past its
-    watermark)."""
-
-    def __init__(self, n: int, held: int) -> None:
-        self.n, self.held = n, held
-        self.gate: anyio.Event | None = None
-
-    def __len__(self) -> int:
-        return self.n
-
-    async def __getitem__(self, index: int) -> int:
-        if index == self.held and self.gate is not None:
-            await self.gate.wait()
-        await anyio.lowlevel.checkpoint()
-        return index
 
 
 def test_unordered_rank_state_resumed_under_three_workers_loses_a_sample() -> None:
@@ -63,22 +36,12 @@ def test_unordered_rank_state_resumed_under_three_workers_loses_a_sample() -> No
             drop_last=True,
             ordered=False,
             concurrency=16,
-            collate_fn=ints,
+            collate_fn=keep,
             rank=1,
             world_size=2,
         )
 
-    async def first_batch() -> tuple[list[int], dict[str, Any]]:
-        dataset = Gated(18, held=5)
-        dataset.gate = anyio.Event()
-        loader = build(dataset)
-        async with loader:
-            iterator = aiter(loader)
-            taken = await anext(iterator)
-            state = loader.state_dict()
-        return taken, state
-
-    taken, state = asyncio.run(first_batch())
+    taken, state = first_batch_held_back(build, Gated(18, held=5))
     assert 5 not in taken and state["progress"]["done"], state  # (the premise)
     resumed = build(Gated(18, held=5))
     resumed.load_state_dict(state)
